@@ -1,0 +1,195 @@
+"""`extract`: run the U-Net once per (image, timestep) and keep every requested block.
+
+    extract run                      # the embedded default: digits x tiny U-Net
+    extract plan --blocks 19,24 --t 90,150
+    extract status --json
+    extract blocks --preset adm-256-uncond
+
+A thin typer layer over extract.job and store/; errors a user can fix print one line and
+exit with code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from store.config import load_config
+from store.errors import DiffprobeError
+from store.feature_store import open_store
+from store.ranges import format_int_list
+
+app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False)
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults).")
+StoreOpt = typer.Option(None, "--store", help="Store path (overrides store.path).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a DiffprobeError into one line on stderr and exit code 2."""
+    try:
+        yield
+    except DiffprobeError as e:
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _config(config, store, **flags):
+    overrides = {"store.path": str(store) if store else None}
+    overrides.update({k: v for k, v in flags.items()})
+    return load_config(config, overrides)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+@app.command()
+def run(
+    config: Optional[Path] = ConfigOpt,
+    store: Optional[Path] = StoreOpt,
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks, e.g. 1-37 or 19,24,30 (extract.blocks)."),
+    t: Optional[str] = typer.Option(None, "--t", help="Timesteps, e.g. 90,150,300 (extract.timesteps)."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Pool sizes, e.g. 1,2 (extract.pools)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (extract.batch_size)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps (extract.device)."),
+    as_json: bool = JsonOpt,
+):
+    """Extract features into the store; resumes where a previous run stopped."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from extract import job as jobs
+
+    with user_errors():
+        cfg = _config(config, store, **{"extract.blocks": blocks, "extract.timesteps": t, "extract.pools": pool,
+                                        "extract.batch_size": batch_size, "extract.device": device})
+        started = time.perf_counter()
+        bar = Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                       TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err,
+                       disable=as_json)
+        with bar:
+            task = bar.add_task("extract", total=None, rate="")
+
+            def on_start(job):
+                bar.update(task, total=sum(job.plan.split_sizes.values()))
+
+            def progress(n):
+                bar.advance(task, n)
+                elapsed = time.perf_counter() - started
+                done = bar.tasks[0].completed
+                bar.update(task, rate=f"{done / elapsed:.1f} images/s" if elapsed > 0 else "")
+
+            result = jobs.run(cfg, progress=progress, on_start=on_start)
+        result["seconds"] = round(time.perf_counter() - started, 2)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        out.print(f"store {result['store']}: {result['images']} images x {len(result['timesteps'])} timesteps; "
+                  f"{result['chunks_written']} chunks written, {result['chunks_already_done']} already complete, "
+                  f"{result['images_skipped']} images skipped; {result['seconds']:.1f} s on {result['device']}",
+                  highlight=False)
+
+
+@app.command()
+def plan(
+    config: Optional[Path] = ConfigOpt,
+    store: Optional[Path] = StoreOpt,
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks (extract.blocks)."),
+    t: Optional[str] = typer.Option(None, "--t", help="Timesteps (extract.timesteps)."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Pool sizes (extract.pools)."),
+    as_json: bool = JsonOpt,
+):
+    """Show the arrays, shapes and bytes a run would write, and the U-Net forwards, before any work."""
+    from extract import job as jobs
+
+    with user_errors():
+        cfg = _config(config, store, **{"extract.blocks": blocks, "extract.timesteps": t, "extract.pools": pool})
+        p = jobs.prepare(cfg).plan
+    if as_json:
+        print(json.dumps({"store": cfg.store.path, **p.to_dict()}))
+        return
+    table = Table(title=f"plan for {cfg.store.path}")
+    for col in ("split", "array", "t", "block", "pool", "shape", "dtype", "bytes"):
+        table.add_column(col, justify="right" if col in ("t", "block", "pool", "bytes") else "left")
+    for a in p.arrays:
+        table.add_row(a.split, a.key.name, str(a.key.t), str(a.key.block), str(a.key.pool),
+                      "x".join(map(str, a.shape)), a.dtype, _human(a.nbytes))
+    out.print(table)
+    for b, r, s in p.capped:
+        out.print(f"block {b}: pool {r} capped at its {s}x{s} map (stored as pool {s})", highlight=False)
+    out.print(f"{len(p.arrays)} arrays, {_human(p.nbytes)} in total; "
+              f"{p.forwards} U-Net forwards ({' + '.join(f'{n} {s}' for s, n in p.split_sizes.items())} images "
+              f"x {len(p.timesteps)} timesteps), each stopping after block {max(p.blocks)}", highlight=False)
+
+
+@app.command()
+def status(store: Optional[Path] = StoreOpt, config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt):
+    """What the store holds and how complete it is."""
+    with user_errors():
+        cfg = _config(config, store)
+        s = open_store(cfg.store.path).status()
+    if as_json:
+        print(json.dumps(s))
+        return
+    for split, info in s["splits"].items():
+        arrays = info["arrays"].values()
+        complete = [a for a in arrays if a["chunks_done"] == a["chunks"]]
+        partial = [a for a in arrays if a["chunks_done"] != a["chunks"]]
+        out.print(f"[bold]{split}[/bold]: {info['images']} images in {info['chunks']} chunks, "
+                  f"{info['skipped']} skipped; {len(complete)}/{len(info['arrays'])} arrays complete", highlight=False)
+        if complete:
+            out.print(f"  complete: blocks {format_int_list(a['block'] for a in complete)} at t "
+                      f"{format_int_list(a['t'] for a in complete)}, pools {format_int_list(a['pool'] for a in complete)}",
+                      highlight=False)
+        for a in partial:
+            out.print(f"  incomplete: t {a['t']} block {a['block']} pool {a['pool']}: "
+                      f"{a['chunks_done']}/{a['chunks']} chunks", highlight=False)
+
+
+@app.command()
+def blocks(
+    config: Optional[Path] = ConfigOpt,
+    store: Optional[Path] = StoreOpt,
+    preset_name: Optional[str] = typer.Option(None, "--preset", help="A model preset (model.preset)."),
+    as_json: bool = JsonOpt,
+):
+    """The block table: number -> module, channels, spatial size (derived from the model)."""
+    from extract import job as jobs
+    from extract.unet import block_table
+
+    with user_errors():
+        cfg = _config(config, store, **{"model.preset": preset_name})
+        spec = jobs.model_spec(cfg)
+        table = block_table(spec)
+    if as_json:
+        print(json.dumps({"preset": cfg.model.preset, "image_size": spec.image_size, "blocks": table.to_list()}))
+        return
+    t = Table(title=f"blocks of {cfg.model.preset} at {spec.image_size}x{spec.image_size}")
+    for col in ("block", "module", "channels", "spatial"):
+        t.add_column(col, justify="left" if col == "module" else "right")
+    for b in table.blocks:
+        t.add_row(str(b.number), b.module, str(b.channels), f"{b.spatial}x{b.spatial}")
+    out.print(t)
+
+
+def main():  # console-script entry point
+    app(prog_name="extract")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

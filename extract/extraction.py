@@ -1,0 +1,145 @@
+"""The extraction loop: images -> x_t -> one truncated U-Net forward per (batch, t) -> pooled
+features -> store chunks.
+
+Work is done chunk by chunk (the store's unit of completion); within a chunk, images are
+read ``batch_size`` at a time and each batch is run once per pending timestep. Every U-Net
+call has exactly ``forward_batch`` rows (the last group is zero-padded): CPU and GPU matmul
+kernels choose their blocking by row count, so the bits of a row would otherwise depend on
+how many images shared its call. With a fixed call shape the features depend only on
+(model, image, t, noise seed, device, dtype), whatever the batch size, resume or worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from extract.images import ImageSource
+from extract.noise import batch_noise
+from extract.plan import Plan
+from extract.unet import capture
+from store.errors import ImageError
+from store.feature_store import FeatureKey, StoreWriter
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    device: torch.device
+    forward_batch: int = 32
+    autocast: str = "none"  # "none", "bf16", "fp16"
+    noise_seed: int = 0
+    batch_size: int = 64
+    on_corrupt: str = "error"  # "error" or "skip"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, autocast: str):
+    if autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[autocast])
+
+
+def fixed_shape_capture(model, x_t: torch.Tensor, t: int, blocks, settings: ComputeSettings) -> dict[int, torch.Tensor]:
+    """`capture` over row groups of exactly ``settings.forward_batch`` (last one zero-padded).
+
+    x_t: (N, 3, S, S) on the model's device. Returns {block: (N, C, H, W)} in float32.
+    """
+    fb = settings.forward_batch
+    parts: dict[int, list[torch.Tensor]] = {b: [] for b in blocks}
+    for lo in range(0, len(x_t), fb):
+        group = x_t[lo : lo + fb]
+        n = len(group)
+        if n < fb:
+            group = torch.cat([group, group.new_zeros((fb - n, *group.shape[1:]))])
+        tt = torch.full((fb,), t, dtype=torch.long, device=group.device)
+        with torch.no_grad(), _autocast(settings.device, settings.autocast):
+            out = capture(model, group, tt, blocks)
+        for b in blocks:
+            parts[b].append(out[b][:n].float())
+    return {b: torch.cat(v) for b, v in parts.items()}
+
+
+def pool_features(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Adaptive average pooling of (N, C, H, W) to (N, C, p, p); p is already capped at H."""
+    return x if x.shape[-1] == p else F.adaptive_avg_pool2d(x, p)
+
+
+def _read_batch(source: ImageSource, split: str, ids, on_corrupt: str):
+    """Preprocessed images (N, 3, S, S) and the positions that could not be read."""
+    loaded = source.load(split, list(ids))
+    bad = [i for i, x in enumerate(loaded) if isinstance(x, Exception)]
+    if bad and on_corrupt == "error":
+        i = bad[0]
+        where = source.path(split, ids[i]) if hasattr(source, "path") else ids[i]
+        raise ImageError(f"{where}: cannot read image ({type(loaded[i]).__name__}: {loaded[i]}); "
+                         f"set data.on_corrupt = \"skip\" to record it as skipped and go on")
+    shape = next((x.shape for x in loaded if not isinstance(x, Exception)), (3, source.image_size, source.image_size))
+    x0 = np.stack([np.zeros(shape, np.float32) if isinstance(x, Exception) else x for x in loaded])
+    return torch.from_numpy(x0), bad
+
+
+def extract_features(model, diffusion, source: ImageSource, plan: Plan, writer: StoreWriter,
+                     settings: ComputeSettings, progress: Callable[[int], None] | None = None) -> dict:
+    """Fill every array of ``plan`` in ``writer``'s store, skipping chunks already complete.
+
+    ``model`` must already be on ``settings.device`` and in eval mode. ``progress`` is
+    called with a number of images each time they are done (or found done). Returns counts
+    of chunks computed and skipped, and images recorded as skipped.
+    """
+    stats = {"chunks_written": 0, "chunks_already_done": 0, "images_skipped": 0}
+    dtype = plan.arrays[0].dtype if plan.arrays else "float16"
+    for split, n in plan.split_sizes.items():
+        index = source.split(split)
+        keys = [a.key for a in plan.arrays if a.split == split]
+        done = {k: writer.done_mask(split, k) for k in keys}
+        chunk = writer.chunk_images(split)
+        for c in range(writer.n_chunks(split)):
+            lo, hi = c * chunk, min((c + 1) * chunk, n)
+            pending = [k for k in keys if not done[k][c]]
+            if not pending:
+                stats["chunks_already_done"] += 1
+                if progress:
+                    progress(hi - lo)
+                continue
+            by_t: dict[int, list[FeatureKey]] = {}
+            for k in pending:
+                by_t.setdefault(k.t, []).append(k)
+            out = {k: np.empty((hi - lo, *a.shape[1:]), dtype=dtype)
+                   for a in plan.arrays if a.split == split and (k := a.key) in pending}
+            skipped = []
+            for b0 in range(lo, hi, settings.batch_size):
+                b1 = min(b0 + settings.batch_size, hi)
+                ids = index.ids[b0:b1]
+                x0, bad = _read_batch(source, split, ids, settings.on_corrupt)
+                skipped += [b0 + i for i in bad]
+                for t, tkeys in by_t.items():
+                    noise = batch_noise(settings.noise_seed, ids, t, tuple(x0.shape[1:]))
+                    x_t = diffusion.q_sample(x0, torch.full((len(x0),), t, dtype=torch.long), noise)
+                    feats = fixed_shape_capture(model, x_t.to(settings.device), t,
+                                                sorted({k.block for k in tkeys}), settings)
+                    for k in tkeys:
+                        pooled = pool_features(feats[k.block], k.pool)
+                        if bad:
+                            pooled[bad] = float("nan")
+                        out[k][b0 - lo : b1 - lo] = pooled.to("cpu", torch.float32).numpy().astype(dtype)
+                if progress:
+                    progress(b1 - b0)
+            writer.write_skipped(split, np.asarray(skipped, dtype=np.int64))
+            writer.write_chunk(split, c, out)
+            stats["chunks_written"] += 1
+            stats["images_skipped"] += len(skipped)
+    return stats

@@ -1,0 +1,141 @@
+"""From a config to the parts of an extraction (source, spec, plan, fingerprints) and a run.
+
+`prepare` is cheap (no weights, no images decoded) so `extract plan` can show everything
+before any work; `run` loads the model, opens the store and fills it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Callable
+
+import torch
+
+from extract.extraction import ComputeSettings, extract_features, resolve_device
+from extract.images import PREPROCESSING, DigitsSource, ImageFolderSource, ImageSource
+from extract.noise import DERIVATION
+from extract.plan import Plan, make_plan
+from extract.unet import TINY_CHECKPOINT, BlockTable, ModelSpec, block_table, build_diffusion, build_model, \
+    load_checkpoint, preset
+from store.config import Config
+from store.errors import ConfigError
+from store.feature_store import StoreWriter
+
+
+def tool_version() -> str:
+    try:
+        return version("diffprobe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def model_spec(cfg: Config) -> ModelSpec:
+    """The preset's flags with ``[model.arch]`` overrides, each checked against its type."""
+    base = preset(cfg.model.preset)
+    fields = {f.name: f for f in dataclasses.fields(ModelSpec)}
+    overrides = {}
+    for key, value in cfg.model.arch:
+        if key not in fields:
+            raise ConfigError(f"model.arch.{key}: unknown flag; allowed: {', '.join(fields)}")
+        want = type(getattr(base, key))
+        if want is tuple:
+            ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            value = tuple(value) if ok else value
+        elif want is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if not ok or (want is int and value <= 0):
+            raise ConfigError(f"model.arch.{key}: {value!r} is not a valid {want.__name__}"
+                              f"{' of positive integers' if want is tuple else ''}")
+        overrides[key] = value
+    return dataclasses.replace(base, **overrides)
+
+
+def checkpoint_path(cfg: Config) -> str:
+    if cfg.model.checkpoint:
+        return cfg.model.checkpoint
+    if cfg.model.preset == "tiny" and not cfg.model.arch:
+        return str(TINY_CHECKPOINT)
+    raise ConfigError(f"model.checkpoint: preset {cfg.model.preset!r}"
+                      f"{' with [model.arch] overrides' if cfg.model.arch else ''} needs a checkpoint path "
+                      f"(the shipped weights fit only the plain 'tiny' preset)")
+
+
+def image_source(cfg: Config, image_size: int) -> ImageSource:
+    d = cfg.data
+    if d.source == "digits":
+        return DigitsSource(image_size, d.splits, d.val_fraction, d.split_seed, d.max_per_class)
+    if not d.root:
+        raise ConfigError("data.root: required when data.source = 'imagefolder'")
+    return ImageFolderSource(d.root, image_size, d.splits, d.max_per_class, d.decode_threads)
+
+
+@dataclass(frozen=True)
+class Job:
+    cfg: Config
+    spec: ModelSpec
+    table: BlockTable
+    source: ImageSource
+    plan: Plan
+    checkpoint: str
+
+
+def prepare(cfg: Config) -> Job:
+    """Resolve a config into spec, block table, image index and plan. Loads no weights."""
+    spec = model_spec(cfg)
+    table = block_table(spec)
+    ckpt = checkpoint_path(cfg)
+    source = image_source(cfg, spec.image_size)
+    sizes = {s: len(source.split(s)) for s in cfg.data.splits}
+    e = cfg.extract
+    plan = make_plan(table, sizes, e.blocks, e.timesteps, e.pools, cfg.store.dtype, spec.diffusion_steps)
+    return Job(cfg, spec, table, source, plan, ckpt)
+
+
+def fingerprints(job: Job, checkpoint_sha256: str) -> dict:
+    """What must match for two runs to write into one store."""
+    e = job.cfg.extract
+    return {
+        "model": {"checkpoint_sha256": checkpoint_sha256, "arch": job.spec.to_dict()},
+        "preprocessing": {"name": PREPROCESSING, "image_size": job.spec.image_size, "range": [-1, 1]},
+        "noise": {"seed": e.noise_seed, "derivation": DERIVATION, "schedule": job.spec.noise_schedule,
+                  "diffusion_steps": job.spec.diffusion_steps},
+        "compute": {"forward_batch": e.forward_batch, "autocast": e.autocast, "dtype": job.cfg.store.dtype},
+        "dataset": {"classes": list(job.source.class_names),
+                    **{s: job.source.split(s).fingerprint() for s in job.cfg.data.splits}},
+    }
+
+
+def run(cfg: Config, progress: Callable[[int], None] | None = None, on_start: Callable[[Job], None] | None = None) -> dict:
+    """The whole `extract run`: prepare, load the model, open the store, fill what is missing."""
+    job = prepare(cfg)
+    device = resolve_device(cfg.extract.device)
+    if cfg.extract.threads:
+        torch.set_num_threads(cfg.extract.threads)
+    model = build_model(job.spec)
+    sha = load_checkpoint(model, job.checkpoint)
+    model.to(device).eval()
+    provenance = {
+        "tool_version": tool_version(), "torch": torch.__version__, "device": str(device),
+        "checkpoint": job.checkpoint, "source": job.source.describe(), "config": cfg.to_dict(),
+    }
+    writer = StoreWriter.create(
+        cfg.store.path, fingerprints=fingerprints(job, sha), provenance=provenance,
+        blocks=job.table.to_list(), class_names=list(job.source.class_names),
+        splits={s: (list(job.source.split(s).ids), job.source.split(s).labels) for s in cfg.data.splits},
+        chunk_images=cfg.store.chunk_images)
+    with writer:
+        writer.update_provenance(provenance)
+        for a in job.plan.arrays:
+            writer.ensure_array(a.split, a.key, a.shape[1], a.dtype, cfg.store.codec)
+        if on_start:
+            on_start(job)
+        settings = ComputeSettings(device=device, forward_batch=cfg.extract.forward_batch,
+                                   autocast=cfg.extract.autocast, noise_seed=cfg.extract.noise_seed,
+                                   batch_size=cfg.extract.batch_size, on_corrupt=cfg.data.on_corrupt)
+        stats = extract_features(model, build_diffusion(job.spec), job.source, job.plan, writer, settings, progress)
+    return {"store": str(cfg.store.path), "device": str(device), "images": sum(job.plan.split_sizes.values()),
+            "timesteps": list(job.plan.timesteps), **stats}

@@ -1,0 +1,87 @@
+"""What an extraction will produce, computed before any work: arrays, shapes and bytes.
+
+A pool size larger than a block's map is capped at the map size (a 1x1 block has no
+2x2 pooling); the plan says where that happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from extract.unet import BlockTable
+from store.errors import BlockError
+from store.feature_store import FeatureKey
+
+
+@dataclass(frozen=True)
+class PlannedArray:
+    split: str
+    key: FeatureKey
+    requested_pool: tuple[int, ...]  # the requested pool sizes this array serves
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Plan:
+    blocks: tuple[int, ...]
+    timesteps: tuple[int, ...]
+    pools: tuple[int, ...]
+    split_sizes: dict[str, int]
+    arrays: tuple[PlannedArray, ...]
+
+    @property
+    def keys(self) -> list[FeatureKey]:
+        return sorted({a.key for a in self.arrays})
+
+    @property
+    def forwards(self) -> int:
+        """U-Net forward passes (image x timestep), each truncated after the deepest block."""
+        return sum(self.split_sizes.values()) * len(self.timesteps)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    @property
+    def capped(self) -> list[tuple[int, int, int]]:
+        """(block, requested pool, stored pool) wherever a pool was capped at the map size."""
+        seen = {(a.key.block, p, a.key.pool) for a in self.arrays for p in a.requested_pool if p != a.key.pool}
+        return sorted(seen)
+
+    def to_dict(self) -> dict:
+        return {
+            "blocks": list(self.blocks), "timesteps": list(self.timesteps), "pools": list(self.pools),
+            "splits": self.split_sizes, "forwards": self.forwards, "bytes": self.nbytes,
+            "capped_pools": [{"block": b, "requested": r, "stored": s} for b, r, s in self.capped],
+            "arrays": [{"split": a.split, "name": a.key.name, "t": a.key.t, "block": a.key.block,
+                        "pool": a.key.pool, "shape": list(a.shape), "dtype": a.dtype, "bytes": a.nbytes}
+                       for a in self.arrays],
+        }
+
+
+def make_plan(table: BlockTable, split_sizes: dict[str, int], blocks, timesteps, pools, dtype: str,
+              diffusion_steps: int) -> Plan:
+    """Check blocks and timesteps against the model and list every array to write."""
+    table.check(blocks)
+    for t in timesteps:
+        if not 0 <= t < diffusion_steps:
+            raise BlockError(f"extract.timesteps: t {t} is out of range; this diffusion has t 0-{diffusion_steps - 1}")
+    arrays = []
+    for split, n in split_sizes.items():
+        for t in timesteps:
+            for b in blocks:
+                info = table[b]
+                stored: dict[int, list[int]] = {}
+                for p in pools:
+                    stored.setdefault(min(p, info.spatial), []).append(p)
+                for p, requested in stored.items():
+                    arrays.append(PlannedArray(split, FeatureKey(t, b, p), tuple(requested),
+                                               (n, info.channels, p, p), dtype))
+    return Plan(tuple(blocks), tuple(timesteps), tuple(pools), dict(split_sizes), tuple(arrays))

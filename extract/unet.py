@@ -1,0 +1,288 @@
+"""The guided-diffusion U-Net: presets, building, checkpoints, the block table and capture.
+
+Blocks are numbered as in the paper (1-based): ``input_blocks`` first, then the middle
+block, then ``output_blocks``. The numbering, each block's channels and spatial size are
+read off the model (a forward pass on the meta device), never hard-coded.
+
+    spec = preset("tiny")
+    model = build_model(spec)
+    load_checkpoint(model, TINY_CHECKPOINT)
+    feats = capture(model, x_t, t, blocks=[19, 24])   # {19: (N, C, H, W), 24: ...}
+
+This module knows nothing of stores or probes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from store.errors import BlockError, CheckpointError
+
+with warnings.catch_warnings():  # guided_diffusion uses deprecated torch.cuda.amp decorators
+    warnings.simplefilter("ignore", FutureWarning)
+    from guided_diffusion import gaussian_diffusion as gd
+    from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+    from guided_diffusion.unet import UNetModel
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_CHECKPOINT = ASSETS / "tiny-unet.pt"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture and diffusion flags of an unconditional guided-diffusion U-Net.
+
+    Field names follow guided-diffusion's ``model_and_diffusion_defaults`` flags.
+    ``attention_resolutions`` are in pixels (as the flag), ``channel_mult`` per level.
+    """
+
+    image_size: int
+    num_channels: int
+    num_res_blocks: int
+    channel_mult: tuple[int, ...]
+    attention_resolutions: tuple[int, ...]
+    num_head_channels: int
+    num_heads: int = 4
+    learn_sigma: bool = True
+    resblock_updown: bool = True
+    use_scale_shift_norm: bool = True
+    use_new_attention_order: bool = False
+    dropout: float = 0.0
+    diffusion_steps: int = 1000
+    noise_schedule: str = "linear"
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+PRESETS: dict[str, ModelSpec] = {
+    # OpenAI's 256x256_diffusion_uncond.pt (Dhariwal & Nichol 2021), the paper's model.
+    "adm-256-uncond": ModelSpec(
+        image_size=256,
+        num_channels=256,
+        num_res_blocks=2,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+        attention_resolutions=(32, 16, 8),
+        num_head_channels=64,
+    ),
+    # The embedded default: ADM-256's 37-block topology at 32x32, trained by
+    # `python -m extract.train_tiny` on the digits train split.
+    "tiny": ModelSpec(
+        image_size=32,
+        num_channels=32,
+        num_res_blocks=2,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+        attention_resolutions=(4, 2, 1),
+        num_head_channels=32,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelSpec:
+    """The named preset's spec, with any flags replaced by ``overrides``."""
+    if name not in PRESETS:
+        raise CheckpointError(f"model.preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> UNetModel:
+    """A freshly initialised U-Net for ``spec`` (on ``device``; ``"meta"`` allocates nothing)."""
+    with torch.device(device):
+        return UNetModel(
+            image_size=spec.image_size,
+            in_channels=3,
+            model_channels=spec.num_channels,
+            out_channels=6 if spec.learn_sigma else 3,
+            num_res_blocks=spec.num_res_blocks,
+            attention_resolutions=tuple(spec.image_size // r for r in spec.attention_resolutions),
+            dropout=spec.dropout,
+            channel_mult=spec.channel_mult,
+            num_classes=None,
+            num_heads=spec.num_heads,
+            num_head_channels=spec.num_head_channels,
+            use_scale_shift_norm=spec.use_scale_shift_norm,
+            resblock_updown=spec.resblock_updown,
+            use_new_attention_order=spec.use_new_attention_order,
+        )
+
+
+def build_diffusion(spec: ModelSpec) -> SpacedDiffusion:
+    """The Gaussian diffusion (schedule, q_sample, losses) that goes with ``spec``."""
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(spec.diffusion_steps, [spec.diffusion_steps]),
+        betas=gd.get_named_beta_schedule(spec.noise_schedule, spec.diffusion_steps),
+        model_mean_type=gd.ModelMeanType.EPSILON,
+        model_var_type=gd.ModelVarType.LEARNED_RANGE if spec.learn_sigma else gd.ModelVarType.FIXED_LARGE,
+        loss_type=gd.LossType.MSE,
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> str:
+    """Load a state dict into ``model`` with strict key and shape matching; return its sha256.
+
+    Tensors are cast to the model's dtype (the tiny checkpoint ships in float16).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model.checkpoint: no such file {str(path)!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors all mean "not a checkpoint"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    expected = model.state_dict()
+    for key, want in expected.items():
+        if key not in state:
+            raise CheckpointError(
+                f"{path}: missing key {key!r} (model expects shape {tuple(want.shape)}); "
+                f"is model.preset right for this checkpoint?"
+            )
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{path}: shape mismatch at {key!r}: checkpoint {tuple(got.shape)}, "
+                f"model {tuple(want.shape)}; is model.preset right for this checkpoint?"
+            )
+    for key in state:
+        if key not in expected:
+            raise CheckpointError(
+                f"{path}: unexpected key {key!r} (shape {tuple(state[key].shape)}) not in the model; "
+                f"is model.preset right for this checkpoint?"
+            )
+    model.load_state_dict(state, strict=True)
+    return file_sha256(path)
+
+
+# ---------------------------------------------------------------------------- blocks
+
+
+def block_modules(model: UNetModel) -> list[tuple[str, nn.Module]]:
+    """The U-Net's blocks in paper order: (module path, module), block n at index n-1."""
+    return (
+        [(f"input_blocks.{i}", m) for i, m in enumerate(model.input_blocks)]
+        + [("middle_block", model.middle_block)]
+        + [(f"output_blocks.{i}", m) for i, m in enumerate(model.output_blocks)]
+    )
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    number: int  # 1-based, the paper's convention
+    module: str  # e.g. "input_blocks.3", "middle_block", "output_blocks.5"
+    channels: int
+    spatial: int  # H (= W) of the block's output at the spec's image size
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """Block number -> module, channels, spatial size, derived from the model itself."""
+
+    blocks: tuple[BlockInfo, ...]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, number: int) -> BlockInfo:
+        self.check([number])
+        return self.blocks[number - 1]
+
+    @property
+    def numbers(self) -> tuple[int, ...]:
+        return tuple(b.number for b in self.blocks)
+
+    def check(self, numbers, what: str = "block") -> None:
+        """Raise `BlockError` naming the valid range if any number is not a block."""
+        for n in numbers:
+            if not isinstance(n, int) or not 1 <= n <= len(self.blocks):
+                raise BlockError(f"{what} {n} does not exist: this model has blocks 1-{len(self.blocks)}")
+
+    def to_list(self) -> list[dict]:
+        return [dataclasses.asdict(b) for b in self.blocks]
+
+
+def block_table(spec: ModelSpec) -> BlockTable:
+    """Derive the block table by running ``spec``'s U-Net on the meta device (no weights)."""
+    model = build_model(spec, device="meta")
+    shapes: dict[int, torch.Size] = {}
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out, n=n: shapes.__setitem__(n, out.shape))
+        for n, (_, module) in enumerate(block_modules(model), start=1)
+    ]
+    try:
+        with torch.no_grad():
+            x = torch.empty(1, 3, spec.image_size, spec.image_size, device="meta")
+            model(x, torch.zeros(1, dtype=torch.long, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    blocks = []
+    for n, (name, _) in enumerate(block_modules(model), start=1):
+        _, c, h, w = shapes[n]
+        if h != w:
+            raise BlockError(f"block {n} ({name}) has a non-square map {h}x{w}; only square images are supported")
+        blocks.append(BlockInfo(number=n, module=name, channels=int(c), spatial=int(h)))
+    return BlockTable(tuple(blocks))
+
+
+# --------------------------------------------------------------------------- capture
+
+
+class _StopForward(Exception):
+    """Raised by the deepest requested block's hook to skip the rest of the network."""
+
+
+def capture(model: UNetModel, x_t: torch.Tensor, t: torch.Tensor, blocks) -> dict[int, torch.Tensor]:
+    """Run ``model`` on (x_t, t) and return the outputs of ``blocks``, full resolution.
+
+    x_t: (N, 3, H, W) noised images; t: (N,) integer timesteps; blocks: 1-based block
+    numbers. Returns {block: (N, C_b, H_b, W_b)} in the model's dtype. The forward stops
+    right after the deepest requested block, so later blocks cost nothing.
+    """
+    modules = block_modules(model)
+    blocks = sorted(set(blocks))
+    if not blocks:
+        return {}
+    for b in blocks:
+        if not isinstance(b, int) or not 1 <= b <= len(modules):
+            raise BlockError(f"block {b} does not exist: this model has blocks 1-{len(modules)}")
+    deepest = blocks[-1]
+    out: dict[int, torch.Tensor] = {}
+
+    def hook(n):
+        def fn(_module, _inputs, output):
+            out[n] = output
+            if n == deepest:
+                raise _StopForward
+
+        return fn
+
+    handles = [modules[b - 1][1].register_forward_hook(hook(b)) for b in blocks]
+    try:
+        model(x_t, t)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out

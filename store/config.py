@@ -1,0 +1,212 @@
+"""pipeline.toml as one frozen, typed config tree.
+
+    cfg = load_config("pipeline.toml", overrides={"extract.blocks": "19,24"})
+    cfg.extract.blocks   # (19, 24)
+
+Every key is declared once below with its default and its parser; the parser's error names
+the dotted key, the value and what is allowed. Unknown keys are errors. The defaults here
+are the embedded default; pipeline.toml at the repository root documents every key and
+holds the same values (a test checks that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .ranges import parse_int_list
+
+MODEL_PRESETS = ("tiny", "adm-256-uncond")  # extract.unet.PRESETS holds their flags
+
+
+# ------------------------------------------------------------------ field parsers
+
+
+def _int(lo=None, hi=None):
+    def parse(v, key):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{key}: expected an integer, got {v!r}")
+        _range(v, key, lo, hi)
+        return v
+    return parse
+
+
+def _float(lo=None, hi=None):
+    def parse(v, key):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {v!r}")
+        _range(v, key, lo, hi)
+        return float(v)
+    return parse
+
+
+def _range(v, key, lo, hi):
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in {lo}..{hi}"
+        raise ConfigError(f"{key}: {v!r} is out of range; allowed: {bounds}")
+
+
+def _choice(*options):
+    def parse(v, key):
+        if v not in options:
+            raise ConfigError(f"{key}: {v!r} is not allowed; allowed: {', '.join(map(repr, options))}")
+        return v
+    return parse
+
+
+def _str(v, key):
+    if not isinstance(v, str):
+        raise ConfigError(f"{key}: expected a string, got {v!r}")
+    return v
+
+
+def _device(v, key):
+    _str(v, key)
+    if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return v
+    raise ConfigError(f"{key}: {v!r} is not a device; allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+
+
+def _int_list(lo=None, hi=None):
+    def parse(v, key):
+        values = parse_int_list(v, key)
+        for x in values:
+            _range(x, key, lo, hi)
+        return values
+    return parse
+
+
+def _str_list(v, key):
+    if isinstance(v, str):
+        v = [s.strip() for s in v.split(",")]
+    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(s, str) and s for s in v):
+        raise ConfigError(f"{key}: expected a non-empty list of names, got {v!r}")
+    if len(set(v)) != len(v):
+        raise ConfigError(f"{key}: names repeat in {v!r}")
+    return tuple(v)
+
+
+def _arch(v, key):
+    # Architecture flags overriding the preset; extract.unet.ModelSpec checks names and types.
+    if not isinstance(v, dict):
+        raise ConfigError(f"{key}: expected a table of guided-diffusion flags, got {v!r}")
+    return tuple(sorted(v.items()))
+
+
+def _key(default, parse, doc):
+    return field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+# ------------------------------------------------------------------ the tree
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _key("digits", _choice("digits", "imagefolder"), "image source")
+    root: str = _key("", _str, "ImageFolder root holding one folder per split")
+    splits: tuple[str, ...] = _key(("train", "val"), _str_list, "splits to extract")
+    val_fraction: float = _key(0.2, _float(0.01, 0.99), "digits: fraction held out as val")
+    split_seed: int = _key(0, _int(0), "digits: seed of the stratified split")
+    max_per_class: int = _key(0, _int(0), "keep the first N images of each class (0 = all)")
+    on_corrupt: str = _key("error", _choice("error", "skip"), "unreadable image: stop, or record as skipped")
+    decode_threads: int = _key(4, _int(1, 256), "threads decoding image files")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = _key("tiny", _choice(*MODEL_PRESETS), "named architecture")
+    checkpoint: str = _key("", _str, "state dict path ('' = the shipped tiny weights)")
+    arch: tuple = _key((), _arch, "guided-diffusion flags overriding the preset")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    blocks: tuple[int, ...] = _key(tuple(range(1, 38)), _int_list(1), "blocks to keep")
+    timesteps: tuple[int, ...] = _key((30, 90, 150, 300, 600, 900), _int_list(0), "timesteps t")
+    pools: tuple[int, ...] = _key((1, 2), _int_list(1, 64), "adaptive-average-pool sizes p")
+    batch_size: int = _key(64, _int(1, 65536), "images read, noised and written per step")
+    forward_batch: int = _key(32, _int(1, 65536), "rows of every U-Net call (fixed: bit-identity)")
+    device: str = _key("auto", _device, "torch device")
+    autocast: str = _key("none", _choice("none", "bf16", "fp16"), "autocast dtype of the U-Net")
+    noise_seed: int = _key(0, _int(0, 2**63 - 1), "seed of the per-(image, t) noise")
+    threads: int = _key(0, _int(0, 1024), "torch CPU threads (0 = torch's default)")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = _key("runs/digits-tiny.zarr", _str, "the Zarr store")
+    chunk_images: int = _key(256, _int(1, 1 << 20), "images per chunk")
+    dtype: str = _key("float16", _choice("float16", "float32"), "feature dtype")
+    codec: str = _key("none", _choice("none", "zstd", "blosc-lz4"), "compression of feature chunks")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    extract: ExtractConfig = ExtractConfig()
+    store: StoreConfig = StoreConfig()
+
+    def to_dict(self) -> dict:
+        out = {}
+        for sec in dataclasses.fields(self):
+            values = dataclasses.asdict(getattr(self, sec.name))
+            out[sec.name] = {k: (dict(v) if k == "arch" else list(v) if isinstance(v, tuple) else v)
+                             for k, v in values.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "Config":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a table, got {raw!r}")
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown section in {source}; allowed: {', '.join(sections)}")
+        parsed = {}
+        for f in dataclasses.fields(cls):
+            table = raw.get(f.name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{f.name}: expected a [{f.name}] table, got {table!r}")
+            parsed[f.name] = _parse_section(type(f.default), table, f.name, source)
+        return cls(**parsed)
+
+
+def _parse_section(cls, table: dict, prefix: str, source: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key in {source}; allowed: {', '.join(fields)}")
+    return cls(**{k: fields[k].metadata["parse"](v, f"{prefix}.{k}") for k, v in table.items()})
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Load ``path`` (default: ./pipeline.toml if present, else the built-in defaults).
+
+    ``overrides`` maps dotted keys to values (CLI flags); ``None`` values are ignored.
+    """
+    raw: dict = {}
+    source = "defaults"
+    if path is None and Path("pipeline.toml").is_file():
+        path = "pipeline.toml"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {source!r}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML ({e})") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: expected a [{section}] table in {source}")
+        raw[section][key] = value
+    return Config.from_dict(raw, source)

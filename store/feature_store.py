@@ -1,0 +1,365 @@
+"""The Zarr feature store: the only module that knows its layout.
+
+Layout (Zarr v3, one group per run)::
+
+    run.zarr/                      attrs: schema, fingerprints, provenance, blocks, classes
+      <split>/                     attrs: n_images, chunk_images, dataset fingerprint
+        labels      (N,)  int64
+        ids         (N,)  string   image ids (index for digits, relative path for folders)
+        skipped     (N,)  bool     images that could not be read (their features are NaN)
+        features/t{t}_b{block}_p{pool}   (N, C, p, p) float16, chunks of chunk_images images
+        done/t{t}_b{block}_p{pool}       (n_chunks,) uint8: 1 once that image chunk is written
+
+A chunk's completion record is written after its data, so a run killed at any moment
+leaves records only for chunks that are whole; a resumed run redoes the others. Readers
+refuse arrays that are not complete. Pool sizes larger than a block's map are stored at
+the map size (p = spatial) and looked up that way.
+
+    s = open_store("runs/digits-tiny.zarr")
+    x = s.features("train", block=24, t=90, pool=2)   # numpy (N, C, 2, 2)
+    y = s.labels("train")
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .errors import FingerprintMismatch, StoreError, StoreLocked
+from .ranges import format_int_list
+
+SCHEMA_VERSION = 1
+_NAME = re.compile(r"^t(\d+)_b(\d+)_p(\d+)$")
+FINGERPRINT_SECTIONS = ("model", "preprocessing", "noise", "compute", "dataset")
+
+
+@dataclass(frozen=True, order=True)
+class FeatureKey:
+    """One feature array: timestep, block, stored pool size (already capped at the map)."""
+
+    t: int
+    block: int
+    pool: int
+
+    @property
+    def name(self) -> str:
+        return f"t{self.t}_b{self.block}_p{self.pool}"
+
+    @classmethod
+    def parse(cls, name: str) -> "FeatureKey":
+        m = _NAME.match(name)
+        if not m:
+            raise StoreError(f"not a feature array name: {name!r}")
+        return cls(*map(int, m.groups()))
+
+
+def _codecs(codec: str) -> dict:
+    if codec == "none":
+        return {"compressors": None}
+    if codec == "zstd":
+        return {"compressors": zarr.codecs.ZstdCodec(level=1)}
+    if codec == "blosc-lz4":
+        return {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2)}
+    raise StoreError(f"store.codec: unknown codec {codec!r}; allowed: 'none', 'zstd', 'blosc-lz4'")
+
+
+def _n_chunks(n: int, chunk: int) -> int:
+    return -(-n // chunk)
+
+
+class FeatureStore:
+    """Read access to a store. Use `open_store`; writers use `StoreWriter`."""
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise StoreError(f"{self.path}: no diffprobe store here (run `extract run --store {self.path}`)")
+        self._root = zarr.open_group(str(self.path), mode=mode)
+        attrs = self._root.attrs.asdict()
+        if attrs.get("schema") == "diffprobe-features" and not attrs.get("initialized"):
+            raise StoreError(f"{self.path}: the store's creation was cut off; run `extract run --store {self.path}` again")
+        if attrs.get("schema") != "diffprobe-features" or attrs.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: not a diffprobe feature store of schema version {SCHEMA_VERSION} "
+                f"(found {attrs.get('schema')!r} version {attrs.get('schema_version')!r})"
+            )
+        self.attrs = attrs
+        self._spatial = {b["number"]: b["spatial"] for b in attrs["blocks"]}
+
+    # -- what it holds -------------------------------------------------------------
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.attrs["splits"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def fingerprints(self) -> dict:
+        return self.attrs["fingerprints"]
+
+    def _split(self, split: str):
+        if split not in self.attrs["splits"]:
+            raise StoreError(f"{self.path}: no split {split!r}; the store holds {', '.join(self.splits)}")
+        return self._root[split]
+
+    def keys(self, split: str, complete_only: bool = True) -> list[FeatureKey]:
+        """The feature arrays of ``split`` (by default only those with every chunk done)."""
+        g = self._split(split)
+        if "features" not in g:
+            return []
+        keys = sorted(FeatureKey.parse(n) for n in g["features"].array_keys())
+        if complete_only:
+            keys = [k for k in keys if self.chunks_done(split, k) == self.n_chunks(split)]
+        return keys
+
+    def n_images(self, split: str) -> int:
+        return int(self._split(split).attrs["n_images"])
+
+    def n_chunks(self, split: str) -> int:
+        g = self._split(split)
+        return _n_chunks(g.attrs["n_images"], g.attrs["chunk_images"])
+
+    def chunk_images(self, split: str) -> int:
+        return int(self._split(split).attrs["chunk_images"])
+
+    def done_mask(self, split: str, key: FeatureKey) -> np.ndarray:
+        g = self._split(split)
+        if "done" not in g or key.name not in g["done"]:
+            return np.zeros(self.n_chunks(split), dtype=bool)
+        return g["done"][key.name][:].astype(bool)
+
+    def chunks_done(self, split: str, key: FeatureKey) -> int:
+        return int(self.done_mask(split, key).sum())
+
+    def stored_key(self, block: int, t: int, pool: int) -> FeatureKey:
+        """The array holding (block, t, pool): pools beyond a block's map are stored capped."""
+        if block not in self._spatial:
+            raise StoreError(f"block {block} does not exist: this model has blocks 1-{len(self._spatial)}")
+        return FeatureKey(t, block, min(pool, self._spatial[block]))
+
+    # -- reading -------------------------------------------------------------------
+
+    def _array(self, split: str, block: int, t: int, pool: int):
+        key = self.stored_key(block, t, pool)
+        g = self._split(split)
+        if "features" not in g or key.name not in g["features"]:
+            raise StoreError(f"{self.path}: no features for block {block}, t {t}, pool {pool} in split "
+                             f"{split!r}; it holds {self.describe_holdings(split)}")
+        done = self.chunks_done(split, key)
+        if done != self.n_chunks(split):
+            raise StoreError(f"{self.path}: block {block}, t {t}, pool {pool} in split {split!r} is incomplete "
+                             f"({done}/{self.n_chunks(split)} chunks); run `extract run --store {self.path}` to finish it")
+        return g["features"][key.name]
+
+    def features(self, split: str, block: int, t: int, pool: int, dask: bool = False):
+        """Features of every image of ``split``: (N, C, p, p), numpy (or dask with ``dask=True``)."""
+        arr = self._array(split, block, t, pool)
+        if dask:
+            import dask.array as da
+
+            return da.from_zarr(arr)
+        return arr[:]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._split(split)["labels"][:]
+
+    def ids(self, split: str) -> np.ndarray:
+        return np.asarray(self._split(split)["ids"][:], dtype=str)
+
+    def skipped(self, split: str) -> np.ndarray:
+        return self._split(split)["skipped"][:]
+
+    def describe_holdings(self, split: str) -> str:
+        keys = self.keys(split)
+        if not keys:
+            return "no complete feature arrays"
+        return (f"blocks {format_int_list(k.block for k in keys)} at t {format_int_list(k.t for k in keys)}, "
+                f"pools {format_int_list(k.pool for k in keys)}")
+
+    def status(self) -> dict:
+        """Per split: images, chunks and each array's completed chunks."""
+        out = {"path": str(self.path), "fingerprints": self.fingerprints, "splits": {}}
+        for split in self.splits:
+            n = self.n_chunks(split)
+            arrays = {k.name: {"t": k.t, "block": k.block, "pool": k.pool, "chunks_done": self.chunks_done(split, k),
+                               "chunks": n} for k in self.keys(split, complete_only=False)}
+            out["splits"][split] = {
+                "images": self.n_images(split), "skipped": int(self.skipped(split).sum()), "chunks": n,
+                "arrays": arrays, "complete_arrays": sum(a["chunks_done"] == n for a in arrays.values()),
+            }
+        return out
+
+
+def open_store(path: str | Path) -> FeatureStore:
+    """Open a store read-only: list what it holds and read features, labels and ids."""
+    return FeatureStore(path, mode="r")
+
+
+# ------------------------------------------------------------------------ writing
+
+
+def _diff(a, b, prefix="") -> str | None:
+    """The first dotted key at which two JSON-like values differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+            if d:
+                return d
+        return None
+    if a != b:
+        return f"{prefix}: store has {json.dumps(a)}, this run has {json.dumps(b)}"
+    return None
+
+
+class StoreWriter(FeatureStore):
+    """Write access for one `extract run`: holds the store's lock until `close`.
+
+    ``create`` makes a new store or opens an existing one whose fingerprints equal the
+    run's (else `FingerprintMismatch` naming what differs).
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(path, mode="r+")
+
+    @classmethod
+    def create(cls, path: str | Path, *, fingerprints: dict, provenance: dict, blocks: list[dict],
+               class_names: list[str], splits: dict[str, tuple[list[str], np.ndarray]],
+               chunk_images: int) -> "StoreWriter":
+        path = Path(path)
+        for split, (ids, _) in splits.items():
+            if len(ids) == 0:
+                raise StoreError(f"split {split!r} has no images; nothing to extract")
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"--store: {path} exists and is not a directory")
+        ours = _read_root_attrs(path)
+        if ours is None and path.is_dir() and any(c.name != ".lock" for c in path.iterdir()):
+            raise StoreError(f"--store: {path} exists and is not a diffprobe store; pick a new or empty path")
+        path.mkdir(parents=True, exist_ok=True)
+        lock = _acquire_lock(path)
+        try:
+            ours = _read_root_attrs(path)  # again, under the lock
+            if ours and ours.get("initialized"):
+                writer = cls(path)
+                writer._check_fingerprints(fingerprints, chunk_images)
+            else:
+                _initialise(path, fingerprints, provenance, blocks, class_names, splits, chunk_images)
+                writer = cls(path)
+        except BaseException:
+            _release_lock(lock)
+            raise
+        writer._lock = lock
+        return writer
+
+    def close(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            _release_lock(lock)
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_fingerprints(self, fingerprints: dict, chunk_images: int) -> None:
+        stored = self.fingerprints
+        for section in FINGERPRINT_SECTIONS:
+            d = _diff(stored.get(section), fingerprints.get(section), section)
+            if d:
+                raise FingerprintMismatch(f"{self.path}: refusing to extend a store made with a different {section}: {d}")
+        for split in self.splits:
+            if self.chunk_images(split) != chunk_images:
+                raise FingerprintMismatch(
+                    f"{self.path}: store.chunk_images is {self.chunk_images(split)} in the store, {chunk_images} in this run")
+
+    def update_provenance(self, provenance: dict) -> None:
+        self._root.attrs["provenance"] = provenance
+
+    def ensure_array(self, split: str, key: FeatureKey, channels: int, dtype: str, codec: str) -> None:
+        g = self._split(split)
+        if key.name in g.require_group("features"):
+            return
+        n, chunk = self.n_images(split), self.chunk_images(split)
+        # done record first: an array without one reads as "0 chunks done"
+        g.require_group("done").create_array(key.name, shape=(_n_chunks(n, chunk),), chunks=(1,), dtype="uint8",
+                                             fill_value=0, compressors=None)
+        g["features"].create_array(key.name, shape=(n, channels, key.pool, key.pool),
+                                   chunks=(chunk, channels, key.pool, key.pool), dtype=dtype,
+                                   fill_value=float("nan"), **_codecs(codec))
+
+    def write_chunk(self, split: str, chunk: int, data: dict[FeatureKey, np.ndarray]) -> None:
+        """Write one image chunk of several arrays, then their completion records."""
+        g = self._split(split)
+        lo = chunk * self.chunk_images(split)
+        for key, x in data.items():
+            g["features"][key.name][lo : lo + len(x)] = x
+        for key in data:
+            g["done"][key.name][chunk] = 1
+
+    def write_skipped(self, split: str, indices: np.ndarray) -> None:
+        if len(indices):
+            arr = self._split(split)["skipped"]
+            arr[np.asarray(indices)] = True
+
+
+def _read_root_attrs(path: Path) -> dict | None:
+    """The root attributes if ``path`` holds a diffprobe store (finished or not), else None."""
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+    return attrs if attrs.get("schema") == "diffprobe-features" else None
+
+
+def _initialise(path, fingerprints, provenance, blocks, class_names, splits, chunk_images) -> None:
+    """Create a new store, or redo one whose creation was cut off (it holds no features yet)."""
+    for child in path.iterdir():
+        if child.name != ".lock":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    root = zarr.open_group(str(path), mode="w", attributes={
+        "schema": "diffprobe-features", "schema_version": SCHEMA_VERSION, "initialized": False})
+    for split, (ids, labels) in splits.items():
+        n = len(ids)
+        g = root.create_group(split, attributes={"n_images": n, "chunk_images": chunk_images})
+        chunks = (min(chunk_images, n),)
+        g.create_array("labels", shape=(n,), chunks=chunks, dtype="int64")[:] = np.asarray(labels, dtype=np.int64)
+        g.create_array("ids", shape=(n,), chunks=chunks, dtype=str)[:] = np.asarray(ids, dtype=str)
+        g.create_array("skipped", shape=(n,), chunks=chunks, dtype="bool", fill_value=False)
+        g.create_group("features")
+        g.create_group("done")
+    root.attrs.update({
+        "fingerprints": fingerprints, "provenance": provenance, "blocks": blocks,
+        "class_names": list(class_names), "splits": list(splits),
+    })
+    root.attrs["initialized"] = True  # last: a store cut off before this is redone from scratch
+
+
+def _acquire_lock(path: Path):
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise StoreLocked(f"{path}: another `extract run` is writing this store ({holder}); "
+                          f"wait for it to finish or stop it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+    return fd
+
+
+def _release_lock(fd) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
