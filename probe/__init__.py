@@ -1,0 +1,1 @@
+"""diffprobe's probes and analyses on cached features (linear, attention, CKA: later issues)."""

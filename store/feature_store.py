@@ -175,7 +175,7 @@ class FeatureStore:
         return self._split(split)["labels"][:]
 
     def ids(self, split: str) -> np.ndarray:
-        return np.asarray(self._split(split)["ids"][:], dtype=str)
+        return np.asarray(self._split(split)["ids"][:].tolist(), dtype=str)
 
     def skipped(self, split: str) -> np.ndarray:
         return self._split(split)["skipped"][:]
@@ -328,7 +328,8 @@ def _initialise(path, fingerprints, provenance, blocks, class_names, splits, chu
     for child in path.iterdir():
         if child.name != ".lock":
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    root = zarr.open_group(str(path), mode="w", attributes={
+    # overwrite=False: mode "w" would also delete the .lock this process holds
+    root = zarr.create_group(str(path), overwrite=False, attributes={
         "schema": "diffprobe-features", "schema_version": SCHEMA_VERSION, "initialized": False})
     for split, (ids, labels) in splits.items():
         n = len(ids)

@@ -1,0 +1,42 @@
+"""Shared fixtures: small configs on the embedded default (a few dozen digits, the tiny U-Net)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from store.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config(tmp_path: Path, name: str = "store.zarr", **overrides):
+    """A config for quick runs: 3 images per class per split, chunks of 8, two blocks, one t."""
+    base = {
+        "data.max_per_class": 3,
+        "extract.blocks": "3,8,16,24",
+        "extract.timesteps": [90],
+        "extract.pools": [1, 2],
+        "extract.forward_batch": 8,
+        "extract.batch_size": 8,
+        "extract.device": "cpu",
+        "store.chunk_images": 8,
+        "store.path": str(tmp_path / name),
+    }
+    base.update(overrides)
+    return load_config(REPO / "pipeline.toml", base)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_guided_diffusion():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _two_threads():
+    torch.set_num_threads(2)
