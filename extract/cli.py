@@ -20,6 +20,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from store.config import load_config
@@ -42,7 +43,7 @@ def user_errors():
     try:
         yield
     except DiffprobeError as e:
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        err.print("[red]error:[/red]", escape(str(e)), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -82,24 +83,31 @@ def run(
         bar = Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err,
                        disable=as_json)
-        with bar:
-            task = bar.add_task("extract", total=None, rate="")
+        task = bar.add_task("extract", total=None, rate="")
 
-            def on_start(job):
-                bar.update(task, total=sum(job.plan.split_sizes.values()))
+        computed = {"images": 0, "since": time.perf_counter()}
 
-            def progress(n):
-                bar.advance(task, n)
-                elapsed = time.perf_counter() - started
-                done = bar.tasks[0].completed
-                bar.update(task, rate=f"{done / elapsed:.1f} images/s" if elapsed > 0 else "")
+        def on_start(job):  # the bar appears once the config, model and store are accepted
+            bar.update(task, total=sum(job.plan.split_sizes.values()))
+            computed["since"] = time.perf_counter()
+            bar.start()
 
+        def progress(n, was_computed):
+            bar.advance(task, n)
+            if was_computed:  # chunks found complete do not count towards the rate
+                computed["images"] += n
+                rate = computed["images"] / (time.perf_counter() - computed["since"])
+                bar.update(task, rate=f"{rate:.1f} images/s")
+
+        try:
             result = jobs.run(cfg, progress=progress, on_start=on_start)
+        finally:
+            bar.stop()
         result["seconds"] = round(time.perf_counter() - started, 2)
     if as_json:
         print(json.dumps(result))
     else:
-        out.print(f"store {result['store']}: {result['images']} images x {len(result['timesteps'])} timesteps; "
+        out.print(f"store {escape(result['store'])}: {result['images']} images x {len(result['timesteps'])} timesteps; "
                   f"{result['chunks_written']} chunks written, {result['chunks_already_done']} already complete, "
                   f"{result['images_skipped']} images skipped; {result['seconds']:.1f} s on {result['device']}",
                   highlight=False)
@@ -123,7 +131,7 @@ def plan(
     if as_json:
         print(json.dumps({"store": cfg.store.path, **p.to_dict()}))
         return
-    table = Table(title=f"plan for {cfg.store.path}")
+    table = Table(title=escape(f"plan for {cfg.store.path}"))
     for col in ("split", "array", "t", "block", "pool", "shape", "dtype", "bytes"):
         table.add_column(col, justify="right" if col in ("t", "block", "pool", "bytes") else "left")
     for a in p.arrays:

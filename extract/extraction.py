@@ -23,7 +23,7 @@ from extract.images import ImageSource
 from extract.noise import batch_noise
 from extract.plan import Plan
 from extract.unet import capture
-from store.errors import ImageError
+from store.errors import ConfigError, ImageError
 from store.feature_store import FeatureKey, StoreWriter
 
 
@@ -44,7 +44,14 @@ def resolve_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"extract.device: {name!r} requested but this torch sees no CUDA device; use 'auto' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"extract.device: {name!r} does not exist; this machine has cuda:0-{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"extract.device: 'mps' requested but MPS is not available; use 'auto' or 'cpu'")
+    return device
 
 
 def _autocast(device: torch.device, autocast: str):
@@ -53,13 +60,18 @@ def _autocast(device: torch.device, autocast: str):
     return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[autocast])
 
 
-def fixed_shape_capture(model, x_t: torch.Tensor, t: int, blocks, settings: ComputeSettings) -> dict[int, torch.Tensor]:
-    """`capture` over row groups of exactly ``settings.forward_batch`` (last one zero-padded).
+def pooled_features(model, x_t: torch.Tensor, t: int, keys, settings: ComputeSettings,
+                    dtype: torch.dtype = torch.float16) -> dict[FeatureKey, torch.Tensor]:
+    """Pooled block outputs for ``keys`` (all at timestep ``t``), in ``dtype`` on the device.
 
-    x_t: (N, 3, S, S) on the model's device. Returns {block: (N, C, H, W)} in float32.
+    x_t: (N, 3, S, S) on the model's device. The U-Net runs on row groups of exactly
+    ``settings.forward_batch`` (the last zero-padded); each group's block outputs are pooled
+    (in float32) and cast before the next group runs, so memory scales with forward_batch,
+    not with N. Returns {key: (N, C, p, p)}.
     """
     fb = settings.forward_batch
-    parts: dict[int, list[torch.Tensor]] = {b: [] for b in blocks}
+    blocks = sorted({k.block for k in keys})
+    parts: dict[FeatureKey, list[torch.Tensor]] = {k: [] for k in keys}
     for lo in range(0, len(x_t), fb):
         group = x_t[lo : lo + fb]
         n = len(group)
@@ -68,14 +80,19 @@ def fixed_shape_capture(model, x_t: torch.Tensor, t: int, blocks, settings: Comp
         tt = torch.full((fb,), t, dtype=torch.long, device=group.device)
         with torch.no_grad(), _autocast(settings.device, settings.autocast):
             out = capture(model, group, tt, blocks)
-        for b in blocks:
-            parts[b].append(out[b][:n].float())
-    return {b: torch.cat(v) for b, v in parts.items()}
+        for k in keys:
+            parts[k].append(pool_features(out[k.block][:n].float(), k.pool).to(dtype))
+        del out
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def pool_features(x: torch.Tensor, p: int) -> torch.Tensor:
     """Adaptive average pooling of (N, C, H, W) to (N, C, p, p); p is already capped at H."""
     return x if x.shape[-1] == p else F.adaptive_avg_pool2d(x, p)
+
+
+def _where(source: ImageSource, split: str, image_id: str) -> str:
+    return str(source.path(split, image_id)) if hasattr(source, "path") else image_id
 
 
 def _read_batch(source: ImageSource, split: str, ids, on_corrupt: str):
@@ -84,8 +101,7 @@ def _read_batch(source: ImageSource, split: str, ids, on_corrupt: str):
     bad = [i for i, x in enumerate(loaded) if isinstance(x, Exception)]
     if bad and on_corrupt == "error":
         i = bad[0]
-        where = source.path(split, ids[i]) if hasattr(source, "path") else ids[i]
-        raise ImageError(f"{where}: cannot read image ({type(loaded[i]).__name__}: {loaded[i]}); "
+        raise ImageError(f"{_where(source, split, ids[i])}: cannot read image ({type(loaded[i]).__name__}: {loaded[i]}); "
                          f"set data.on_corrupt = \"skip\" to record it as skipped and go on")
     shape = next((x.shape for x in loaded if not isinstance(x, Exception)), (3, source.image_size, source.image_size))
     x0 = np.stack([np.zeros(shape, np.float32) if isinstance(x, Exception) else x for x in loaded])
@@ -93,27 +109,34 @@ def _read_batch(source: ImageSource, split: str, ids, on_corrupt: str):
 
 
 def extract_features(model, diffusion, source: ImageSource, plan: Plan, writer: StoreWriter,
-                     settings: ComputeSettings, progress: Callable[[int], None] | None = None) -> dict:
+                     settings: ComputeSettings, progress: Callable[[int, bool], None] | None = None) -> dict:
     """Fill every array of ``plan`` in ``writer``'s store, skipping chunks already complete.
 
-    ``model`` must already be on ``settings.device`` and in eval mode. ``progress`` is
-    called with a number of images each time they are done (or found done). Returns counts
+    ``model`` must already be on ``settings.device`` and in eval mode. ``progress(n, computed)``
+    is called each time n images are done (computed False: found complete). Returns counts
     of chunks computed and skipped, and images recorded as skipped.
     """
     stats = {"chunks_written": 0, "chunks_already_done": 0, "images_skipped": 0}
     dtype = plan.arrays[0].dtype if plan.arrays else "float16"
+    torch_dtype = getattr(torch, dtype)
     for split, n in plan.split_sizes.items():
         index = source.split(split)
         keys = [a.key for a in plan.arrays if a.split == split]
         done = {k: writer.done_mask(split, k) for k in keys}
         chunk = writer.chunk_images(split)
+        # Images skipped by earlier runs stay skipped (NaN everywhere), and an image that was
+        # read for earlier arrays must not fail now: a store never mixes the two.
+        was_skipped = writer.skipped(split)
+        chunk_has_data = np.zeros(writer.n_chunks(split), dtype=bool)
+        for k in writer.keys(split, complete_only=False):
+            chunk_has_data |= writer.done_mask(split, k)
         for c in range(writer.n_chunks(split)):
             lo, hi = c * chunk, min((c + 1) * chunk, n)
             pending = [k for k in keys if not done[k][c]]
             if not pending:
                 stats["chunks_already_done"] += 1
                 if progress:
-                    progress(hi - lo)
+                    progress(hi - lo, False)
                 continue
             by_t: dict[int, list[FeatureKey]] = {}
             for k in pending:
@@ -125,19 +148,22 @@ def extract_features(model, diffusion, source: ImageSource, plan: Plan, writer: 
                 b1 = min(b0 + settings.batch_size, hi)
                 ids = index.ids[b0:b1]
                 x0, bad = _read_batch(source, split, ids, settings.on_corrupt)
+                newly_bad = [i for i in bad if not was_skipped[b0 + i]]
+                if newly_bad and chunk_has_data[c]:
+                    raise ImageError(f"{_where(source, split, ids[newly_bad[0]])}: cannot be read now, but it was "
+                                     f"read when this store's earlier arrays were extracted; restore the file")
+                bad = sorted(set(bad) | {i for i in range(b1 - b0) if was_skipped[b0 + i]})
                 skipped += [b0 + i for i in bad]
                 for t, tkeys in by_t.items():
                     noise = batch_noise(settings.noise_seed, ids, t, tuple(x0.shape[1:]))
                     x_t = diffusion.q_sample(x0, torch.full((len(x0),), t, dtype=torch.long), noise)
-                    feats = fixed_shape_capture(model, x_t.to(settings.device), t,
-                                                sorted({k.block for k in tkeys}), settings)
-                    for k in tkeys:
-                        pooled = pool_features(feats[k.block], k.pool)
+                    feats = pooled_features(model, x_t.to(settings.device), t, tkeys, settings, torch_dtype)
+                    for k, pooled in feats.items():
                         if bad:
                             pooled[bad] = float("nan")
-                        out[k][b0 - lo : b1 - lo] = pooled.to("cpu", torch.float32).numpy().astype(dtype)
+                        out[k][b0 - lo : b1 - lo] = pooled.cpu().numpy()  # only pooled, cast tensors cross
                 if progress:
-                    progress(b1 - b0)
+                    progress(b1 - b0, True)
             writer.write_skipped(split, np.asarray(skipped, dtype=np.int64))
             writer.write_chunk(split, c, out)
             stats["chunks_written"] += 1

@@ -145,7 +145,12 @@ class ImageFolderSource(ImageSource):
             sdir = self.root / s
             if not sdir.is_dir():
                 raise ImageError(f"data.root: no {s!r} folder in {str(self.root)!r} (expected {self.root}/{s}/<class>/<image>)")
-            classes = sorted(d.name for d in sdir.iterdir() if d.is_dir())
+            try:
+                classes = sorted(d.name for d in sdir.iterdir() if d.is_dir())
+                listing = {c: sorted(p for p in (sdir / c).iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file())
+                           for c in classes}
+            except OSError as e:
+                raise ImageError(f"{e.filename or sdir}: cannot list ({e.strerror or e})") from None
             if not classes:
                 raise ImageError(f"{sdir}: no class folders (expected {sdir}/<class>/<image>)")
             if class_names is None:
@@ -155,7 +160,7 @@ class ImageFolderSource(ImageSource):
                 raise ImageError(f"{sdir}: class folder {unknown[0]!r} is not among the {splits[0]!r} classes")
             ids, labels = [], []
             for c in classes:
-                files = sorted(p for p in (sdir / c).iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file())
+                files = listing[c]
                 ids += [f"{c}/{p.name}" for p in files]
                 labels += [class_names.index(c)] * len(files)
             if not ids:

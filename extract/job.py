@@ -7,6 +7,7 @@ before any work; `run` loads the model, opens the store and fills it.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
@@ -17,10 +18,10 @@ from extract.extraction import ComputeSettings, extract_features, resolve_device
 from extract.images import PREPROCESSING, DigitsSource, ImageFolderSource, ImageSource
 from extract.noise import DERIVATION
 from extract.plan import Plan, make_plan
-from extract.unet import TINY_CHECKPOINT, BlockTable, ModelSpec, block_table, build_diffusion, build_model, \
-    load_checkpoint, preset
+from extract.unet import (TINY_CHECKPOINT, BlockTable, ModelSpec, SpacedDiffusion, block_table, build_diffusion,
+                          build_model, load_checkpoint, preset)
 from store.config import Config
-from store.errors import ConfigError
+from store.errors import ConfigError, DiffprobeError
 from store.feature_store import StoreWriter
 
 
@@ -78,6 +79,7 @@ class Job:
     cfg: Config
     spec: ModelSpec
     table: BlockTable
+    diffusion: SpacedDiffusion
     source: ImageSource
     plan: Plan
     checkpoint: str
@@ -86,30 +88,42 @@ class Job:
 def prepare(cfg: Config) -> Job:
     """Resolve a config into spec, block table, image index and plan. Loads no weights."""
     spec = model_spec(cfg)
-    table = block_table(spec)
+    try:  # guided-diffusion checks its flags with asserts and assorted exceptions
+        table = block_table(spec)
+        diffusion = build_diffusion(spec)
+    except DiffprobeError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"model.arch: the flags of preset {cfg.model.preset!r} with overrides "
+                          f"{dict(cfg.model.arch)} do not build a guided-diffusion U-Net "
+                          f"({type(e).__name__}: {first})") from None
     ckpt = checkpoint_path(cfg)
     source = image_source(cfg, spec.image_size)
     sizes = {s: len(source.split(s)) for s in cfg.data.splits}
     e = cfg.extract
     plan = make_plan(table, sizes, e.blocks, e.timesteps, e.pools, cfg.store.dtype, spec.diffusion_steps)
-    return Job(cfg, spec, table, source, plan, ckpt)
+    return Job(cfg, spec, table, diffusion, source, plan, ckpt)
 
 
-def fingerprints(job: Job, checkpoint_sha256: str) -> dict:
-    """What must match for two runs to write into one store."""
+def fingerprints(job: Job, checkpoint_sha256: str, device: torch.device) -> dict:
+    """What must match for two runs to write into one store (device type included: CPU and
+    GPU kernels round differently, and a store's features come from one kind of device)."""
     e = job.cfg.extract
     return {
         "model": {"checkpoint_sha256": checkpoint_sha256, "arch": job.spec.to_dict()},
         "preprocessing": {"name": PREPROCESSING, "image_size": job.spec.image_size, "range": [-1, 1]},
         "noise": {"seed": e.noise_seed, "derivation": DERIVATION, "schedule": job.spec.noise_schedule,
                   "diffusion_steps": job.spec.diffusion_steps},
-        "compute": {"forward_batch": e.forward_batch, "autocast": e.autocast, "dtype": job.cfg.store.dtype},
+        "compute": {"device_type": device.type, "forward_batch": e.forward_batch, "autocast": e.autocast,
+                    "dtype": job.cfg.store.dtype},
         "dataset": {"classes": list(job.source.class_names),
                     **{s: job.source.split(s).fingerprint() for s in job.cfg.data.splits}},
     }
 
 
-def run(cfg: Config, progress: Callable[[int], None] | None = None, on_start: Callable[[Job], None] | None = None) -> dict:
+def run(cfg: Config, progress: Callable[[int, bool], None] | None = None,
+        on_start: Callable[[Job], None] | None = None) -> dict:
     """The whole `extract run`: prepare, load the model, open the store, fill what is missing."""
     job = prepare(cfg)
     device = resolve_device(cfg.extract.device)
@@ -119,23 +133,24 @@ def run(cfg: Config, progress: Callable[[int], None] | None = None, on_start: Ca
     sha = load_checkpoint(model, job.checkpoint)
     model.to(device).eval()
     provenance = {
-        "tool_version": tool_version(), "torch": torch.__version__, "device": str(device),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": tool_version(), "torch": torch.__version__, "device": str(device),
         "checkpoint": job.checkpoint, "source": job.source.describe(), "config": cfg.to_dict(),
     }
     writer = StoreWriter.create(
-        cfg.store.path, fingerprints=fingerprints(job, sha), provenance=provenance,
+        cfg.store.path, fingerprints=fingerprints(job, sha, device), provenance=provenance,
         blocks=job.table.to_list(), class_names=list(job.source.class_names),
         splits={s: (list(job.source.split(s).ids), job.source.split(s).labels) for s in cfg.data.splits},
         chunk_images=cfg.store.chunk_images)
     with writer:
-        writer.update_provenance(provenance)
-        for a in job.plan.arrays:
-            writer.ensure_array(a.split, a.key, a.shape[1], a.dtype, cfg.store.codec)
+        writer.record_run(provenance)
+        for split in job.plan.split_sizes:
+            writer.ensure_arrays(split, {a.key: a.shape[1] for a in job.plan.arrays if a.split == split},
+                                 cfg.store.dtype, cfg.store.codec)
         if on_start:
             on_start(job)
         settings = ComputeSettings(device=device, forward_batch=cfg.extract.forward_batch,
                                    autocast=cfg.extract.autocast, noise_seed=cfg.extract.noise_seed,
                                    batch_size=cfg.extract.batch_size, on_corrupt=cfg.data.on_corrupt)
-        stats = extract_features(model, build_diffusion(job.spec), job.source, job.plan, writer, settings, progress)
+        stats = extract_features(model, job.diffusion, job.source, job.plan, writer, settings, progress)
     return {"store": str(cfg.store.path), "device": str(device), "images": sum(job.plan.split_sizes.values()),
             "timesteps": list(job.plan.timesteps), **stats}

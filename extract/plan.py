@@ -37,10 +37,6 @@ class Plan:
     arrays: tuple[PlannedArray, ...]
 
     @property
-    def keys(self) -> list[FeatureKey]:
-        return sorted({a.key for a in self.arrays})
-
-    @property
     def forwards(self) -> int:
         """U-Net forward passes (image x timestep), each truncated after the deepest block."""
         return sum(self.split_sizes.values()) * len(self.timesteps)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import operator
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +61,6 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 PRESETS: dict[str, ModelSpec] = {
@@ -186,6 +183,17 @@ def block_modules(model: UNetModel) -> list[tuple[str, nn.Module]]:
     )
 
 
+def _block_numbers(numbers) -> list[int]:
+    """Block numbers as Python ints (numpy integers welcome); anything else is a BlockError."""
+    out = []
+    for n in numbers:
+        try:
+            out.append(operator.index(n))
+        except TypeError:
+            raise BlockError(f"block {n!r} is not an integer block number") from None
+    return out
+
+
 @dataclass(frozen=True)
 class BlockInfo:
     number: int  # 1-based, the paper's convention
@@ -205,17 +213,13 @@ class BlockTable:
 
     def __getitem__(self, number: int) -> BlockInfo:
         self.check([number])
-        return self.blocks[number - 1]
+        return self.blocks[operator.index(number) - 1]
 
-    @property
-    def numbers(self) -> tuple[int, ...]:
-        return tuple(b.number for b in self.blocks)
-
-    def check(self, numbers, what: str = "block") -> None:
+    def check(self, numbers) -> None:
         """Raise `BlockError` naming the valid range if any number is not a block."""
-        for n in numbers:
-            if not isinstance(n, int) or not 1 <= n <= len(self.blocks):
-                raise BlockError(f"{what} {n} does not exist: this model has blocks 1-{len(self.blocks)}")
+        for n in _block_numbers(numbers):
+            if not 1 <= n <= len(self.blocks):
+                raise BlockError(f"block {n} does not exist: this model has blocks 1-{len(self.blocks)}")
 
     def to_list(self) -> list[dict]:
         return [dataclasses.asdict(b) for b in self.blocks]
@@ -260,11 +264,11 @@ def capture(model: UNetModel, x_t: torch.Tensor, t: torch.Tensor, blocks) -> dic
     right after the deepest requested block, so later blocks cost nothing.
     """
     modules = block_modules(model)
-    blocks = sorted(set(blocks))
+    blocks = sorted(set(_block_numbers(blocks)))
     if not blocks:
         return {}
     for b in blocks:
-        if not isinstance(b, int) or not 1 <= b <= len(modules):
+        if not 1 <= b <= len(modules):
             raise BlockError(f"block {b} does not exist: this model has blocks 1-{len(modules)}")
     deepest = blocks[-1]
     out: dict[int, torch.Tensor] = {}

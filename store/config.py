@@ -198,9 +198,11 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not path.is_file():
             raise ConfigError(f"--config: no such file {source!r}")
         try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{source}: not valid TOML ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"--config: cannot read {source!r} ({e.strerror or e})") from None
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

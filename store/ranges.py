@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from .errors import ConfigError
 
+MAX_RANGE = 100_000
+
 
 def parse_int_list(text: str | int | list, key: str) -> tuple[int, ...]:
     """Parse ``text`` (a spec string, an int or a list of ints) into a tuple of ints.
@@ -19,17 +21,15 @@ def parse_int_list(text: str | int | list, key: str) -> tuple[int, ...]:
     if isinstance(text, int):
         return (text,)
     if isinstance(text, (list, tuple)):
-        out: list[int] = []
+        out: dict[int, None] = {}
         for item in text:
-            for v in parse_int_list(item, key):
-                if v not in out:
-                    out.append(v)
+            out.update(dict.fromkeys(parse_int_list(item, key)))
         if not out:
             raise ConfigError(f"{key}: the list is empty; give at least one value")
         return tuple(out)
     if not isinstance(text, str):
         raise ConfigError(f"{key}: expected integers like '19,24,30' or '1-37', got {text!r}")
-    out = []
+    out: dict[int, None] = {}  # ordered set
     for part in text.replace(" ", "").split(","):
         if not part:
             raise ConfigError(f"{key}: empty item in {text!r}; use e.g. '19,24,30' or '1-37'")
@@ -42,9 +42,9 @@ def parse_int_list(text: str | int | list, key: str) -> tuple[int, ...]:
             ) from None
         if sep and int(hi) < int(lo):
             raise ConfigError(f"{key}: range {part!r} runs backwards; write it low-high")
-        for v in values:
-            if v not in out:
-                out.append(v)
+        if len(values) > MAX_RANGE:
+            raise ConfigError(f"{key}: range {part!r} has {len(values)} values; at most {MAX_RANGE}")
+        out.update(dict.fromkeys(values))
     return tuple(out)
 
 

@@ -63,6 +63,7 @@ def test_run_status_and_resume(tmp_path):
     (["run", "--pool", "0"], "extract.pools: 0 is out of range"),
     (["run", "--batch-size", "0"], "extract.batch_size: 0 is out of range"),
     (["plan", "--device", "gpu"], "No such option"),
+    (["run", "--device", "gpu"], "extract.device: 'gpu' is not a device"),
     (["status", "--store", "/nonexistent/x.zarr"], "no diffprobe store here"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
@@ -82,6 +83,27 @@ def test_bad_config_file_exit_2(tmp_path):
     r = runner.invoke(app, ["run", "--config", str(bad)])
     assert r.exit_code == 2 and "model.checkpoint: no such file '/nope/x.pt'" in r.output
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_messages_with_brackets_print_intact(tmp_path):
+    bad = tmp_path / "b.toml"
+    bad.write_text("extract = 3\n")
+    r = runner.invoke(app, ["plan", "--config", str(bad)])
+    assert r.exit_code == 2 and "extract: expected a [extract] table" in r.output
+
+
+@pytest.mark.parametrize("arch,message", [
+    ("num_channels = 16", "model.arch: the flags of preset 'tiny'"),
+    ("noise_schedule = \"cos\"", "do not build a guided-diffusion U-Net"),
+    ("image_size = 48", "do not build a guided-diffusion U-Net"),
+    ("channel_mult = \"1,2\"", "model.arch.channel_mult: '1,2' is not a valid tuple of positive integers"),
+    ("widht = 3", "model.arch.widht: unknown flag"),
+])
+def test_bad_arch_flags_are_one_line_errors(tmp_path, arch, message):
+    cfg = _toml(tmp_path, f"[model]\ncheckpoint = \"x.pt\"\n[model.arch]\n{arch}\n")
+    r = runner.invoke(app, ["plan", "--config", str(cfg)])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
 
 
 def test_probe_and_analyze_show_help():

@@ -72,8 +72,9 @@ def test_features_equal_an_independent_plain_forward(reference):
 
 @pytest.mark.slow
 def test_batch_size_does_not_change_a_bit(reference, tmp_path):
+    # chunks of 64 (the reference has 8) so that a batch of 64 really holds 30 images
     for bs in (1, 7, 64):
-        cfg = small_config(tmp_path, name=f"bs{bs}.zarr", **{"extract.batch_size": bs})
+        cfg = small_config(tmp_path, name=f"bs{bs}.zarr", **{"extract.batch_size": bs, "store.chunk_images": 64})
         jobs.run(cfg)
         _assert_same_store(reference.store.path, cfg.store.path)
 
@@ -155,6 +156,7 @@ def test_store_api_and_its_errors(reference):
     assert len(fp["model"]["checkpoint_sha256"]) == 64
     prov = s.attrs["provenance"]
     assert prov["config"]["extract"]["blocks"] == [3, 8, 16, 24] and prov["tool_version"]
+    assert s.attrs["runs"][0]["device"] == "cpu" and fp["compute"]["device_type"] == "cpu"
 
 
 def test_incomplete_arrays_are_refused_by_readers(tmp_path):
@@ -198,6 +200,27 @@ def test_corrupt_image_stops_the_run_naming_the_file(tmp_path):
         jobs.run(cfg)
 
 
+def test_a_skipped_image_stays_skipped_in_later_arrays(tmp_path):
+    root, bad = _imagefolder(tmp_path, corrupt=True)
+    over = {"data.source": "imagefolder", "data.root": str(root), "data.max_per_class": 0, "data.on_corrupt": "skip"}
+    jobs.run(small_config(tmp_path, **over))
+    _imagefolder(tmp_path / "fixed", corrupt=False)[1].replace(bad)  # the file is readable again
+    cfg = small_config(tmp_path, **over, **{"extract.blocks": "3,8,16,24,30"})
+    jobs.run(cfg)
+    s = open_store(cfg.store.path)
+    i = list(s.ids("train")).index("dog/1.png")
+    assert np.isnan(s.features("train", 30, 90, 1)[i].astype(np.float32)).all() and s.skipped("train")[i]
+
+
+def test_an_image_read_before_must_not_fail_later(tmp_path):
+    root, bad = _imagefolder(tmp_path, corrupt=False)
+    over = {"data.source": "imagefolder", "data.root": str(root), "data.max_per_class": 0, "data.on_corrupt": "skip"}
+    jobs.run(small_config(tmp_path, **over))
+    bad.write_bytes(bad.read_bytes()[:60])
+    with pytest.raises(ImageError, match="was read when this store's earlier arrays were extracted"):
+        jobs.run(small_config(tmp_path, **over, **{"extract.blocks": "30"}))
+
+
 def test_corrupt_image_skipped_on_request_is_recorded(tmp_path):
     root, bad = _imagefolder(tmp_path, corrupt=True)
     cfg = small_config(tmp_path, **{"data.source": "imagefolder", "data.root": str(root), "data.max_per_class": 0,
@@ -217,7 +240,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
     toml = tmp_path / "kill.toml"
     toml.write_text(
         "[data]\nmax_per_class = 3\n[extract]\nblocks = \"3,8,16,24\"\ntimesteps = [90]\nforward_batch = 8\n"
-        f"batch_size = 8\ndevice = \"cpu\"\n[store]\nchunk_images = 2\npath = \"{cfg.store.path}\"\n")
+        f"batch_size = 8\ndevice = \"cpu\"\nthreads = 2\n[store]\nchunk_images = 2\npath = \"{cfg.store.path}\"\n")
     proc = subprocess.Popen([sys.executable, "-m", "extract.cli", "run", "--config", str(toml), "--json"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done_dir = os.path.join(cfg.store.path, "train", "done", "t90_b24_p2", "c")

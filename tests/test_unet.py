@@ -104,6 +104,12 @@ def test_capture_stops_after_the_deepest_block(tiny):
     assert sum(len(m._forward_hooks) for _, m in modules) == 0
 
 
+def test_capture_takes_numpy_block_numbers(tiny):
+    import numpy as np
+    out = capture(tiny, torch.randn(1, 3, 32, 32), torch.tensor([90]), np.array([19, 24]))
+    assert sorted(out) == [19, 24]
+
+
 def test_capture_rejects_bad_blocks(tiny):
     with pytest.raises(BlockError, match="block 40 does not exist: this model has blocks 1-37"):
         capture(tiny, torch.randn(1, 3, 32, 32), torch.tensor([90]), [24, 40])
