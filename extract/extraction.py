@@ -122,14 +122,12 @@ def extract_features(model, diffusion, source: ImageSource, plan: Plan, writer: 
     for split, n in plan.split_sizes.items():
         index = source.split(split)
         keys = [a.key for a in plan.arrays if a.split == split]
-        done = {k: writer.done_mask(split, k) for k in keys}
+        done = writer.done_masks(split)
         chunk = writer.chunk_images(split)
         # Images skipped by earlier runs stay skipped (NaN everywhere), and an image that was
         # read for earlier arrays must not fail now: a store never mixes the two.
         was_skipped = writer.skipped(split)
-        chunk_has_data = np.zeros(writer.n_chunks(split), dtype=bool)
-        for k in writer.keys(split, complete_only=False):
-            chunk_has_data |= writer.done_mask(split, k)
+        chunk_has_data = np.logical_or.reduce(list(done.values()), axis=0) if done else np.zeros(writer.n_chunks(split), bool)
         for c in range(writer.n_chunks(split)):
             lo, hi = c * chunk, min((c + 1) * chunk, n)
             pending = [k for k in keys if not done[k][c]]

@@ -116,13 +116,8 @@ class FeatureStore:
 
     def keys(self, split: str, complete_only: bool = True) -> list[FeatureKey]:
         """The feature arrays of ``split`` (by default only those with every chunk done)."""
-        g = self._split(split)
-        if "features" not in g:
-            return []
-        keys = sorted(FeatureKey.parse(n) for n in g["features"].array_keys())
-        if complete_only:
-            keys = [k for k in keys if self.chunks_done(split, k) == self.n_chunks(split)]
-        return keys
+        masks = self.done_masks(split)
+        return sorted(k for k, m in masks.items() if m.all() or not complete_only)
 
     def n_images(self, split: str) -> int:
         return int(self._split(split).attrs["n_images"])
@@ -134,14 +129,21 @@ class FeatureStore:
     def chunk_images(self, split: str) -> int:
         return int(self._split(split).attrs["chunk_images"])
 
-    def done_mask(self, split: str, key: FeatureKey) -> np.ndarray:
+    def done_masks(self, split: str) -> dict[FeatureKey, np.ndarray]:
+        """Every feature array of ``split`` -> which of its image chunks are complete (bool)."""
         g = self._split(split)
-        if "done" not in g or key.name not in g["done"]:
-            return np.zeros(self.n_chunks(split), dtype=bool)
-        return g["done"][key.name][:].astype(bool)
+        names = list(g["features"].array_keys())
+        done = g["done"]
+        have = set(done.array_keys())
+        masks = _parallel(lambda n: done[n][:].astype(bool) if n in have else
+                          np.zeros(self.n_chunks(split), dtype=bool), names)
+        return {FeatureKey.parse(n): m for n, m in zip(names, masks)}
 
     def chunks_done(self, split: str, key: FeatureKey) -> int:
-        return int(self.done_mask(split, key).sum())
+        g = self._split(split)
+        if key.name not in g["done"]:
+            return 0
+        return int(g["done"][key.name][:].astype(bool).sum())
 
     def stored_key(self, block: int, t: int, pool: int) -> FeatureKey:
         """The array holding (block, t, pool): pools beyond a block's map are stored capped."""
@@ -193,8 +195,8 @@ class FeatureStore:
         out = {"path": str(self.path), "fingerprints": self.fingerprints, "splits": {}}
         for split in self.splits:
             n = self.n_chunks(split)
-            arrays = {k.name: {"t": k.t, "block": k.block, "pool": k.pool, "chunks_done": self.chunks_done(split, k),
-                               "chunks": n} for k in self.keys(split, complete_only=False)}
+            arrays = {k.name: {"t": k.t, "block": k.block, "pool": k.pool, "chunks_done": int(m.sum()), "chunks": n}
+                      for k, m in sorted(self.done_masks(split).items())}
             out["splits"][split] = {
                 "images": self.n_images(split), "skipped": int(self.skipped(split).sum()), "chunks": n,
                 "arrays": arrays, "complete_arrays": sum(a["chunks_done"] == n for a in arrays.values()),
@@ -370,17 +372,14 @@ def _initialise(path, fingerprints, provenance, blocks, class_names, splits, chu
     root.attrs["initialized"] = True  # last: a store cut off before this is redone from scratch
 
 
-def _parallel(fn, items) -> None:
-    """Run ``fn`` over ``items`` on a few threads: Zarr's per-call latency, not bandwidth, dominates
-    many small chunk writes (measured: ~1.4x faster than a loop for 400 writes)."""
+def _parallel(fn, items) -> list:
+    """``[fn(item) for item in items]`` on a few threads: Zarr's per-call latency, not bandwidth,
+    dominates many small chunk reads and writes (measured: ~1.4x faster than a loop for 400 writes)."""
     items = list(items)
     if len(items) <= 1:
-        for item in items:
-            fn(item)
-        return
+        return [fn(item) for item in items]
     with ThreadPoolExecutor(8) as pool:
-        for _ in pool.map(fn, items):  # re-raises the first error
-            pass
+        return list(pool.map(fn, items))  # re-raises the first error
 
 
 def _acquire_lock(path: Path):
