@@ -162,7 +162,7 @@ def extract_features(model, diffusion, source: ImageSource, plan: Plan, writer: 
                         out[k][b0 - lo : b1 - lo] = pooled.cpu().numpy()  # only pooled, cast tensors cross
                 if progress:
                     progress(b1 - b0, True)
-            writer.write_skipped(split, np.asarray(skipped, dtype=np.int64))
+            writer.write_skipped(split, np.asarray(skipped, dtype=np.int64))  # before the chunk's records
             writer.write_chunk(split, c, out)
             stats["chunks_written"] += 1
             stats["images_skipped"] += len(skipped)

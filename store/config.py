@@ -138,7 +138,7 @@ class ExtractConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: str = _key("runs/digits-tiny.zarr", _str, "the Zarr store")
-    chunk_images: int = _key(256, _int(1, 1 << 20), "images per chunk")
+    chunk_images: int = _key(512, _int(1, 1 << 20), "images per chunk")
     dtype: str = _key("float16", _choice("float16", "float32"), "feature dtype")
     codec: str = _key("none", _choice("none", "zstd", "blosc-lz4"), "compression of feature chunks")
 

@@ -320,11 +320,18 @@ class StoreWriter(FeatureStore):
 
     def write_chunk(self, split: str, chunk: int, data: dict[FeatureKey, np.ndarray]) -> None:
         """Write one image chunk of several arrays, then (after all of them) their completion records."""
-        g = self._split(split)
         lo = chunk * self.chunk_images(split)
-        features, done = g["features"], g["done"]
-        _parallel(lambda kx: features[kx[0].name].__setitem__(slice(lo, lo + len(kx[1])), kx[1]), data.items())
-        _parallel(lambda k: done[k.name].__setitem__(chunk, 1), data)
+        pairs = {k: self._open_pair(split, k) for k in data}
+        _parallel(lambda kx: pairs[kx[0]][0].__setitem__(slice(lo, lo + len(kx[1])), kx[1]), data.items())
+        _parallel(lambda k: pairs[k][1].__setitem__(chunk, 1), data)
+
+    def _open_pair(self, split: str, key: FeatureKey):
+        """(features, done) Zarr arrays of one key, opened once per writer (each open reads metadata)."""
+        cache = self.__dict__.setdefault("_pairs", {})
+        if (split, key) not in cache:
+            g = self._split(split)
+            cache[(split, key)] = (g["features"][key.name], g["done"][key.name])
+        return cache[(split, key)]
 
     def write_skipped(self, split: str, indices: np.ndarray) -> None:
         if len(indices):
