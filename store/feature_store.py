@@ -262,7 +262,7 @@ class StoreWriter(FeatureStore):
             ours = _read_root_attrs(path)  # again, under the lock
             if ours and ours.get("initialized"):
                 writer = cls(path)
-                writer._check_fingerprints(fingerprints, chunk_images)
+                writer._check_fingerprints(fingerprints)  # an existing store keeps its own chunking
             else:
                 _initialise(path, fingerprints, provenance, blocks, class_names, splits, chunk_images)
                 writer = cls(path)
@@ -284,16 +284,12 @@ class StoreWriter(FeatureStore):
     def __exit__(self, *exc):
         self.close()
 
-    def _check_fingerprints(self, fingerprints: dict, chunk_images: int) -> None:
+    def _check_fingerprints(self, fingerprints: dict) -> None:
         stored = self.fingerprints
         for section in FINGERPRINT_SECTIONS:
             d = _diff(stored.get(section), fingerprints.get(section), section)
             if d:
                 raise FingerprintMismatch(f"{self.path}: refusing to extend a store made with a different {section}: {d}")
-        for split in self.splits:
-            if self.chunk_images(split) != chunk_images:
-                raise FingerprintMismatch(
-                    f"{self.path}: store.chunk_images is {self.chunk_images(split)} in the store, {chunk_images} in this run")
 
     def record_run(self, provenance: dict) -> None:
         """Append one run's provenance to the store's history (``attrs["runs"]``)."""

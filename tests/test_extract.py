@@ -90,6 +90,10 @@ def test_resume_computes_only_what_is_missing(tmp_path):
     assert third["chunks_written"] == 8
     s = open_store(cfg.store.path)
     assert {(k.block, k.t) for k in s.keys("train")} == {(8, 90), (24, 90), (8, 300), (24, 300)}
+    # a later run with another chunk size adopts the store's chunking
+    other_chunks = small_config(tmp_path, **{"extract.blocks": "8,24", "extract.timesteps": [90, 300],
+                                             "store.chunk_images": 5})
+    assert jobs.run(other_chunks)["chunks_already_done"] == 8
     # the new arrays equal a fresh run that asked for them from the start
     fresh = small_config(tmp_path, name="fresh.zarr", **{"extract.blocks": "8,24", "extract.timesteps": [90, 300]})
     jobs.run(fresh)
