@@ -79,6 +79,21 @@ def _int_list(lo=None, hi=None):
     return parse
 
 
+def _float_list(lo=None, hi=None):
+    def parse(v, key):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = [v]
+        if isinstance(v, str):
+            try:
+                v = [float(s) for s in v.replace(" ", "").split(",")]
+            except ValueError:
+                raise ConfigError(f"{key}: cannot read {v!r}; use numbers like '0.001,0.01,0.1'") from None
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ConfigError(f"{key}: expected a non-empty list of numbers, got {v!r}")
+        return tuple(_float(lo, hi)(x, key) for x in v)
+    return parse
+
+
 def _str_list(v, key):
     if isinstance(v, str):
         v = [s.strip() for s in v.split(",")]
@@ -144,11 +159,30 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ProbeConfig:
+    recipe: str = _key("sgd", _choice("sgd", "lbfgs"), "linear-probe recipe")
+    seed: int = _key(0, _int(0, 2**63 - 1), "seed of the held-out selection, initialisation and batch order")
+    holdout_fraction: float = _key(0.1, _float(0.01, 0.5), "fraction of train held out to choose hyperparameters")
+    device: str = _key("auto", _device, "torch device of the probe")
+    threads: int = _key(0, _int(0, 1024), "torch CPU threads of the probe (0 = torch's default)")
+    ledger: str = _key("probe-results.csv", _str, "results ledger (CSV), relative to the store's folder")
+    sgd_lr: tuple[float, ...] = _key((0.01, 0.1, 1.0), _float_list(1e-8, 100.0), "sgd: learning-rate grid")
+    sgd_weight_decay: tuple[float, ...] = _key((0.0,), _float_list(0.0, 1.0), "sgd: weight-decay grid")
+    sgd_epochs: int = _key(28, _int(1, 10000), "sgd: epochs")
+    sgd_batch_size: int = _key(128, _int(1, 1 << 20), "sgd: batch size")
+    sgd_step_size: int = _key(7, _int(1, 10000), "sgd: StepLR step (epochs)")
+    sgd_gamma: float = _key(0.1, _float(0.0, 1.0), "sgd: StepLR factor")
+    lbfgs_l2: tuple[float, ...] = _key((1e-4, 1e-3, 1e-2, 1e-1), _float_list(0.0, 1e6), "lbfgs: L2 grid")
+    lbfgs_max_iter: int = _key(100, _int(1, 100000), "lbfgs: iterations per grid point")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     extract: ExtractConfig = ExtractConfig()
     store: StoreConfig = StoreConfig()
+    probe: ProbeConfig = ProbeConfig()
 
     def to_dict(self) -> dict:
         out = {}
