@@ -2,9 +2,12 @@
 
     probe linear --block 24 --t 90                  # the paper's linear probe, pool 2, recipe sgd
     probe linear --block 19 --t 150 --recipe lbfgs --json
+    probe linear --block 24 --t 90 --label-fraction 0.01   # or --shots 5, --subset 1percent.txt
+    probe sweep                                     # every (block, t, pool) held; heatmaps
+    probe sweep --blocks 19-30 --t 90,150 --pool 2 --shots 10 --json
     analyze --help                                  # CKA: a later issue
 
-A thin typer layer over probe.linear; errors a user can fix print one line and exit with
+A thin typer layer over probe.linear and probe.sweep; errors a user can fix print one line and exit with
 code 2.
 """
 
@@ -21,6 +24,7 @@ from rich.table import Table
 
 from extract.cli import user_errors  # the one way CLIs report a user's mistake
 from store.config import load_config
+from store.ranges import parse_int_list
 
 probe_app = typer.Typer(
     help="Train heads on features cached by `extract run` (linear now; attention, DifFormer, DifFeed later).",
@@ -46,6 +50,26 @@ def _analyze(ctx: typer.Context):
         typer.echo(ctx.get_help())
 
 
+FractionOpt = typer.Option(None, "--label-fraction", help="Fit on this fraction of each class (e.g. 0.01, 0.1).")
+ShotsOpt = typer.Option(None, "--shots", help="Fit on K images per class.")
+SubsetOpt = typer.Option(None, "--subset", help="Fit on the train image ids listed in this file (one per line).")
+LedgerOpt = typer.Option(None, "--ledger", help="Results ledger CSV (probe.ledger; relative: beside the store).")
+
+
+def _subset(label_fraction, shots, subset) -> str:
+    from probe.subsets import subset_spec
+
+    return subset_spec(label_fraction, shots, subset)
+
+
+StoreOpt = typer.Option(None, "--store", help="Store path (overrides store.path).")
+ConfigOpt = typer.Option(None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults).")
+RecipeOpt = typer.Option(None, "--recipe", help="sgd or lbfgs (probe.recipe).")
+SeedOpt = typer.Option(None, "--seed", min=0, help="Seed of held-out part, label subset, init, batches (probe.seed).")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps (probe.device).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -55,13 +79,16 @@ def linear(
     block: int = typer.Option(..., "--block", min=1, help="Block number (1-based, as in `extract blocks`)."),
     t: int = typer.Option(..., "--t", min=0, help="Timestep t."),
     pool: int = typer.Option(2, "--pool", min=1, help="Pool size p (capped at the block's map, as stored)."),
-    store: Optional[Path] = typer.Option(None, "--store", help="Store path (overrides store.path)."),
-    config: Optional[Path] = typer.Option(
-        None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="sgd or lbfgs (probe.recipe)."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of held-out part, init, batches (probe.seed)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps (probe.device)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
+    store: Optional[Path] = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    recipe: Optional[str] = RecipeOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    label_fraction: Optional[float] = FractionOpt,
+    shots: Optional[int] = ShotsOpt,
+    subset: Optional[Path] = SubsetOpt,
+    ledger: Optional[str] = LedgerOpt,
+    as_json: bool = JsonOpt,
 ):
     """Train a linear classifier on train's cached (block, t, pool) features; top-1/top-5 on val.
 
@@ -71,8 +98,8 @@ def linear(
 
     with user_errors():
         cfg = load_config(config, {"store.path": str(store) if store else None, "probe.recipe": recipe,
-                                   "probe.seed": seed, "probe.device": device})
-        r = lin.run(cfg, block, t, pool)
+                                   "probe.seed": seed, "probe.device": device, "probe.ledger": ledger})
+        r = lin.run(cfg, block, t, pool, subset=_subset(label_fraction, shots, subset))
     if as_json:
         print(json.dumps(r))
         return
@@ -87,7 +114,9 @@ def linear(
         ("held-out top-1", f"{_pct(r['heldout_top1'])} (chose {hp} from {len(r['grid'])})"),
         ("features", f"{r['dim']} per image{pool_note}"),
         ("images", f"{r['n_train']} fitted, {r['n_heldout']} held out, {r['n_val']} val, {r['n_classes']} classes"),
-        ("seed", str(r["seed"])), ("time", f"{r['seconds']:.1f} s on {r['device']}"),
+        ("seed", str(r["seed"])),
+        ("label subset", r["subset"] + ("" if r["subset_file"] is None else f" (ids: {r['subset_file']})")),
+        ("time", f"{r['seconds']:.1f} s on {r['device']}"),
         ("store", f"{r['store']} ({r['fingerprint']})"), ("ledger", str(r["ledger"])),
     ]:
         table.add_row(name, escape(value))
@@ -99,6 +128,75 @@ def linear(
     else:  # the full list is in --json and the ledger
         ranked = sorted((v, k) for k, v in per_class.items() if v is not None)
         out.print("worst classes: " + ", ".join(f"{escape(k)} {_pct(v)}" for v, k in ranked[:5]), highlight=False)
+
+
+@probe_app.command()
+def sweep(
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks, e.g. '1-37' or '19,24,30' (default: all held)."),
+    t: Optional[str] = typer.Option(None, "--t", help="Timesteps, e.g. '90,150' (default: all held)."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Pool sizes, e.g. '1,2' (default: all held)."),
+    store: Optional[Path] = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    recipe: Optional[str] = RecipeOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    label_fraction: Optional[float] = FractionOpt,
+    shots: Optional[int] = ShotsOpt,
+    subset: Optional[Path] = SubsetOpt,
+    ledger: Optional[str] = LedgerOpt,
+    as_json: bool = JsonOpt,
+):
+    """One linear probe per (block, t, pool) the train and val splits hold; heatmaps as PNG.
+
+    Each cell appends a ledger row; cells already in the ledger for the same store, recipe, seed, label subset and settings are skipped, so an interrupted sweep resumes.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from extract.cli import err
+    from probe import sweep as sw
+
+    with user_errors():
+        cfg = load_config(config, {"store.path": str(store) if store else None, "probe.recipe": recipe,
+                                   "probe.seed": seed, "probe.device": device, "probe.ledger": ledger})
+        lists = [None if v is None else parse_int_list(v, flag) for v, flag in
+                 ((blocks, "--blocks"), (t, "--t"), (pool, "--pool"))]
+        spec = _subset(label_fraction, shots, subset)
+        bar = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
+                       TextColumn("{task.fields[cell]}"), TimeRemainingColumn(), console=err, disable=as_json)
+        task = bar.add_task("sweep", total=None, cell="")
+
+        def on_plan(total, done):
+            bar.update(task, total=total, completed=done)
+            bar.start()
+
+        def on_cell(key, trained):
+            if trained:
+                bar.update(task, advance=1, cell=f"block {key.block}, t {key.t}, pool {key.pool}")
+
+        try:
+            r = sw.run(cfg, *lists, subset=spec, on_plan=on_plan, on_cell=on_cell)
+        finally:
+            bar.stop()
+    if as_json:
+        print(json.dumps(r))
+        return
+    best = r["best"]
+    table = Table(title=escape(f"linear-probe sweep ({r['recipe']}): {len(r['cells'])} cells"), show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    for name, value in [
+        ("trained", f"{r['trained']} (skipped {r['skipped']} already in the ledger)"),
+        ("best val top-1", f"{_pct(best['top1'])} at block {best['block']}, t {best['t']}, pool {best['pool']}"),
+        ("label subset", f"{r['subset']}, {r['n_train']} images fitted"
+                         + ("" if r["subset_file"] is None else f" (ids: {r['subset_file']})")),
+        ("seed", str(r["seed"])), ("time", f"{r['seconds']:.1f} s"),
+        ("store", f"{r['store']} ({r['fingerprint']})"), ("ledger", r["ledger"]),
+    ]:
+        table.add_row(name, escape(value))
+    out.print(table)
+    out.print(f"plots: {escape(str(r['plots']['folder']))}/ ({len(r['plots']['files'])} PNG files)", highlight=False)
+    for f in r["plots"]["files"]:
+        out.print(f"  {escape(f)}", highlight=False)
 
 
 def probe_main():

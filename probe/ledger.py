@@ -13,7 +13,8 @@ timestamp          UTC time the probe finished, ISO 8601
 store              the store's path as given
 fingerprint        first 16 hex digits of sha256 over the store's fingerprints (model,
                    preprocessing, noise, compute, dataset) as canonical JSON
-n_train            train images the head was fitted on (train minus held-out minus skipped)
+n_train            train images the head was fitted on (train minus held-out minus skipped;
+                   with a label subset, the subset)
 n_heldout          train images held out to choose hyperparameters
 n_val              val images scored
 n_classes          classes in the store
@@ -22,7 +23,15 @@ stored_pool        the pool it is stored at (capped at the block's map size)
 dim                features per image (C * p * p)
 recipe             ``sgd`` or ``lbfgs``
 hyperparameters    the chosen ones, JSON (``{"lr": .., "weight_decay": ..}`` or ``{"l2": ..}``)
-seed               seed of the held-out selection, initialisation and batch order
+seed               seed of the held-out selection, label subset, initialisation and batch order
+subset             the images fitted on: ``all``, ``fraction:F``, ``shots:K`` or ``file:PATH``
+                   (probe/subsets.py)
+subset_sha         sha256 of the fitted image ids, sorted, joined by newlines; unless
+                   ``subset`` is ``all``, the ids are in ``subsets/<subset_sha>.txt`` beside
+                   the ledger, so the row can be reproduced from them
+settings           12 hex digits over the settings that change what the recipe trains
+                   (holdout_fraction and the recipe's own keys; `probe.linear.settings_hash`):
+                   `probe sweep` resumes only cells of equal settings
 heldout_top1       top-1 of the chosen head on the held-out part (what chose it)
 top1, top5         on val, fractions in [0, 1]
 seconds            wall time of the probe (reading, standardising, training, scoring)
@@ -31,7 +40,9 @@ per_class          top-1 per class on val, JSON ``{class name: fraction}``
 =================  ==========================================================================
 
 Appends take an exclusive ``flock`` on the file, so concurrent probes never interleave rows.
-A file whose header differs from these columns is refused rather than extended.
+A file whose header differs from these columns is refused rather than extended. Version 2
+of the columns added ``subset``, ``subset_sha`` and ``settings`` (after ``seed``): a ledger
+written before them is refused too; point ``probe.ledger`` at a new file.
 """
 
 from __future__ import annotations
@@ -45,8 +56,8 @@ from pathlib import Path
 from store.errors import DiffprobeError
 
 COLUMNS = ("timestamp", "store", "fingerprint", "n_train", "n_heldout", "n_val", "n_classes", "block", "t",
-           "pool", "stored_pool", "dim", "recipe", "hyperparameters", "seed", "heldout_top1", "top1", "top5",
-           "seconds", "device", "per_class")
+           "pool", "stored_pool", "dim", "recipe", "hyperparameters", "seed", "subset", "subset_sha", "settings",
+           "heldout_top1", "top1", "top5", "seconds", "device", "per_class")
 _INTS = {"n_train", "n_heldout", "n_val", "n_classes", "block", "t", "pool", "stored_pool", "dim", "seed"}
 _FLOATS = {"heldout_top1", "top1", "top5", "seconds"}
 _JSON = {"hyperparameters", "per_class"}
@@ -99,7 +110,8 @@ def read_rows(path: str | Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames and list(reader.fieldnames) != list(COLUMNS):
-            raise LedgerError(f"{path}: not a diffprobe ledger of these columns")
+            raise LedgerError(f"{path}: not a diffprobe ledger of these columns (an older one?); "
+                              f"set probe.ledger to another file")
         rows = list(reader)
     for row in rows:
         for c in _INTS:

@@ -13,7 +13,9 @@ Protocol (deterministic given the seed, on one device and thread count):
 1. Read the train split's features (N, C, p, p) and drop skipped images.
 2. Hold out a seeded, stratified ``holdout_fraction`` of train (`holdout_mask`: which images
    depends only on (seed, image id, label), not on store order). Val is never looked at
-   until the chosen head is scored.
+   until the chosen head is scored. The rest is the fitted part; a label subset
+   (``--label-fraction``, ``--shots``, ``--subset``: probe/subsets.py) keeps only part of it.
+   `select` does steps 1-2 once per store, seed and subset; a sweep shares it across cells.
 3. Standardise with the mean and std of the fitted part (float64 sums over row chunks;
    constant features get std 1). Features stay float16 in memory; batches are
    standardised to float32 on the device as they are used.
@@ -54,9 +56,11 @@ scikit-learn is CPU-only. That decides it at ImageNet scale.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -265,16 +269,63 @@ def per_class_accuracy(pred: np.ndarray, y: np.ndarray, class_names: list[str]) 
 # ------------------------------------------------------------------ the probe
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which images a probe uses, the same for every feature set of a store (see `select`).
+
+    Row indices ``fit`` and ``hold`` index train's usable (not skipped) images.
+    """
+
+    usable: np.ndarray       # train: not skipped
+    y: np.ndarray            # labels of the usable train images
+    fit: np.ndarray          # usable rows the head is fitted on (the subset, if any)
+    hold: np.ndarray         # usable rows held out to choose hyperparameters
+    usable_val: np.ndarray
+    y_val: np.ndarray
+    subset: str              # the spec: "all", "fraction:F", "shots:K", "file:PATH"
+    subset_sha: str          # sha256 of the sorted fitted ids
+    fit_ids: np.ndarray
+
+
+def select(store: FeatureStore, seed: int = 0, settings: ProbeConfig | None = None, subset: str = "all") -> Selection:
+    """The held-out part, the fitted part (``subset`` of what is left: probe/subsets.py) and val."""
+    from probe.subsets import choose_subset, subset_sha
+
+    p = settings or ProbeConfig()
+    y_all, ids, usable = _labelled(store, "train")
+    y_val_all, _, usable_val = _labelled(store, "val")
+    y_tr, ids = y_all[usable], ids[usable]
+    held = holdout_mask(ids, y_tr, p.holdout_fraction, seed)
+    if not held.any():
+        raise StoreError(f"{store.path}: train has too few images per class to hold {p.holdout_fraction:g} out "
+                         f"for choosing hyperparameters ({len(y_tr)} images, {len(store.class_names)} classes)")
+    chosen = choose_subset(subset, ids, y_tr, ~held, seed, store.class_names, source=str(store.path))
+    fit = np.flatnonzero(chosen)
+    return Selection(usable=usable, y=y_tr, fit=fit, hold=np.flatnonzero(held), usable_val=usable_val,
+                     y_val=y_val_all[usable_val], subset=subset, subset_sha=subset_sha(ids[fit]), fit_ids=ids[fit])
+
+
+def settings_hash(recipe: str, p: ProbeConfig) -> str:
+    """12 hex digits naming the settings that change what ``recipe`` trains (not device or threads)."""
+    names = ["holdout_fraction"] + [f.name for f in dataclasses.fields(p) if f.name.startswith(f"{recipe}_")]
+    text = json.dumps({"recipe": recipe, **{n: getattr(p, n) for n in names}}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def linear_probe(store: FeatureStore, block: int, t: int, pool: int = 2, recipe: str = "sgd", seed: int = 0,
-                 settings: ProbeConfig | None = None, device: str | torch.device = "cpu") -> dict:
+                 settings: ProbeConfig | None = None, device: str | torch.device = "cpu", subset: str = "all",
+                 selection: Selection | None = None) -> dict:
     """Train a linear head on ``store``'s train split at (block, t, pool), score it on val.
 
     Hyperparameters come from ``settings`` (default: pipeline.toml's defaults); ``recipe`` and
     ``seed`` override its ``recipe`` and ``seed``; ``device`` defaults to the CPU (`run` takes
-    ``probe.device``, "auto" by default). Returns a dict with ``top1``, ``top5``
+    ``probe.device``, "auto" by default). ``subset`` fits on a label subset (probe/subsets.py);
+    ``selection`` (from `select` with the same seed, settings and subset) saves redoing it for
+    every feature set of a sweep. Returns a dict with ``top1``, ``top5``
     (fractions of val), ``per_class`` ({class name: top-1}), ``hyperparameters`` (the chosen
     point), ``grid`` (every point with its held-out top-1 and loss), ``heldout_top1``, the
-    split sizes, the feature set and its stored pool, ``fingerprint``, ``seconds``.
+    split sizes, the feature set and its stored pool, ``fingerprint``, ``subset``,
+    ``subset_sha``, ``settings`` (`settings_hash`), ``seconds``.
     """
     started = time.perf_counter()
     p = settings or ProbeConfig()
@@ -282,16 +333,10 @@ def linear_probe(store: FeatureStore, block: int, t: int, pool: int = 2, recipe:
     device = resolve_device(device, "probe.device") if isinstance(device, str) else device
     classes = store.class_names
     key = store.stored_key(block, t, pool)
+    sel = selection if selection is not None else select(store, seed, p, subset)
 
-    y_all, ids, usable = _labelled(store, "train")
-    y_val_all, _, usable_val = _labelled(store, "val")
-    x = _features(store, "train", block, t, pool, usable)
-    y_tr, ids = y_all[usable], ids[usable]
-    held = holdout_mask(ids, y_tr, p.holdout_fraction, seed)
-    if not held.any():
-        raise StoreError(f"{store.path}: train has too few images per class to hold {p.holdout_fraction:g} out "
-                         f"for choosing hyperparameters ({len(y_tr)} images, {len(classes)} classes)")
-    fit, hold = np.flatnonzero(~held), np.flatnonzero(held)
+    x = _features(store, "train", block, t, pool, sel.usable)
+    fit, hold, y_tr = sel.fit, sel.hold, sel.y
     mean, std = feature_stats(x, fit)
     data = _Standardised(x[fit], mean, std, device)
     data_held = _Standardised(x[hold], mean, std, device)
@@ -311,8 +356,8 @@ def linear_probe(store: FeatureStore, block: int, t: int, pool: int = 2, recipe:
     best = max(range(len(grid)), key=lambda i: (scored[i]["heldout_top1"], -scored[i]["heldout_loss"]))
     del data_held, logits
 
-    x_val = _features(store, "val", block, t, pool, usable_val)
-    y_val = y_val_all[usable_val]
+    x_val = _features(store, "val", block, t, pool, sel.usable_val)
+    y_val = sel.y_val
     val_logits = _logits(_Standardised(x_val, mean, std, device), w[best:best + 1], b[best:best + 1])[0]
     y_val_t = torch.from_numpy(y_val).to(device)
     pred = val_logits.argmax(-1).cpu().numpy()
@@ -323,6 +368,7 @@ def linear_probe(store: FeatureStore, block: int, t: int, pool: int = 2, recipe:
         "n_train": len(fit), "n_heldout": len(hold), "n_val": len(y_val), "n_classes": len(classes),
         "block": block, "t": t, "pool": pool, "stored_pool": key.pool, "dim": int(w.shape[1]),
         "recipe": recipe, "hyperparameters": grid[best], "grid": scored, "seed": seed,
+        "subset": sel.subset, "subset_sha": sel.subset_sha, "settings": settings_hash(recipe, p),
         "heldout_top1": scored[best]["heldout_top1"],
         "top1": topk_accuracy(val_logits, y_val_t, 1), "top5": topk_accuracy(val_logits, y_val_t, 5),
         "per_class": per_class_accuracy(pred, y_val, classes),
@@ -330,21 +376,30 @@ def linear_probe(store: FeatureStore, block: int, t: int, pool: int = 2, recipe:
     }
 
 
-def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True) -> dict:
+def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, subset: str = "all") -> dict:
     """`probe linear`: probe ``cfg.store.path`` with ``cfg.probe`` and append the ledger row.
 
-    The result of `linear_probe`, plus ``ledger`` (its path, or None with ``ledger=False``).
+    ``subset`` is a label-subset spec (probe/subsets.py). The result of `linear_probe`, plus
+    ``ledger`` (its path, or None with ``ledger=False``) and ``subset_file`` (the chosen ids,
+    written beside the ledger unless ``subset`` is "all" or ``ledger=False``; else None).
     """
-    from probe.ledger import append_row, ledger_path
+    from probe.ledger import append_row, ledger_path, read_rows
+    from probe.subsets import write_subset
 
     p = cfg.probe
     if p.threads:
         torch.set_num_threads(p.threads)
     store = open_store(cfg.store.path)
-    result = linear_probe(store, block, t, pool, recipe=p.recipe, seed=p.seed, settings=p, device=p.device)
-    result["ledger"] = None
+    if ledger:
+        read_rows(ledger_path(cfg.store.path, p.ledger))  # refuse a foreign ledger before training
+    sel = select(store, p.seed, p, subset)
+    result = linear_probe(store, block, t, pool, recipe=p.recipe, seed=p.seed, settings=p, device=p.device,
+                          selection=sel)
+    result["ledger"] = result["subset_file"] = None
     if ledger:
         path = ledger_path(cfg.store.path, p.ledger)
+        if subset != "all":
+            result["subset_file"] = str(write_subset(path.parent, sel.fit_ids, sel.subset_sha))
         append_row(path, result)
         result["ledger"] = str(path)
     return result

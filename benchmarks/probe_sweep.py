@@ -1,0 +1,65 @@
+"""A full `probe sweep` of the embedded default store: wall time, cells, seconds per cell.
+
+    python benchmarks/probe_sweep.py                          # runs/digits-tiny.zarr, recipe sgd
+    python benchmarks/probe_sweep.py --store runs/other.zarr --threads 2
+
+Every (block, t, pool) the store holds complete in train and val, the default recipe (sgd)
+and settings of pipeline.toml, into a ledger in a fresh temporary folder (nothing is copied;
+the store is only read), plots included. Wall time is end to end (planning, the held-out
+selection, reading, training, scoring, ledger rows, plots); per-cell seconds are each
+probe's own ``seconds``. Prints one JSON object and writes it to
+benchmarks/results/probe_sweep.json. Target (issue 3): under 2 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.simplefilter("ignore", FutureWarning)
+
+from probe import sweep as sw  # noqa: E402
+from store.config import load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", default=str(REPO / "runs" / "digits-tiny.zarr"))
+    ap.add_argument("--recipe", default="sgd")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (probe.threads)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(REPO / "pipeline.toml", {
+            "store.path": args.store, "probe.recipe": args.recipe, "probe.threads": args.threads,
+            "probe.device": "cpu", "probe.ledger": str(Path(tmp) / "probe-results.csv")})
+        started = time.perf_counter()
+        r = sw.run(cfg)
+        wall = time.perf_counter() - started
+        per_cell = [c["seconds"] for c in r["cells"]]
+        summary = {
+            "store": args.store, "recipe": args.recipe, "threads": args.threads,
+            "torch_threads": torch.get_num_threads(), "cells": len(r["cells"]), "trained": r["trained"],
+            "wall_s": round(wall, 2), "cell_median_s": round(statistics.median(per_cell), 4),
+            "cell_max_s": round(max(per_cell), 4), "cells_sum_s": round(sum(per_cell), 2),
+            "overhead_s": round(wall - sum(per_cell), 2), "plots": len(r["plots"]["files"]),
+            "best": {k: r["best"][k] for k in ("block", "t", "pool", "top1")},
+            "target_s": 120, "meets_target": wall < 120,
+        }
+    print(json.dumps(summary, indent=2))
+    out = REPO / "benchmarks" / "results" / "probe_sweep.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Sweep plots: the paper's Figure 4/5 for any model and data set, as PNG files.
+
+    from probe.plots import sweep_plots
+    sweep_plots([{"block": 24, "t": 90, "pool": 2, "top1": 0.97}, ...], "runs/sweep-x", "digits · sgd")
+
+Per pool p: ``heatmap-pool{p}.png`` (val top-1 over block (x) x t (y), colour bar, values
+written in the cells when there are at most 120), ``top1-vs-t-pool{p}.png`` (one line per
+block) and ``top1-vs-block-pool{p}.png`` (one line per t). Lines are coloured along viridis;
+more than 10 of them get a colour bar instead of a legend. matplotlib is imported here,
+lazily, with the Agg backend: no display needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+_ANNOTATE_MAX = 120
+_LEGEND_MAX = 10
+
+
+def _lines(ax, fig, xs, series: dict, cmap, name: str):
+    """One line per key of ``series`` ({key: y values over xs, NaN where missing})."""
+    import matplotlib as mpl
+
+    keys = sorted(series)
+    norm = mpl.colors.Normalize(min(keys), max(keys) if len(keys) > 1 else min(keys) + 1)
+    for k in keys:
+        y = np.asarray(series[k], dtype=float)
+        ok = ~np.isnan(y)
+        ax.plot(np.asarray(xs)[ok], 100 * y[ok], marker="o", markersize=3, linewidth=1.2,
+                color=cmap(norm(k)), label=f"{name} {k}")
+    if len(keys) > _LEGEND_MAX:
+        fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=name)
+    else:
+        ax.legend(fontsize=8, ncols=2 if len(keys) > 5 else 1)
+
+
+def sweep_plots(points: list[dict], folder: str | Path, label: str) -> list[Path]:
+    """Write the plots of ``points`` ({"block", "t", "pool", "top1"}) into ``folder``; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cmap = plt.get_cmap("viridis")
+    written = []
+    for pool in sorted({q["pool"] for q in points}):
+        here = [q for q in points if q["pool"] == pool]
+        blocks = sorted({q["block"] for q in here})
+        ts = sorted({q["t"] for q in here})
+        acc = np.full((len(ts), len(blocks)), np.nan)
+        for q in here:
+            acc[ts.index(q["t"]), blocks.index(q["block"])] = q["top1"]
+        title = f"{label} · pool {pool}"
+
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(blocks) + 2.5), max(3.0, 0.45 * len(ts) + 1.8)))
+        im = ax.imshow(100 * np.ma.masked_invalid(acc), origin="lower", aspect="auto", cmap=cmap)
+        ax.set_xticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7 if len(blocks) > 20 else 9)
+        ax.set_yticks(range(len(ts)), [str(t) for t in ts])
+        ax.set_xlabel("block")
+        ax.set_ylabel("timestep t")
+        ax.set_title(f"val top-1 (%): {title}")
+        fig.colorbar(im, ax=ax, label="val top-1 (%)")
+        if acc.size <= _ANNOTATE_MAX:
+            lo, hi = np.nanmin(acc), np.nanmax(acc)
+            for (i, j), v in np.ndenumerate(acc):
+                if not np.isnan(v):
+                    dark = hi > lo and (v - lo) / (hi - lo) < 0.5
+                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+        written.append(_save(fig, folder / f"heatmap-pool{pool}.png"))
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        _lines(ax, fig, ts, {b: acc[:, j] for j, b in enumerate(blocks)}, cmap, "block")
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel("val top-1 (%)")
+        ax.set_title(f"top-1 vs t per block: {title}")
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, folder / f"top1-vs-t-pool{pool}.png"))
+
+        fig, ax = plt.subplots(figsize=(max(7.0, 0.2 * len(blocks) + 3), 4.5))
+        _lines(ax, fig, blocks, {t: acc[i, :] for i, t in enumerate(ts)}, cmap, "t")
+        ax.set_xlabel("block")
+        ax.set_ylabel("val top-1 (%)")
+        ax.set_title(f"top-1 vs block per t: {title}")
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, folder / f"top1-vs-block-pool{pool}.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,190 @@
+"""`probe sweep`: one linear probe per (block, t, pool) the store holds, resumable, with heatmaps.
+
+    from probe.sweep import plan, sweep, run
+    cells = plan(store, blocks=(19, 24), ts=None, pools=(2,))      # None: everything held
+    out = sweep(store, cells, recipe="sgd", ledger=path)          # trains what the ledger lacks
+    out = run(cfg, blocks=None, ts=None, pools=None)               # `probe sweep`: + ledger, plots
+
+A cell is a stored feature array (`FeatureKey`): asking for pool 2 of a block whose map is
+1x1 is the pool-1 array, trained once. Every cell trained appends its row to the ledger
+(probe/ledger.py) as soon as it is done, so a sweep that is stopped loses at most one cell;
+the next one skips the cells whose row is already there for the same store fingerprint,
+recipe, seed, label subset (``subset`` and ``subset_sha``) and training settings
+(``settings``: `probe.linear.settings_hash`). The held-out and label-subset selection is made
+once per sweep (`probe.linear.select`) and each feature set is read once per split.
+
+Plots (probe/plots.py) go to ``sweep-<fingerprint>-<recipe>-<run>/`` beside the ledger,
+``<run>`` being 8 hex digits over (seed, subset_sha, settings), so sweeps with other
+settings do not overwrite each other; they show the cells of this sweep, trained or found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from probe import linear as lin
+from probe.ledger import append_row, ledger_path, read_rows
+from store.config import Config, ProbeConfig
+from store.errors import StoreError
+from store.feature_store import FeatureKey, FeatureStore, open_store
+
+
+def held_keys(store: FeatureStore) -> set[FeatureKey]:
+    """Feature arrays complete in both train and val."""
+    for split in ("train", "val"):
+        if split not in store.splits:
+            raise StoreError(f"{store.path}: no split {split!r}; a sweep needs 'train' and 'val' and the store "
+                             f"holds {', '.join(store.splits)}")
+    held = set(store.keys("train")) & set(store.keys("val"))
+    if not held:
+        raise StoreError(f"{store.path}: no feature array is complete in both train and val "
+                         f"(train holds {store.describe_holdings('train')})")
+    return held
+
+
+def plan(store: FeatureStore, blocks=None, ts=None, pools=None) -> tuple[list[FeatureKey], list[dict]]:
+    """The cells to probe and the requested grid.
+
+    ``blocks``, ``ts``, ``pools``: what to sweep (None: every value the store holds complete in
+    train and val). Returns (cells, grid): the distinct stored arrays, and one entry
+    ``{"block", "t", "pool", "key"}`` per requested (block, t, pool), for the plots.
+    Combinations a ragged store lacks are left out where a dimension was left to its default;
+    a cell asked for in all three, or a value asked for that gives no cell at all, that the
+    store does not hold is an error naming what it holds.
+    """
+    held = held_keys(store)
+    asked = {"block": blocks, "t": ts, "pool": pools}
+    every = all(v is not None for v in asked.values())
+    blocks = sorted(blocks) if blocks is not None else sorted({k.block for k in held})
+    ts = sorted(ts) if ts is not None else sorted({k.t for k in held})
+    pools = sorted(pools) if pools is not None else sorted({k.pool for k in held})
+    grid, cells = [], {}
+    for b, t, p in itertools.product(blocks, ts, pools):
+        key = store.stored_key(b, t, p)  # an unknown block: names the model's blocks
+        if key not in held:
+            if every:  # exactly this cell was asked for
+                _missing(store, key, f"block {b}, t {t}, pool {p}")
+            continue  # a value left to default: only the combinations held
+        grid.append({"block": b, "t": t, "pool": p, "key": key})
+        cells[key] = None
+    for dim, values in asked.items():  # a value asked for must give at least one cell
+        for v in values or ():
+            if not any(g[dim] == v for g in grid):
+                _missing(store, None, f"{dim} {v}")
+    return sorted(cells), grid
+
+
+def _missing(store: FeatureStore, key: FeatureKey | None, what: str):
+    where = "train and val" if key is None or key not in set(store.keys("train")) else "val"
+    raise StoreError(f"{store.path}: no complete features for {what} in {where}; "
+                     f"it holds {store.describe_holdings('train')}")
+
+
+def _cell_of(row: dict) -> FeatureKey:
+    return FeatureKey(row["t"], row["block"], row["stored_pool"])
+
+
+def done_cells(ledger: Path | None, fingerprint: str, recipe: str, seed: int, sel: lin.Selection,
+               settings: str) -> dict[FeatureKey, dict]:
+    """Ledger rows of the same store, recipe, seed, subset and settings, by cell (the last one wins)."""
+    if ledger is None:
+        return {}
+    same = {"fingerprint": fingerprint, "recipe": recipe, "seed": seed, "subset": sel.subset,
+            "subset_sha": sel.subset_sha, "settings": settings}
+    return {_cell_of(r): r for r in read_rows(ledger) if all(r[k] == v for k, v in same.items())}
+
+
+def _summary(r: dict, trained: bool) -> dict:
+    return {"block": r["block"], "t": r["t"], "pool": r["stored_pool"], "top1": r["top1"], "top5": r["top5"],
+            "heldout_top1": r["heldout_top1"], "hyperparameters": r["hyperparameters"],
+            "seconds": r["seconds"], "trained": trained}
+
+
+def sweep(store: FeatureStore, cells: list[FeatureKey], recipe: str = "sgd", seed: int = 0,
+          settings: ProbeConfig | None = None, device: str | torch.device = "cpu", subset: str = "all",
+          ledger: str | Path | None = None, on_cell: Callable[[FeatureKey, bool], None] | None = None) -> dict:
+    """Probe every cell not already in ``ledger`` (None: train them all, record nothing).
+
+    ``on_cell(cell, trained)`` is called after each cell. Returns ``cells`` (one summary per
+    cell, in ``cells`` order: block, t, pool (stored), top1, top5, heldout_top1,
+    hyperparameters, seconds, trained), ``trained`` and ``skipped`` (counts), the
+    `probe.linear.Selection` as ``selection``, ``fingerprint`` and ``settings``.
+    """
+    p = settings or ProbeConfig()
+    lin.recipe_grid(recipe, p)  # an unknown recipe fails before anything is read
+    device = lin.resolve_device(device, "probe.device") if isinstance(device, str) else device
+    sel = lin.select(store, seed, p, subset)
+    fingerprint, settings_id = lin.store_fingerprint(store), lin.settings_hash(recipe, p)
+    ledger = Path(ledger) if ledger is not None else None
+    done = done_cells(ledger, fingerprint, recipe, seed, sel, settings_id)
+    out, trained = [], 0
+    for key in cells:
+        if key in done:
+            out.append(_summary(done[key], trained=False))
+        else:
+            r = lin.linear_probe(store, key.block, key.t, key.pool, recipe=recipe, seed=seed, settings=p,
+                                 device=device, selection=sel)
+            if ledger is not None:
+                append_row(ledger, r)
+            out.append(_summary(r, trained=True))
+            trained += 1
+        if on_cell:
+            on_cell(key, key not in done)
+    return {"cells": out, "trained": trained, "skipped": len(cells) - trained, "selection": sel,
+            "fingerprint": fingerprint, "settings": settings_id}
+
+
+def plot_folder(ledger: Path, fingerprint: str, recipe: str, seed: int, subset_sha: str, settings: str) -> Path:
+    run_id = hashlib.sha256(f"{seed}\0{subset_sha}\0{settings}".encode()).hexdigest()[:8]
+    return ledger.parent / f"sweep-{fingerprint}-{recipe}-{run_id}"
+
+
+def run(cfg: Config, blocks=None, ts=None, pools=None, subset: str = "all", plots: bool = True,
+        on_plan: Callable[[int, int], None] | None = None,
+        on_cell: Callable[[FeatureKey, bool], None] | None = None) -> dict:
+    """`probe sweep`: plan, sweep into ``cfg.probe.ledger``, write the subset's ids and the plots.
+
+    ``on_plan(cells, already_done)`` is called once the plan is made (a progress bar's total).
+    Returns the `sweep` result (``selection`` dropped) plus ``store``, ``recipe``, ``seed``,
+    ``subset``, ``subset_sha``, ``ledger``, ``subset_file``, ``plots`` ({"folder", "files"}),
+    ``best`` (the cell of the highest val top-1) and ``seconds``.
+    """
+    from probe.subsets import write_subset
+
+    started = time.perf_counter()
+    p = cfg.probe
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    store = open_store(cfg.store.path)
+    cells, grid = plan(store, blocks, ts, pools)
+    ledger = ledger_path(cfg.store.path, p.ledger)
+
+    if on_plan:  # count what is done with the same selection the sweep will make
+        sel = lin.select(store, p.seed, p, subset)
+        done = done_cells(ledger, lin.store_fingerprint(store), p.recipe, p.seed, sel, lin.settings_hash(p.recipe, p))
+        on_plan(len(cells), sum(c in done for c in cells))
+    result = sweep(store, cells, recipe=p.recipe, seed=p.seed, settings=p, device=p.device, subset=subset,
+                   ledger=ledger, on_cell=on_cell)
+    sel = result.pop("selection")
+    subset_file = str(write_subset(ledger.parent, sel.fit_ids, sel.subset_sha)) if subset != "all" else None
+
+    files: list[str] = []
+    folder = plot_folder(ledger, result["fingerprint"], p.recipe, p.seed, sel.subset_sha, result["settings"])
+    if plots:
+        from probe.plots import sweep_plots
+
+        top1 = {FeatureKey(c["t"], c["block"], c["pool"]): c["top1"] for c in result["cells"]}
+        points = [{"block": g["block"], "t": g["t"], "pool": g["pool"], "top1": top1[g["key"]]} for g in grid]
+        label = f"{store.path.name} · {p.recipe}" + ("" if subset == "all" else f" · {subset}")
+        files = [str(f) for f in sweep_plots(points, folder, label)]
+    best = max(result["cells"], key=lambda c: c["top1"])
+    return {"store": str(store.path), **result, "recipe": p.recipe, "seed": p.seed, "subset": subset,
+            "subset_sha": sel.subset_sha, "n_train": len(sel.fit), "ledger": str(ledger), "subset_file": subset_file,
+            "plots": {"folder": str(folder) if plots else None, "files": files}, "best": best,
+            "seconds": round(time.perf_counter() - started, 3)}
