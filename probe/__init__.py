@@ -1,1 +1,3 @@
-"""diffprobe's probes and analyses on cached features (linear, attention, CKA: later issues)."""
+"""diffprobe's probes on cached features: the linear probe, label subsets, sweeps and their
+plots, and the results ledger. Attention/fusion heads and CKA are not here yet.
+"""
