@@ -19,6 +19,16 @@ Protocol (deterministic given the seed, on one device and thread count):
 3. Standardise with the mean and std of the fitted part (float64 sums over row chunks;
    constant features get std 1). Features stay float16 in memory; batches are
    standardised to float32 on the device as they are used.
+
+   Memory: a split whose features fit ``probe.memory_mb`` (counted at 4 bytes per value) is
+   read whole, as above. A larger one (ImageNet: 1.28M x 4096 fp16 ~ 10 GB) is streamed from
+   the store (`_Streamed`) in blocks of at most memory_mb, whole store chunks where one fits:
+   the statistics, held-out and val scoring take one pass; ``sgd`` uses a block shuffle (the
+   blocks in a seeded order, each block's rows in a seeded order, a batch may span two
+   blocks), so its batches, not its protocol, differ from the in-memory run; ``lbfgs`` sums
+   the same loss and gradients block by block (the same optimum, up to float summation order),
+   re-reading train at every evaluation. Skipped images and the selection are honoured the
+   same way; the result's ``streamed`` says which path ran.
 4. Train every point of the recipe's grid on the fitted part and keep the head with the best
    held-out top-1 (ties: the lower held-out loss). The chosen head is not refitted on the
    held-out part: one training per grid point, as in DINOv2's linear evaluation.
@@ -146,8 +156,12 @@ def feature_stats(x: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.nda
         chunk = x[rows[lo:lo + _ROWS]].astype(np.float64)
         s += chunk.sum(0)
         ss += np.square(chunk).sum(0)
-    mean = s / len(rows)
-    std = np.sqrt(np.maximum(ss / len(rows) - mean**2, 0.0))
+    return _finish_stats(s, ss, len(rows))
+
+
+def _finish_stats(s: np.ndarray, ss: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
     std[std < 1e-6 * max(float(std.max()), 1e-12)] = 1.0  # constant features: leave them at 0
     return mean.astype(np.float32), std.astype(np.float32)
 
@@ -163,12 +177,113 @@ class _Standardised:
     def __len__(self):
         return len(self.x)
 
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def dim(self) -> int:
+        return int(self.x.shape[1])
+
     def rows(self, idx) -> torch.Tensor:
         return (self.x[idx].float() - self.mean) * self.inv_std
 
     def chunks(self):
         for lo in range(0, len(self.x), _ROWS):
             yield self.rows(slice(lo, lo + _ROWS))
+
+
+def _read_rows(arr, lo: int, hi: int) -> np.ndarray:
+    """Store rows [lo, hi) of the (dask, Zarr-backed) feature array as (hi - lo, D) numpy.
+
+    The one place the streaming path reads features: only these rows' chunks are decoded."""
+    x = np.asarray(arr[lo:hi].compute())
+    return x.reshape(len(x), -1)
+
+
+def budget_rows(p: ProbeConfig, dim: int) -> int:
+    """Rows of ``dim`` features that ``p.memory_mb`` holds at 4 bytes per value (at least 1)."""
+    return max(1, int(p.memory_mb * 2**20 // (4 * dim)))
+
+
+def fits_in_memory(store: FeatureStore, split: str, block: int, t: int, pool: int, p: ProbeConfig) -> bool:
+    """Whether ``split``'s whole feature array fits ``p.memory_mb`` (else the probe streams it)."""
+    shape = store.features(split, block, t, pool, dask=True).shape
+    return shape[0] <= budget_rows(p, int(np.prod(shape[1:])))
+
+
+class _Streamed:
+    """Some rows of a split's features, read from the store block by block and standardised there.
+
+    ``rows`` (ascending store row indices) are the rows used, in this order; labels and results
+    follow it. The store is cut into blocks of at most ``budget_rows`` rows, aligned to whole
+    store chunks when one chunk fits (else parts of one chunk); a block is read only when used,
+    so at most one block (plus, for sgd, less than one batch carried over) is in memory at once.
+    With ``mean`` None, only `stats` may be used.
+    """
+
+    def __init__(self, store: FeatureStore, split: str, block: int, t: int, pool: int, rows: np.ndarray,
+                 usable: np.ndarray, mean, std, device: torch.device, p: ProbeConfig):
+        self.arr = store.features(split, block, t, pool, dask=True)
+        self.where = f"{store.path}: block {block}, t {t}, pool {pool} in split {split!r}"
+        self._dim = int(np.prod(self.arr.shape[1:]))
+        self.rows_ = np.asarray(rows, dtype=np.int64)
+        self.usable = usable
+        self._device = device
+        self.cap = cap = budget_rows(p, self._dim)
+        chunk = store.chunk_images(split)
+        step = cap // chunk * chunk if cap >= chunk else cap
+        n = self.arr.shape[0]
+        self.blocks = []  # (lo, hi, positions in rows_ of the used rows in [lo, hi))
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            a, b = np.searchsorted(self.rows_, [lo, hi])
+            if b > a:
+                self.blocks.append((lo, hi, np.arange(a, b)))
+        if mean is not None:
+            self.mean = torch.from_numpy(mean).to(device)
+            self.inv_std = torch.from_numpy(1.0 / std).to(device)
+
+    def __len__(self):
+        return len(self.rows_)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def raw(self, i: int) -> np.ndarray:
+        """float16 features of block ``i``'s used rows; non-finite values in usable rows are errors."""
+        lo, hi, pos = self.blocks[i]
+        x = _read_rows(self.arr, lo, hi)
+        if not np.isfinite(x[self.usable[lo:hi]]).all():
+            raise StoreError(f"{self.where} holds non-finite values in images that are not marked skipped")
+        return x[self.rows_[pos] - lo]
+
+    def load(self, i: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Block ``i``: (standardised float32 rows, their positions in ``rows``)."""
+        x = torch.from_numpy(self.raw(i)).to(self._device)
+        return (x.float() - self.mean) * self.inv_std, self.blocks[i][2]
+
+    def chunks(self):
+        for i in range(len(self.blocks)):
+            yield self.load(i)[0]
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """`feature_stats` of the used rows, one block at a time."""
+        s = np.zeros(self._dim, np.float64)
+        ss = np.zeros(self._dim, np.float64)
+        step = max(1, self.cap // 4)  # float64 and its square: 16 bytes per value, a budget's worth
+        for i in range(len(self.blocks)):
+            x = self.raw(i)
+            for lo in range(0, len(x), step):
+                chunk = x[lo:lo + step].astype(np.float64)
+                s += chunk.sum(0)
+                ss += np.square(chunk).sum(0)
+        return _finish_stats(s, ss, len(self.rows_))
 
 
 # ------------------------------------------------------------------ heads
@@ -185,22 +300,19 @@ def _init(dim: int, k: int, gen: torch.Generator, device) -> tuple[torch.Tensor,
 def train_sgd(data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], p: ProbeConfig,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Train the heads of ``grid`` ([{"lr", "weight_decay"}]) in one pass: W (H, D, K), b (H, K)."""
-    device = data.x.device
+    device = data.device
     h, n = len(grid), len(data)
-    w0, b0 = _init(data.x.shape[1], k, gen, device)
+    w0, b0 = _init(data.dim, k, gen, device)
     w = w0.expand(h, -1, -1).clone().requires_grad_(True)
     b = b0.expand(h, -1).clone().requires_grad_(True)
     lr0 = torch.tensor([g["lr"] for g in grid], device=device)
     wd = torch.tensor([g["weight_decay"] for g in grid], device=device)
     for epoch in range(p.sgd_epochs):
         lr = lr0 * p.sgd_gamma ** (epoch // p.sgd_step_size)  # StepLR
-        order = torch.randperm(n, generator=gen).to(device)
-        for lo in range(0, n, p.sgd_batch_size):
-            idx = order[lo:lo + p.sgd_batch_size]
-            xb, yb = data.rows(idx), y[idx]
+        for xb, yb in _sgd_batches(data, y, p.sgd_batch_size, gen):
             logits = torch.einsum("nd,hdk->hnk", xb, w) + b[:, None, :]
             # sum over heads of each head's mean loss: each head gets exactly its own gradient
-            loss = F.cross_entropy(logits.reshape(-1, k), yb.repeat(h), reduction="sum") / len(idx)
+            loss = F.cross_entropy(logits.reshape(-1, k), yb.repeat(h), reduction="sum") / len(yb)
             gw, gb = torch.autograd.grad(loss, (w, b))
             with torch.no_grad():
                 w -= lr[:, None, None] * (gw + wd[:, None, None] * w)
@@ -208,12 +320,38 @@ def train_sgd(data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], p:
     return w.detach(), b.detach()
 
 
+def _sgd_batches(data, y: torch.Tensor, batch: int, gen: torch.Generator):
+    """One epoch's (x, y) batches. In memory: a seeded permutation of every row. Streamed: a block
+    shuffle, i.e. the store's blocks in a seeded order, each block's rows in a seeded order; the
+    rows left over at the end of a block (less than a batch) open the next block's first batch."""
+    n, device = len(data), data.device
+    if isinstance(data, _Standardised):
+        order = torch.randperm(n, generator=gen).to(device)
+        for lo in range(0, n, batch):
+            idx = order[lo:lo + batch]
+            yield data.rows(idx), y[idx]
+        return
+    carry_x = carry_i = None
+    for i in torch.randperm(len(data.blocks), generator=gen).tolist():
+        x, pos = data.load(i)
+        perm = torch.randperm(len(pos), generator=gen)
+        x, idx = x[perm.to(device)], torch.from_numpy(pos)[perm].to(device)
+        if carry_x is not None:
+            x, idx = torch.cat([carry_x, x]), torch.cat([carry_i, idx])
+        full = len(idx) // batch * batch
+        for lo in range(0, full, batch):
+            yield x[lo:lo + batch], y[idx[lo:lo + batch]]
+        carry_x, carry_i = (x[full:], idx[full:]) if full < len(idx) else (None, None)
+    if carry_x is not None:
+        yield carry_x, y[carry_i]
+
+
 def train_lbfgs(data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], p: ProbeConfig,
                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit one head per ``grid`` point ([{"l2"}]), strongest l2 first, warm-started: W (H, D, K), b (H, K)."""
-    device = data.x.device
-    x = torch.cat(list(data.chunks()))  # full batch, float32
-    w = torch.zeros(x.shape[1], k, device=device, requires_grad=True)
+    device, streamed = data.device, isinstance(data, _Streamed)
+    x = None if streamed else torch.cat(list(data.chunks()))  # full batch, float32
+    w = torch.zeros(data.dim, k, device=device, requires_grad=True)
     b = torch.zeros(k, device=device, requires_grad=True)
     out = [None] * len(grid)
     for i in sorted(range(len(grid)), key=lambda i: -grid[i]["l2"]):
@@ -223,9 +361,20 @@ def train_lbfgs(data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], 
 
         def closure():
             opt.zero_grad()
-            loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
-            loss.backward()
-            return loss
+            if not streamed:
+                loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
+                loss.backward()
+                return loss
+            # the same loss, summed block by block: each block's graph is freed by its backward
+            total = torch.zeros((), device=device)
+            for j in range(len(data.blocks)):
+                xb, pos = data.load(j)
+                part = F.cross_entropy(xb @ w + b, y[torch.from_numpy(pos).to(device)], reduction="sum") / len(y)
+                part.backward()
+                total += part.detach()
+            reg = 0.5 * l2 * (w * w).sum()
+            reg.backward()
+            return total + reg.detach()
 
         opt.step(closure)
         out[i] = (w.detach().clone(), b.detach().clone())
@@ -335,12 +484,20 @@ def linear_probe(store: FeatureStore, block: int, t: int, pool: int = 2, recipe:
     key = store.stored_key(block, t, pool)
     sel = selection if selection is not None else select(store, seed, p, subset)
 
-    x = _features(store, "train", block, t, pool, sel.usable)
     fit, hold, y_tr = sel.fit, sel.hold, sel.y
-    mean, std = feature_stats(x, fit)
-    data = _Standardised(x[fit], mean, std, device)
-    data_held = _Standardised(x[hold], mean, std, device)
-    del x
+    streamed = not fits_in_memory(store, "train", block, t, pool, p)
+    if streamed:  # the same protocol, reading the store block by block (see `_Streamed`)
+        rows = np.flatnonzero(sel.usable)  # usable row -> store row
+        part = lambda r, m=None, sd=None: _Streamed(store, "train", block, t, pool, rows[r], sel.usable,
+                                                    m, sd, device, p)
+        mean, std = part(fit).stats()
+        data, data_held = part(fit, mean, std), part(hold, mean, std)
+    else:
+        x = _features(store, "train", block, t, pool, sel.usable)
+        mean, std = feature_stats(x, fit)
+        data = _Standardised(x[fit], mean, std, device)
+        data_held = _Standardised(x[hold], mean, std, device)
+        del x
     y_fit = torch.from_numpy(y_tr[fit]).to(device)
     y_held = torch.from_numpy(y_tr[hold]).to(device)
 
@@ -356,9 +513,14 @@ def linear_probe(store: FeatureStore, block: int, t: int, pool: int = 2, recipe:
     best = max(range(len(grid)), key=lambda i: (scored[i]["heldout_top1"], -scored[i]["heldout_loss"]))
     del data_held, logits
 
-    x_val = _features(store, "val", block, t, pool, sel.usable_val)
     y_val = sel.y_val
-    val_logits = _logits(_Standardised(x_val, mean, std, device), w[best:best + 1], b[best:best + 1])[0]
+    if fits_in_memory(store, "val", block, t, pool, p):
+        data_val = _Standardised(_features(store, "val", block, t, pool, sel.usable_val), mean, std, device)
+    else:
+        data_val = _Streamed(store, "val", block, t, pool, np.flatnonzero(sel.usable_val), sel.usable_val,
+                             mean, std, device, p)
+        streamed = True
+    val_logits = _logits(data_val, w[best:best + 1], b[best:best + 1])[0]
     y_val_t = torch.from_numpy(y_val).to(device)
     pred = val_logits.argmax(-1).cpu().numpy()
 
@@ -372,7 +534,7 @@ def linear_probe(store: FeatureStore, block: int, t: int, pool: int = 2, recipe:
         "heldout_top1": scored[best]["heldout_top1"],
         "top1": topk_accuracy(val_logits, y_val_t, 1), "top5": topk_accuracy(val_logits, y_val_t, 5),
         "per_class": per_class_accuracy(pred, y_val, classes),
-        "seconds": round(time.perf_counter() - started, 3), "device": str(device),
+        "seconds": round(time.perf_counter() - started, 3), "device": str(device), "streamed": streamed,
     }
 
 

@@ -174,6 +174,7 @@ class ProbeConfig:
     sgd_gamma: float = _key(0.1, _float(0.0, 1.0), "sgd: StepLR factor")
     lbfgs_l2: tuple[float, ...] = _key((1e-4, 1e-3, 1e-2, 1e-1), _float_list(0.0, 1e6), "lbfgs: L2 grid")
     lbfgs_max_iter: int = _key(100, _int(1, 100000), "lbfgs: iterations per grid point")
+    memory_mb: float = _key(2048.0, _float(1e-4, 1e9), "most feature memory the probe holds at once (MB, at 4 bytes per value); a split above it is streamed from the store")
 
 
 @dataclass(frozen=True)
