@@ -8,9 +8,11 @@ Layout (Zarr v3, one group per run)::
         ids         (N,)  string   image ids (index for digits, relative path for folders)
         skipped     (N,)  bool     images that could not be read (their features are NaN)
         features/t{t}_b{block}_p{pool}   (N, C, p, p) float16, chunks of chunk_images images
-        done/t{t}_b{block}_p{pool}       (n_chunks,) uint8: 1 once that image chunk is written
+        done        (n_chunks, K) uint8  completion records: [c, j] = 1 once image chunk c of
+                                         feature array j is written (columns named in the
+                                         split's attrs "done_columns"; one row per chunk)
 
-A chunk's completion record is written after its data, so a run killed at any moment
+A chunk's completion records are written after its data, so a run killed at any moment
 leaves records only for chunks that are whole; a resumed run redoes the others. Readers
 refuse arrays that are not complete. Pool sizes larger than a block's map are stored at
 the map size (p = spatial) and looked up that way.
@@ -132,18 +134,18 @@ class FeatureStore:
     def done_masks(self, split: str) -> dict[FeatureKey, np.ndarray]:
         """Every feature array of ``split`` -> which of its image chunks are complete (bool)."""
         g = self._split(split)
-        names = list(g["features"].array_keys())
-        done = g["done"]
-        have = set(done.array_keys())
-        masks = _parallel(lambda n: done[n][:].astype(bool) if n in have else
-                          np.zeros(self.n_chunks(split), dtype=bool), names)
-        return {FeatureKey.parse(n): m for n, m in zip(names, masks)}
+        columns = list(g.attrs.get("done_columns", []))
+        records = g["done"][:].astype(bool) if columns else None
+        masks = {}
+        for name in g["features"].array_keys():
+            if name in columns:  # an array without a column yet has no complete chunk
+                masks[FeatureKey.parse(name)] = records[:, columns.index(name)]
+            else:
+                masks[FeatureKey.parse(name)] = np.zeros(self.n_chunks(split), dtype=bool)
+        return masks
 
     def chunks_done(self, split: str, key: FeatureKey) -> int:
-        g = self._split(split)
-        if key.name not in g["done"]:
-            return 0
-        return int(g["done"][key.name][:].astype(bool).sum())
+        return int(self.done_masks(split).get(key, np.zeros(0, bool)).sum())
 
     def stored_key(self, block: int, t: int, pool: int) -> FeatureKey:
         """The array holding (block, t, pool): pools beyond a block's map are stored capped."""
@@ -296,37 +298,38 @@ class StoreWriter(FeatureStore):
         self._root.attrs["runs"] = [*self._root.attrs.get("runs", []), provenance]
 
     def ensure_arrays(self, split: str, shapes: dict[FeatureKey, int], dtype: str, codec: str) -> None:
-        """Create the feature arrays (key -> channels) not yet in ``split``, with their done records."""
+        """Create the feature arrays (key -> channels) not yet in ``split``, then their record columns."""
         g = self._split(split)
-        features, done = g["features"], g["done"]
+        features = g["features"]
         have = set(features.array_keys())
         n, chunk = self.n_images(split), self.chunk_images(split)
         missing = [(k, c) for k, c in shapes.items() if k.name not in have]
-
-        def create(item):
-            key, channels = item
-            # the done record first: an array without one reads as "0 chunks done"
-            done.create_array(key.name, shape=(_n_chunks(n, chunk),), chunks=(1,), dtype="uint8",
-                              fill_value=0, compressors=None, overwrite=True)
-            features.create_array(key.name, shape=(n, channels, key.pool, key.pool),
-                                  chunks=(chunk, channels, key.pool, key.pool), dtype=dtype,
-                                  fill_value=float("nan"), **_codecs(codec))
-
-        _parallel(create, missing)
+        _parallel(lambda kc: features.create_array(
+            kc[0].name, shape=(n, kc[1], kc[0].pool, kc[0].pool), chunks=(chunk, kc[1], kc[0].pool, kc[0].pool),
+            dtype=dtype, fill_value=float("nan"), **_codecs(codec)), missing)
+        columns = list(g.attrs.get("done_columns", []))
+        new = [k.name for k in shapes if k.name not in columns]
+        if new:  # widen the record array first, then name the columns: a new column reads as 0
+            g["done"].resize((_n_chunks(n, chunk), len(columns) + len(new)))
+            g.attrs["done_columns"] = columns + new
+        self.__dict__.pop("_columns", None)
 
     def write_chunk(self, split: str, chunk: int, data: dict[FeatureKey, np.ndarray]) -> None:
         """Write one image chunk of several arrays, then (after all of them) their completion records."""
         lo = chunk * self.chunk_images(split)
-        pairs = {k: self._open_pair(split, k) for k in data}
-        _parallel(lambda kx: pairs[kx[0]][0].__setitem__(slice(lo, lo + len(kx[1])), kx[1]), data.items())
-        _parallel(lambda k: pairs[k][1].__setitem__(chunk, 1), data)
+        arrays = {k: self._open(split, k) for k in data}
+        _parallel(lambda kx: arrays[kx[0]].__setitem__(slice(lo, lo + len(kx[1])), kx[1]), data.items())
+        columns = self.__dict__.setdefault("_columns", {})
+        if split not in columns:
+            columns[split] = {name: j for j, name in enumerate(self._split(split).attrs["done_columns"])}
+        cols = sorted(columns[split][k.name] for k in data)
+        self._split(split)["done"].set_orthogonal_selection((chunk, cols), np.ones(len(cols), dtype=np.uint8))
 
-    def _open_pair(self, split: str, key: FeatureKey):
-        """(features, done) Zarr arrays of one key, opened once per writer (each open reads metadata)."""
-        cache = self.__dict__.setdefault("_pairs", {})
+    def _open(self, split: str, key: FeatureKey):
+        """The Zarr feature array of one key, opened once per writer (each open reads metadata)."""
+        cache = self.__dict__.setdefault("_arrays", {})
         if (split, key) not in cache:
-            g = self._split(split)
-            cache[(split, key)] = (g["features"][key.name], g["done"][key.name])
+            cache[(split, key)] = self._split(split)["features"][key.name]
         return cache[(split, key)]
 
     def write_skipped(self, split: str, indices: np.ndarray) -> None:
@@ -367,7 +370,9 @@ def _initialise(path, fingerprints, provenance, blocks, class_names, splits, chu
         g.create_array("ids", shape=(n,), chunks=chunks, dtype=str)[:] = np.asarray(ids, dtype=str)
         g.create_array("skipped", shape=(n,), chunks=chunks, dtype="bool", fill_value=False)
         g.create_group("features")
-        g.create_group("done")
+        # one row of records per image chunk, so writers of different chunks touch different files
+        g.create_array("done", shape=(_n_chunks(n, chunk_images), 0), chunks=(1, 1024), dtype="uint8",
+                       fill_value=0, compressors=None)
     root.attrs.update({
         "fingerprints": fingerprints, "provenance": provenance, "blocks": blocks,
         "class_names": list(class_names), "splits": list(splits),
