@@ -1,13 +1,13 @@
 """Extraction throughput of the embedded default vs a bare U-Net forward, and the codec choice.
 
-    python benchmarks/extract_throughput.py                 # ~3-5 min on 2 cores
+    python benchmarks/extract_throughput.py                 # ~6 min on 2 cores
     python benchmarks/extract_throughput.py --per-class 20 --repeats 3
 
 Pipeline: `extract.job.run` into a fresh store (all 37 blocks, the default timesteps,
 pools 1 and 2), timed end to end (imports aside: model build and load, checkpoint sha256,
 store and array creation) and its extraction loop alone (image preprocessing, noise,
 capture, pooling, fp16 encoding, Zarr writes and completion records). Bare: `model(x_t, t)` on the same x_t (made beforehand), the same call
-shape (forward_batch rows) and the same number of calls. Runs alternate; medians reported.
+shape (forward_batch rows) and the same number of calls. Runs alternate (and which goes first alternates); medians reported.
 Codecs: every feature array of the pipeline's store rewritten with each codec.
 """
 
@@ -110,8 +110,12 @@ def main():
             path = tmp / f"run{r}.zarr"
             cfg = load_config(REPO / "pipeline.toml", {"data.max_per_class": args.per_class, "store.path": str(path),
                                                          "extract.device": "cpu"})
-            bare.append(bare_forward_seconds(cfg))
-            total, inner = pipeline_seconds(cfg)
+            if r % 2:  # alternate which goes first, so drift on a shared machine hits both alike
+                total, inner = pipeline_seconds(cfg)
+                bare.append(bare_forward_seconds(cfg))
+            else:
+                bare.append(bare_forward_seconds(cfg))
+                total, inner = pipeline_seconds(cfg)
             pipe.append(total)
             loop.append(inner)
             print(f"repeat {r}: pipeline {total:.1f} s (loop {inner:.1f} s), bare forward {bare[-1]:.1f} s", flush=True)
