@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from extract import job as jobs
@@ -32,7 +31,8 @@ def _planted(n: int, seed: int, strength: float = 8.0):
     return x.reshape(n, C, P, P).astype(np.float16), y
 
 
-def write_store(path, train, val, *, class_names=None, skipped_val=(), block=24, t=90, chunk=64):
+def write_store(path, train, val, *, class_names=None, skipped_train=(), skipped_val=(), block=24, t=90,
+                chunk=64):
     """A store of one feature array (t, block, pool 2) written through store/'s writer API."""
     blocks = [{"number": b, "module": f"m{b}", "channels": C, "spatial": P} for b in range(1, 38)]
     splits = {name: ([f"{name}/{i:05d}" for i in range(len(y))], y) for name, (_, y) in
@@ -46,18 +46,12 @@ def write_store(path, train, val, *, class_names=None, skipped_val=(), block=24,
             w.ensure_arrays(name, {key: C}, "float16", "none")
             for c in range(-(-len(x) // chunk)):
                 w.write_chunk(name, c, {key: x[c * chunk:(c + 1) * chunk]})
+        w.write_skipped("train", np.asarray(skipped_train, dtype=int))
         w.write_skipped("val", np.asarray(skipped_val, dtype=int))
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Heads this small gain nothing from intra-op threads, and on a shared 2-core machine spinning
-    OpenMP threads made these tests 5x slower (measured: 132 s at 2 threads vs 25 s at 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

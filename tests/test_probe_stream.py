@@ -11,9 +11,9 @@ import torch
 from probe import linear as lin
 from probe.linear import _Streamed, feature_stats, linear_probe, select
 from store.config import ProbeConfig
-from store.feature_store import FeatureKey, StoreWriter, open_store
+from store.feature_store import open_store
 
-from .test_probe_linear import C, K, P, _planted
+from .test_probe_linear import C, P, _planted, write_store
 
 D = C * P * P  # 64 features: 256 bytes per row at float32
 SKIPPED = (3, 70, 71, 200, 399)
@@ -23,36 +23,15 @@ def _mb(rows: int) -> float:
     return rows * 4 * D / 2**20
 
 
-def _write(path, train, val, skipped_train=(), chunk=64):
-    blocks = [{"number": b, "module": f"m{b}", "channels": C, "spatial": P} for b in range(1, 38)]
-    splits = {name: ([f"{name}/{i:05d}" for i in range(len(y))], y) for name, (_, y) in
-              (("train", train), ("val", val))}
-    fingerprints = {"model": {"synthetic": True}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
-    key = FeatureKey(90, 24, P)
-    with StoreWriter.create(path, fingerprints=fingerprints, provenance={}, blocks=blocks,
-                            class_names=[str(c) for c in range(K)], splits=splits, chunk_images=chunk) as w:
-        for name, (x, _) in (("train", train), ("val", val)):
-            w.ensure_arrays(name, {key: C}, "float16", "none")
-            for c in range(-(-len(x) // chunk)):
-                w.write_chunk(name, c, {key: x[c * chunk:(c + 1) * chunk]})
-        w.write_skipped("train", np.asarray(skipped_train, dtype=int))
-    return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     x, y = _planted(400, 1, strength=4.0)  # weaker signal than test_probe_linear's: not 100% accurate
     x[list(SKIPPED)] = np.nan  # skipped images hold NaN; they must never reach a head or the statistics
-    return open_store(_write(tmp_path_factory.mktemp("stream") / "s.zarr", (x, y), _planted(200, 2, 4.0),
-                             skipped_train=SKIPPED))
+    return open_store(write_store(tmp_path_factory.mktemp("stream") / "s.zarr", (x, y), _planted(200, 2, 4.0),
+                                  skipped_train=SKIPPED))
 
 
 @pytest.fixture
@@ -120,6 +99,6 @@ def test_non_finite_unskipped_features_are_an_error_when_streamed(tmp_path):
 
     x, y = _planted(100, 1)
     x[5] = np.inf
-    s = open_store(_write(tmp_path / "bad.zarr", (x, y), _planted(50, 2)))
+    s = open_store(write_store(tmp_path / "bad.zarr", (x, y), _planted(50, 2)))
     with pytest.raises(StoreError, match="non-finite values in images that are not marked skipped"):
         linear_probe(s, 24, 90, 2, recipe="lbfgs", settings=dataclasses.replace(FAST, memory_mb=_mb(30)))

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from probe import linear as lin
@@ -22,13 +21,7 @@ K, C = 10, 8
 BLOCKS, TS, POOLS = (23, 24), (90, 150), (1, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """As in test_probe_linear: spinning OpenMP threads on 2 shared cores cost 5x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _features(n, seed, key, strength):
