@@ -108,7 +108,8 @@ def _summary(r: dict, trained: bool) -> dict:
 
 def sweep(store: FeatureStore, cells: list[FeatureKey], recipe: str = "sgd", seed: int = 0,
           settings: ProbeConfig | None = None, device: str | torch.device = "cpu", subset: str = "all",
-          ledger: str | Path | None = None, on_cell: Callable[[FeatureKey, bool], None] | None = None) -> dict:
+          ledger: str | Path | None = None, on_cell: Callable[[FeatureKey, bool], None] | None = None,
+          selection: "lin.Selection | None" = None) -> dict:
     """Probe every cell not already in ``ledger`` (None: train them all, record nothing).
 
     ``on_cell(cell, trained)`` is called after each cell. Returns ``cells`` (one summary per
@@ -119,7 +120,7 @@ def sweep(store: FeatureStore, cells: list[FeatureKey], recipe: str = "sgd", see
     p = settings or ProbeConfig()
     lin.recipe_grid(recipe, p)  # an unknown recipe fails before anything is read
     device = lin.resolve_device(device, "probe.device") if isinstance(device, str) else device
-    sel = lin.select(store, seed, p, subset)
+    sel = selection if selection is not None else lin.select(store, seed, p, subset)
     fingerprint, settings_id = lin.store_fingerprint(store), lin.settings_hash(recipe, p)
     ledger = Path(ledger) if ledger is not None else None
     done = done_cells(ledger, fingerprint, recipe, seed, sel, settings_id)
@@ -165,12 +166,12 @@ def run(cfg: Config, blocks=None, ts=None, pools=None, subset: str = "all", plot
     cells, grid = plan(store, blocks, ts, pools)
     ledger = ledger_path(cfg.store.path, p.ledger)
 
-    if on_plan:  # count what is done with the same selection the sweep will make
-        sel = lin.select(store, p.seed, p, subset)
+    sel = lin.select(store, p.seed, p, subset)  # made once: counted here, reused by the sweep
+    if on_plan:
         done = done_cells(ledger, lin.store_fingerprint(store), p.recipe, p.seed, sel, lin.settings_hash(p.recipe, p))
         on_plan(len(cells), sum(c in done for c in cells))
     result = sweep(store, cells, recipe=p.recipe, seed=p.seed, settings=p, device=p.device, subset=subset,
-                   ledger=ledger, on_cell=on_cell)
+                   ledger=ledger, on_cell=on_cell, selection=sel)
     sel = result.pop("selection")
     subset_file = str(write_subset(ledger.parent, sel.fit_ids, sel.subset_sha)) if subset != "all" else None
 
