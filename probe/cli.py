@@ -1,11 +1,10 @@
-"""`probe` and `analyze`: heads and analyses on features cached by `extract run`.
+"""`probe`: heads on features cached by `extract run`.
 
     probe linear --block 24 --t 90                  # the paper's linear probe, pool 2, recipe sgd
     probe linear --block 19 --t 150 --recipe lbfgs --json
     probe linear --block 24 --t 90 --label-fraction 0.01   # or --shots 5, --subset 1percent.txt
     probe sweep                                     # every (block, t, pool) held; heatmaps
     probe sweep --blocks 19-30 --t 90,150 --pool 2 --shots 10 --json
-    analyze --help                                  # CKA: a later issue
 
 A thin typer layer over probe.linear and probe.sweep; errors a user can fix print one line and exit with
 code 2.
@@ -30,22 +29,11 @@ probe_app = typer.Typer(
     help="Train heads on features cached by `extract run` (linear now; attention, DifFormer, DifFeed later).",
     add_completion=False,
 )
-analyze_app = typer.Typer(
-    help="Analyse cached features (CKA across blocks, timesteps and models). "
-         "No commands yet: `analyze cka` is a later issue.",
-    add_completion=False,
-)
 out = Console()
 
 
 @probe_app.callback(invoke_without_command=True)
 def _probe(ctx: typer.Context):
-    if ctx.invoked_subcommand is None:
-        typer.echo(ctx.get_help())
-
-
-@analyze_app.callback(invoke_without_command=True)
-def _analyze(ctx: typer.Context):
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
 
@@ -201,7 +189,3 @@ def sweep(
 
 def probe_main():
     probe_app(prog_name="probe")
-
-
-def analyze_main():
-    analyze_app(prog_name="analyze")

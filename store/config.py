@@ -178,12 +178,24 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
+class HeadsConfig:
+    depth: int = _key(2, _int(1, 64), "transformer blocks L of the attention, fusion and feedback heads")
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    split: str = _key("val", _str, "split the analyses read")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     extract: ExtractConfig = ExtractConfig()
     store: StoreConfig = StoreConfig()
     probe: ProbeConfig = ProbeConfig()
+    heads: HeadsConfig = HeadsConfig()
+    analyze: AnalyzeConfig = AnalyzeConfig()
 
     def to_dict(self) -> dict:
         out = {}

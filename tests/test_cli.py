@@ -6,7 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from extract.cli import app
-from probe.cli import analyze_app, probe_app
+from probe.analyze_cli import analyze_app
+from probe.cli import probe_app
 
 from .conftest import REPO
 
