@@ -46,8 +46,7 @@ def cached_epoch(store_path: str, block: int, t: int, pool: int, batch: int) -> 
     mean, std = feature_stats(x)
     data = _Standardised(x, mean, std, torch.device("cpu"))
     settings = dataclasses.replace(load_config(REPO / "pipeline.toml").probe, sgd_epochs=1, sgd_batch_size=batch)
-    train_sgd(data, y, len(store.class_names), [{"lr": 0.01, "weight_decay": 0.0}], settings,
-              torch.Generator().manual_seed(0))
+    train_sgd(data, y, len(store.class_names), [{"lr": 0.01, "weight_decay": 0.0}], settings, seed=0)
     return time.perf_counter() - start
 
 

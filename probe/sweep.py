@@ -6,8 +6,10 @@
     out = run(cfg, blocks=None, ts=None, pools=None)               # `probe sweep`: + ledger, plots
 
 A cell is a stored feature array (`FeatureKey`): asking for pool 2 of a block whose map is
-1x1 is the pool-1 array, trained once. Every cell trained appends its row to the ledger
-(probe/ledger.py) as soon as it is done, so a sweep that is stopped loses at most one cell;
+1x1 is the pool-1 array, trained once. With ``sgd``, cells of the same width that fit
+``probe.memory_mb`` together train in one pass (`probe.linear.linear_probes`; the same heads
+as one at a time). Every cell trained appends its row to the ledger (probe/ledger.py) as
+soon as its pass is done, so a sweep that is stopped loses at most one pass;
 the next one skips the cells whose row is already there for the same store fingerprint,
 recipe, seed, label subset (``subset`` and ``subset_sha``) and training settings
 (``settings``: `probe.linear.settings_hash`). The held-out and label-subset selection is made
@@ -124,21 +126,23 @@ def sweep(store: FeatureStore, cells: list[FeatureKey], recipe: str = "sgd", see
     fingerprint, settings_id = lin.store_fingerprint(store), lin.settings_hash(recipe, p)
     ledger = Path(ledger) if ledger is not None else None
     done = done_cells(ledger, fingerprint, recipe, seed, sel, settings_id)
-    out, trained = [], 0
     for key in cells:
-        if key in done:
-            out.append(_summary(done[key], trained=False))
-        else:
-            r = lin.linear_probe(store, key.block, key.t, key.pool, recipe=recipe, seed=seed, settings=p,
-                                 device=device, selection=sel)
-            if ledger is not None:
-                append_row(ledger, r)
-            out.append(_summary(r, trained=True))
-            trained += 1
+        if key in done and on_cell:
+            on_cell(key, False)
+    todo = [key for key in cells if key not in done]
+
+    def record(r: dict):  # each cell's row is written as soon as its pass is done
+        if ledger is not None:
+            append_row(ledger, r)
         if on_cell:
-            on_cell(key, key not in done)
-    return {"cells": out, "trained": trained, "skipped": len(cells) - trained, "selection": sel,
-            "fingerprint": fingerprint, "settings": settings_id}
+            on_cell(FeatureKey(r["t"], r["block"], r["stored_pool"]), True)
+
+    results = lin.linear_probes(store, [(k.block, k.t, k.pool) for k in todo], recipe=recipe, seed=seed,
+                                settings=p, device=device, selection=sel, on_result=record)
+    found = {**{k: _summary(r, trained=False) for k, r in done.items()},
+             **{k: _summary(r, trained=True) for k, r in zip(todo, results)}}
+    return {"cells": [found[k] for k in cells], "trained": len(todo), "skipped": len(cells) - len(todo),
+            "selection": sel, "fingerprint": fingerprint, "settings": settings_id}
 
 
 def plot_folder(ledger: Path, fingerprint: str, recipe: str, seed: int, subset_sha: str, settings: str) -> Path:

@@ -62,14 +62,14 @@ def _sweep(store, ledger, *args):
 
 
 def _count_probes(monkeypatch):
-    calls = []
-    real = lin.linear_probe
+    calls = []  # one (block, t, pool) per cell trained
+    real = lin.linear_probes
 
-    def counting(*a, **kw):
-        calls.append((a[1:4]))
-        return real(*a, **kw)
+    def counting(store, cells, *a, **kw):
+        calls.extend(cells)
+        return real(store, cells, *a, **kw)
 
-    monkeypatch.setattr(lin, "linear_probe", counting)
+    monkeypatch.setattr(lin, "linear_probes", counting)
     return calls
 
 
@@ -225,3 +225,27 @@ def test_subset_file_and_label_fraction_through_probe_linear(grid, tmp_path):
     r = runner.invoke(probe_app, [*base, "--subset", str(f)])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
     assert f"id 'not-an-image' in {f} is not one of the 300 train image ids" in r.output
+
+
+def test_many_feature_sets_in_one_pass_equal_each_trained_alone(grid):
+    store = open_store(grid)
+    cells = [(b, t, p) for b in BLOCKS for t in TS for p in POOLS]
+    keys = [store.stored_key(*c) for c in cells]
+    p = ProbeConfig(sgd_epochs=6)
+    # same width (pool 1: 8 features, pool 2: 32) and within the budget: one pass per width
+    assert lin.passes(store, keys, "sgd", p) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert lin.passes(store, keys, "lbfgs", p) == [[i] for i in range(8)]
+    small = ProbeConfig(sgd_epochs=6, memory_mb=2 * 300 * 32 * 4 / 2**20)  # two pool-2 train splits
+    assert lin.passes(store, keys, "sgd", small) == [[0, 2, 4, 6], [1, 3], [5, 7]]
+
+    seen = []
+    together = lin.linear_probes(store, cells, settings=p, seed=5, on_result=seen.append)
+    assert [(r["block"], r["t"], r["pool"]) for r in together] == cells and len(seen) == 8
+    for cell, r in zip(cells, together):
+        alone = lin.linear_probe(store, *cell, settings=p, seed=5)
+        assert r["top1"] == alone["top1"] and r["top5"] == alone["top5"], cell
+        assert r["hyperparameters"] == alone["hyperparameters"] and r["per_class"] == alone["per_class"]
+        for a, b in zip(r["grid"], alone["grid"]):
+            assert a["heldout_loss"] == pytest.approx(b["heldout_loss"], rel=1e-5, abs=1e-7)
+    assert [r["top1"] for r in lin.linear_probes(store, cells, settings=small, seed=5)] == \
+        [r["top1"] for r in together]
