@@ -83,7 +83,12 @@ from store.errors import ConfigError, StoreError
 from store.feature_store import FeatureKey, FeatureStore, open_store
 
 RECIPES = ("sgd", "lbfgs")
-_ROWS = 8192  # rows per chunk when standardising and scoring: bounds float32/float64 temporaries
+_TEMP_BYTES = 32 << 20  # float32/float64 temporaries of statistics and scoring: chunks of at most this
+
+
+def _chunk_rows(dim: int, bytes_per_value: int = 8) -> int:
+    """Rows per chunk whose ``dim`` values at ``bytes_per_value`` fit ``_TEMP_BYTES`` (at least 1)."""
+    return max(1, _TEMP_BYTES // (bytes_per_value * dim))
 
 
 # ------------------------------------------------------------------ data
@@ -162,8 +167,9 @@ def feature_stats(x: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.nda
     rows = np.arange(len(x)) if rows is None else rows
     s = np.zeros(x.shape[1], np.float64)
     ss = np.zeros(x.shape[1], np.float64)
-    for lo in range(0, len(rows), _ROWS):
-        chunk = x[rows[lo:lo + _ROWS]].astype(np.float64)
+    step = _chunk_rows(x.shape[1])
+    for lo in range(0, len(rows), step):
+        chunk = x[rows[lo:lo + step]].astype(np.float64)
         s += chunk.sum(0)
         ss += np.square(chunk).sum(0)
     return _finish_stats(s, ss, len(rows))
@@ -206,8 +212,9 @@ class _Standardised:
         return (self.x[:, idx].float() - self.mean) * self.inv_std
 
     def chunks(self):
-        for lo in range(0, len(self), _ROWS):
-            yield self.rows(slice(lo, lo + _ROWS))
+        step = _chunk_rows(self.dim * self.sets, 4)
+        for lo in range(0, len(self), step):
+            yield self.rows(slice(lo, lo + step))
 
 
 def _read_rows(arr, lo: int, hi: int) -> np.ndarray:
@@ -296,7 +303,7 @@ class _Streamed:
         """`feature_stats` of the used rows, one block at a time."""
         s = np.zeros(self._dim, np.float64)
         ss = np.zeros(self._dim, np.float64)
-        step = max(1, self.cap // 4)  # float64 and its square: 16 bytes per value, a budget's worth
+        step = min(max(1, self.cap // 4), _chunk_rows(self._dim))  # float64 and its square: 16 bytes a value
         for i in range(len(self.blocks)):
             x = self.raw(i)
             for lo in range(0, len(x), step):

@@ -1,0 +1,96 @@
+"""Peak memory of the linear probe on a split larger than ``probe.memory_mb``: streamed vs in memory.
+
+    python benchmarks/probe_stream_memory.py                     # 131072 x 4096 train (1.07 GB fp16)
+    python benchmarks/probe_stream_memory.py --images 262144 --budgets 64,256
+
+Writes a synthetic store (train ``--images`` x 1024 x 2 x 2 float16 = ADM block 24 at pool 2,
+100 classes with a planted signal; val 8192 images; chunks of 512), then runs
+`probe.linear.linear_probe` (sgd, one epoch, lr 0.01 alone: memory, not accuracy, is measured)
+once per budget, each in a fresh subprocess, and reports its peak RSS (ru_maxrss) above the
+RSS after imports, next to the budget and the split's size. The last budget is large enough
+to read the split whole: the in-memory path for comparison. Writes
+benchmarks/results/probe_stream_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+C, P, K, CHUNK = 1024, 2, 100, 512
+
+CHILD = r"""
+import dataclasses, json, resource, sys, time
+import torch
+torch.set_num_threads(2)
+from probe.linear import linear_probe
+from store.config import ProbeConfig
+from store.feature_store import open_store
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+base = rss_mb()
+p = dataclasses.replace(ProbeConfig(), memory_mb=float(sys.argv[2]), sgd_epochs=1, sgd_lr=(0.01,))
+start = time.perf_counter()
+r = linear_probe(open_store(sys.argv[1]), 24, 90, 2, recipe="sgd", settings=p)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"budget_mb": float(sys.argv[2]), "streamed": r["streamed"], "top1": r["top1"],
+                  "seconds": round(time.perf_counter() - start, 1), "rss_after_imports_mb": round(base),
+                  "peak_rss_mb": round(peak), "peak_above_imports_mb": round(peak - base)}))
+"""
+
+
+def write(path: Path, n_train: int, n_val: int):
+    from store.feature_store import FeatureKey, StoreWriter
+
+    key = FeatureKey(90, 24, P)
+    blocks = [{"number": 24, "module": "output_blocks.4", "channels": C, "spatial": 8}]
+    fps = {"model": {"synthetic": True}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
+    means = np.random.default_rng(0).standard_normal((K, C * P * P), dtype=np.float32) * 0.2
+    splits = {s: ([f"{s}/{i:07d}" for i in range(n)], np.arange(n) % K) for s, n in (("train", n_train), ("val", n_val))}
+    with StoreWriter.create(path, fingerprints=fps, provenance={}, blocks=blocks,
+                            class_names=[f"c{c}" for c in range(K)], splits=splits, chunk_images=CHUNK) as w:
+        for seed, (split, (_, y)) in enumerate(splits.items()):
+            w.ensure_arrays(split, {key: C}, "float16", "none")
+            rng = np.random.default_rng(seed + 1)
+            for c in range(-(-len(y) // CHUNK)):
+                yc = y[c * CHUNK:(c + 1) * CHUNK]
+                x = rng.standard_normal((len(yc), C * P * P), dtype=np.float32) + means[yc]
+                w.write_chunk(split, c, {key: x.reshape(len(yc), C, P, P).astype(np.float16)})
+            w.write_skipped(split, np.zeros(0, dtype=int))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=131072)
+    ap.add_argument("--budgets", default="64,256", help="MB; a whole-split budget is added")
+    args = ap.parse_args()
+    split_mb = args.images * C * P * P * 4 / 2**20  # as the budget counts it: 4 bytes per value
+    budgets = [float(b) for b in args.budgets.split(",")] + [split_mb * 1.01]
+    out = {"images": args.images, "dim": C * P * P, "split_fp16_mb": round(split_mb / 2),
+           "split_at_4_bytes_mb": round(split_mb), "runs": []}
+    with tempfile.TemporaryDirectory(dir=REPO / "benchmarks") as tmp:
+        path = Path(tmp) / "s.zarr"
+        write(path, args.images, 8192)
+        for budget in budgets:
+            res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(budget)], capture_output=True,
+                                 text=True, check=True)
+            run = json.loads(res.stdout.strip().splitlines()[-1])
+            print(run, flush=True)
+            out["runs"].append(run)
+    print(json.dumps(out, indent=2))
+    dest = REPO / "benchmarks" / "results" / "probe_stream_memory.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
