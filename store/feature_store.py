@@ -145,7 +145,13 @@ class FeatureStore:
         return masks
 
     def chunks_done(self, split: str, key: FeatureKey) -> int:
-        return int(self.done_masks(split).get(key, np.zeros(0, bool)).sum())
+        """Complete image chunks of one feature array. Reads only that array's column: listing
+        every array (`done_masks`) on each read made a 408-cell sweep spend ~70% of its time here."""
+        g = self._split(split)
+        columns = list(g.attrs.get("done_columns", []))
+        if key.name not in columns:  # an array without a column yet has no complete chunk
+            return 0
+        return int(g["done"][:, columns.index(key.name)].astype(bool).sum())
 
     def stored_key(self, block: int, t: int, pool: int) -> FeatureKey:
         """The array holding (block, t, pool): pools beyond a block's map are stored capped."""
