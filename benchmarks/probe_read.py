@@ -97,7 +97,7 @@ def main():
         store = open_store(args.embedded)
         usable = ~store.skipped("train").astype(bool)
         keys = store.keys("train")
-        gb = sum(int(np.prod(store.features("train", k.block, k.t, k.pool, dask=True).shape)) * 2
+        gb = sum(int(np.prod(store.feature_array("train", k.block, k.t, k.pool).shape)) * 2
                  for k in keys) / 1e9
         secs = timed(lambda: [lin._features(store, "train", k.block, k.t, k.pool, usable) for k in keys], args.repeats)
         out["embedded"] = {"arrays": len(keys), "GB": round(gb, 4), "s": round(secs, 3),

@@ -218,10 +218,10 @@ class _Standardised:
 
 
 def _read_rows(arr, lo: int, hi: int) -> np.ndarray:
-    """Store rows [lo, hi) of the (dask, Zarr-backed) feature array as (hi - lo, D) numpy.
+    """Store rows [lo, hi) of a feature array (`FeatureStore.feature_array`) as (hi - lo, D) numpy.
 
     The one place the streaming path reads features: only these rows' chunks are decoded."""
-    x = np.asarray(arr[lo:hi].compute())
+    x = arr[lo:hi]
     return x.reshape(len(x), -1)
 
 
@@ -232,7 +232,7 @@ def budget_rows(p: ProbeConfig, dim: int) -> int:
 
 def fits_in_memory(store: FeatureStore, split: str, block: int, t: int, pool: int, p: ProbeConfig) -> bool:
     """Whether ``split``'s whole feature array fits ``p.memory_mb`` (else the probe streams it)."""
-    shape = store.features(split, block, t, pool, dask=True).shape
+    shape = store.feature_array(split, block, t, pool).shape
     return shape[0] <= budget_rows(p, int(np.prod(shape[1:])))
 
 
@@ -248,7 +248,7 @@ class _Streamed:
 
     def __init__(self, store: FeatureStore, split: str, block: int, t: int, pool: int, rows: np.ndarray,
                  usable: np.ndarray, mean, std, device: torch.device, p: ProbeConfig):
-        self.arr = store.features(split, block, t, pool, dask=True)
+        self.arr = store.feature_array(split, block, t, pool)
         self.where = f"{store.path}: block {block}, t {t}, pool {pool} in split {split!r}"
         self._dim = int(np.prod(self.arr.shape[1:]))
         self.rows_ = np.asarray(rows, dtype=np.int64)
@@ -557,7 +557,7 @@ def passes(store: FeatureStore, keys: list[FeatureKey], recipe: str, p: ProbeCon
     groups: list[list[int]] = []
     open_: dict[int, tuple[list[int], int]] = {}  # width -> (the group being filled, its rows)
     for i, key in enumerate(keys):
-        shape = store.features("train", key.block, key.t, key.pool, dask=True).shape
+        shape = store.feature_array("train", key.block, key.t, key.pool).shape
         dim, rows = int(np.prod(shape[1:])), shape[0]
         if recipe != "sgd" or rows > budget_rows(p, dim):
             groups.append([i])
