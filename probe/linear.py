@@ -291,13 +291,20 @@ class _Streamed:
         return x[self.rows_[pos] - lo]
 
     def load(self, i: int) -> tuple[torch.Tensor, np.ndarray]:
-        """Block ``i``: (standardised float32 rows (1, rows, D), their positions in ``rows``)."""
-        x = torch.from_numpy(self.raw(i)).to(self._device)
-        return ((x.float() - self.mean) * self.inv_std)[None], self.blocks[i][2]
+        """Block ``i``: (its float16 rows (rows, D) on the device, their positions in ``rows``).
+        Standardise the rows used with `standardise`: a block is never held in float32 whole."""
+        return torch.from_numpy(self.raw(i)).to(self._device), self.blocks[i][2]
+
+    def standardise(self, x16: torch.Tensor) -> torch.Tensor:
+        """float16 rows (n, D) -> standardised float32 (1, n, D)."""
+        return ((x16.float() - self.mean) * self.inv_std)[None]
 
     def chunks(self):
+        step = _chunk_rows(self._dim, 4)
         for i in range(len(self.blocks)):
-            yield self.load(i)[0]
+            x16 = self.load(i)[0]
+            for lo in range(0, len(x16), step):
+                yield self.standardise(x16[lo:lo + step])
 
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
         """`feature_stats` of the used rows, one block at a time."""
@@ -371,18 +378,26 @@ def _sgd_batches(data, y: torch.Tensor, batch: int, gen: torch.Generator):
             idx = order[lo:lo + batch]
             yield data.rows(idx), y[idx]
         return
-    carry_x = carry_i = None
+    # the batches of (carry ++ this block's rows in a seeded order), cut every `batch` rows; the
+    # block stays float16 and only each batch is standardised (peak: the block, not 4 copies)
+    carry_x, carry_i = torch.zeros(1, 0, data.dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
     for i in torch.randperm(len(data.blocks), generator=gen).tolist():
-        x, pos = data.load(i)
-        perm = torch.randperm(len(pos), generator=gen)
-        x, idx = x[:, perm.to(device)], torch.from_numpy(pos)[perm].to(device)
-        if carry_x is not None:
-            x, idx = torch.cat([carry_x, x], dim=1), torch.cat([carry_i, idx])
-        full = len(idx) // batch * batch
+        x16, pos = data.load(i)
+        perm = torch.randperm(len(pos), generator=gen).to(device)
+        idx = torch.from_numpy(pos).to(device)[perm]
+        c = carry_i.numel()  # < batch
+        full = (c + len(perm)) // batch * batch
         for lo in range(0, full, batch):
-            yield x[:, lo:lo + batch], y[idx[lo:lo + batch]]
-        carry_x, carry_i = (x[:, full:], idx[full:]) if full < len(idx) else (None, None)
-    if carry_x is not None:
+            a, b = max(lo - c, 0), lo + batch - c  # positions in perm
+            xb, ib = data.standardise(x16[perm[a:b]]), idx[a:b]
+            if lo < c:
+                xb, ib = torch.cat([carry_x, xb], dim=1), torch.cat([carry_i, ib])
+            yield xb, y[ib]
+        a = max(full - c, 0)
+        rest_x, rest_i = data.standardise(x16[perm[a:]]), idx[a:]
+        carry_x, carry_i = ((rest_x, rest_i) if full >= c else
+                            (torch.cat([carry_x, rest_x], dim=1), torch.cat([carry_i, rest_i])))
+    if carry_i.numel():
         yield carry_x, y[carry_i]
 
 
@@ -411,11 +426,15 @@ def train_lbfgs(data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], 
                 return loss
             # the same loss, summed block by block: each block's graph is freed by its backward
             total = torch.zeros((), device=device)
+            step = _chunk_rows(data.dim, 4)
             for j in range(len(data.blocks)):
-                xb, pos = data.load(j)
-                part = F.cross_entropy(xb[0] @ w + b, y[torch.from_numpy(pos).to(device)], reduction="sum") / len(y)
-                part.backward()
-                total += part.detach()
+                x16, pos = data.load(j)
+                for lo in range(0, len(x16), step):
+                    xb = data.standardise(x16[lo:lo + step])[0]
+                    yb = y[torch.from_numpy(pos[lo:lo + step]).to(device)]
+                    part = F.cross_entropy(xb @ w + b, yb, reduction="sum") / len(y)
+                    part.backward()
+                    total += part.detach()
             reg = 0.5 * l2 * (w * w).sum()
             reg.backward()
             return total + reg.detach()
