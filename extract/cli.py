@@ -69,6 +69,10 @@ def run(
     pool: Optional[str] = typer.Option(None, "--pool", help="Pool sizes, e.g. 1,2 (extract.pools)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (extract.batch_size)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps (extract.device)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, max=4096,
+                                          help="Worker processes of a local dask cluster; one per GPU (extract.workers)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler",
+                                            help="Address of a dask scheduler, e.g. tcp://host:8786 (extract.scheduler)."),
     as_json: bool = JsonOpt,
 ):
     """Extract features into the store; resumes where a previous run stopped."""
@@ -78,12 +82,13 @@ def run(
 
     with user_errors():
         cfg = _config(config, store, **{"extract.blocks": blocks, "extract.timesteps": t, "extract.pools": pool,
-                                        "extract.batch_size": batch_size, "extract.device": device})
+                                        "extract.batch_size": batch_size, "extract.device": device,
+                                        "extract.workers": workers, "extract.scheduler": scheduler})
         started = time.perf_counter()
         bar = Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                       TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err,
-                       disable=as_json)
-        task = bar.add_task("extract", total=None, rate="")
+                       TextColumn("{task.fields[chunks]}"), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                       console=err, disable=as_json)
+        task = bar.add_task("extract", total=None, rate="", chunks="")
 
         computed = {"images": 0, "since": time.perf_counter()}
 
@@ -99,8 +104,15 @@ def run(
                 rate = computed["images"] / (time.perf_counter() - computed["since"])
                 bar.update(task, rate=f"{rate:.1f} images/s")
 
+        def on_chunks(done, total):
+            bar.update(task, chunks=f"chunks {done}/{total}")
+
+        def log(line):  # a distributed run: what runs it, and the dashboard's link
+            if not as_json:
+                err.print(escape(line), highlight=False, soft_wrap=True)
+
         try:
-            result = jobs.run(cfg, progress=progress, on_start=on_start)
+            result = jobs.run(cfg, progress=progress, on_start=on_start, on_chunks=on_chunks, log=log)
         finally:
             bar.stop()
         result["seconds"] = round(time.perf_counter() - started, 2)
@@ -109,8 +121,8 @@ def run(
     else:
         out.print(f"store {escape(result['store'])}: {result['images']} images x {len(result['timesteps'])} timesteps; "
                   f"{result['chunks_written']} chunks written, {result['chunks_already_done']} already complete, "
-                  f"{result['images_skipped']} images skipped; {result['seconds']:.1f} s on {result['device']}",
-                  highlight=False)
+                  f"{result['images_skipped']} images skipped; {result['seconds']:.1f} s on {result['device']}"
+                  + (f" ({result['workers']} dask workers)" if "workers" in result else ""), highlight=False)
 
 
 @app.command()

@@ -1,12 +1,15 @@
 """The extraction loop: images -> x_t -> one truncated U-Net forward per (batch, t) -> pooled
 features -> store chunks.
 
-Work is done chunk by chunk (the store's unit of completion); within a chunk, images are
-read ``batch_size`` at a time and each batch is run once per pending timestep. Every U-Net
-call has exactly ``forward_batch`` rows (the last group is zero-padded): CPU and GPU matmul
-kernels choose their blocking by row count, so the bits of a row would otherwise depend on
-how many images shared its call. With a fixed call shape the features depend only on
-(model, image, t, noise seed, device, dtype), whatever the batch size, resume or worker.
+Work is done chunk by chunk (the store's unit of completion): `chunk_work` lists the chunks
+still to do, `extract_chunk` does one (the same function in this process and on dask
+workers, see extract.distributed). Within a chunk, images are read ``batch_size`` at a time
+and each batch is run once per pending timestep. Every U-Net call has exactly
+``forward_batch`` rows (the last group is zero-padded): CPU and GPU matmul kernels choose
+their blocking by row count, so the bits of a row would otherwise depend on how many images
+shared its call. With a fixed call shape the features depend only on (model, image, t, noise
+seed, device, dtype, and on CPU the torch thread count), whatever the batch size, resume or
+worker.
 """
 
 from __future__ import annotations
@@ -106,62 +109,115 @@ def _read_batch(source: ImageSource, split: str, ids, on_corrupt: str):
     return torch.from_numpy(x0), bad
 
 
+@dataclass(frozen=True)
+class ChunkWork:
+    """One image chunk of one split and the feature arrays it still lacks: the unit of writing,
+    completion, resume and distribution (two workers never get the same chunk).
+
+    ``was_skipped``: positions (into the split) recorded as skipped by earlier runs; they stay
+    skipped. ``has_data``: some array already holds this chunk, so an image that cannot be
+    read now but was read then is an error (a store never mixes the two).
+    """
+
+    split: str
+    chunk: int
+    lo: int
+    hi: int
+    arrays: tuple[tuple[FeatureKey, tuple[int, ...]], ...]  # (key, shape of one image's feature)
+    dtype: str
+    was_skipped: tuple[int, ...] = ()
+    has_data: bool = False
+
+    @property
+    def images(self) -> int:
+        return self.hi - self.lo
+
+
+def chunk_work(plan: Plan, store) -> tuple[list[ChunkWork], list[int]]:
+    """The chunks of ``plan`` still to compute in ``store`` (in split and chunk order), and the
+    image counts of the chunks found complete. Reads only the completion records and ``skipped``."""
+    work, complete = [], []
+    for split, n in plan.split_sizes.items():
+        arrays = [(a.key, a.shape[1:], a.dtype) for a in plan.arrays if a.split == split]
+        done = store.done_masks(split)
+        chunk = store.chunk_images(split)
+        skipped = np.flatnonzero(store.skipped(split))
+        n_chunks = store.n_chunks(split)
+        has_data = np.logical_or.reduce(list(done.values()), axis=0) if done else np.zeros(n_chunks, bool)
+        for c in range(n_chunks):
+            lo, hi = c * chunk, min((c + 1) * chunk, n)
+            pending = tuple((k, shape) for k, shape, _ in arrays if not done[k][c])
+            if not pending:
+                complete.append(hi - lo)
+                continue
+            was = tuple(int(i) for i in skipped[(skipped >= lo) & (skipped < hi)])
+            work.append(ChunkWork(split, c, lo, hi, pending, arrays[0][2], was, bool(has_data[c])))
+    return work, complete
+
+
+def extract_chunk(model, diffusion, source: ImageSource, work: ChunkWork, writer: StoreWriter,
+                  settings: ComputeSettings, progress: Callable[[int, bool], None] | None = None) -> int:
+    """Compute one chunk's pending arrays, write its data, then its completion records.
+
+    The one per-chunk function of both the single-process loop and the dask workers.
+    ``model`` must already be on ``settings.device`` and in eval mode. Returns the number of
+    images recorded as skipped in this chunk.
+    """
+    lo, hi = work.lo, work.hi
+    index = source.split(work.split)
+    torch_dtype = getattr(torch, work.dtype)
+    by_t: dict[int, list[FeatureKey]] = {}
+    for k, _ in work.arrays:
+        by_t.setdefault(k.t, []).append(k)
+    out = {k: np.empty((hi - lo, *shape), dtype=work.dtype) for k, shape in work.arrays}
+    was_skipped = set(work.was_skipped)
+    skipped = []
+    for b0 in range(lo, hi, settings.batch_size):
+        b1 = min(b0 + settings.batch_size, hi)
+        ids = index.ids[b0:b1]
+        x0, bad = _read_batch(source, work.split, ids, settings.on_corrupt)
+        newly_bad = [i for i in bad if b0 + i not in was_skipped]
+        if newly_bad and work.has_data:
+            raise ImageError(f"{_where(source, work.split, ids[newly_bad[0]])}: cannot be read now, but it was "
+                             f"read when this store's earlier arrays were extracted; restore the file")
+        bad = sorted(set(bad) | {i for i in range(b1 - b0) if b0 + i in was_skipped})
+        skipped += [b0 + i for i in bad]
+        for t, tkeys in by_t.items():
+            noise = batch_noise(settings.noise_seed, ids, t, tuple(x0.shape[1:]))
+            x_t = diffusion.q_sample(x0, torch.full((len(x0),), t, dtype=torch.long), noise)
+            feats = pooled_features(model, x_t.to(settings.device), t, tkeys, settings, torch_dtype)
+            for k, pooled in feats.items():
+                if bad:
+                    pooled[bad] = float("nan")
+                out[k][b0 - lo : b1 - lo] = pooled.cpu().numpy()  # only pooled, cast tensors cross
+        if progress:
+            progress(b1 - b0, True)
+    writer.write_skipped(work.split, np.asarray(skipped, dtype=np.int64))  # before the chunk's records
+    writer.write_chunk(work.split, work.chunk, out)
+    return len(skipped)
+
+
 def extract_features(model, diffusion, source: ImageSource, plan: Plan, writer: StoreWriter,
-                     settings: ComputeSettings, progress: Callable[[int, bool], None] | None = None) -> dict:
-    """Fill every array of ``plan`` in ``writer``'s store, skipping chunks already complete.
+                     settings: ComputeSettings, progress: Callable[[int, bool], None] | None = None,
+                     on_chunks: Callable[[int, int], None] | None = None) -> dict:
+    """Fill every array of ``plan`` in ``writer``'s store in this process, skipping chunks
+    already complete.
 
     ``model`` must already be on ``settings.device`` and in eval mode. ``progress(n, computed)``
-    is called each time n images are done (computed False: found complete). Returns counts
-    of chunks computed and skipped, and images recorded as skipped.
+    is called each time n images are done (computed False: found complete); ``on_chunks(done,
+    total)`` once at the start and after each chunk. Returns counts of chunks computed and
+    skipped, and images recorded as skipped.
     """
-    stats = {"chunks_written": 0, "chunks_already_done": 0, "images_skipped": 0}
-    dtype = plan.arrays[0].dtype if plan.arrays else "float16"
-    torch_dtype = getattr(torch, dtype)
-    for split, n in plan.split_sizes.items():
-        index = source.split(split)
-        keys = [a.key for a in plan.arrays if a.split == split]
-        done = writer.done_masks(split)
-        chunk = writer.chunk_images(split)
-        # Images skipped by earlier runs stay skipped (NaN everywhere), and an image that was
-        # read for earlier arrays must not fail now: a store never mixes the two.
-        was_skipped = writer.skipped(split)
-        chunk_has_data = np.logical_or.reduce(list(done.values()), axis=0) if done else np.zeros(writer.n_chunks(split), bool)
-        for c in range(writer.n_chunks(split)):
-            lo, hi = c * chunk, min((c + 1) * chunk, n)
-            pending = [k for k in keys if not done[k][c]]
-            if not pending:
-                stats["chunks_already_done"] += 1
-                if progress:
-                    progress(hi - lo, False)
-                continue
-            by_t: dict[int, list[FeatureKey]] = {}
-            for k in pending:
-                by_t.setdefault(k.t, []).append(k)
-            out = {k: np.empty((hi - lo, *a.shape[1:]), dtype=dtype)
-                   for a in plan.arrays if a.split == split and (k := a.key) in pending}
-            skipped = []
-            for b0 in range(lo, hi, settings.batch_size):
-                b1 = min(b0 + settings.batch_size, hi)
-                ids = index.ids[b0:b1]
-                x0, bad = _read_batch(source, split, ids, settings.on_corrupt)
-                newly_bad = [i for i in bad if not was_skipped[b0 + i]]
-                if newly_bad and chunk_has_data[c]:
-                    raise ImageError(f"{_where(source, split, ids[newly_bad[0]])}: cannot be read now, but it was "
-                                     f"read when this store's earlier arrays were extracted; restore the file")
-                bad = sorted(set(bad) | {i for i in range(b1 - b0) if was_skipped[b0 + i]})
-                skipped += [b0 + i for i in bad]
-                for t, tkeys in by_t.items():
-                    noise = batch_noise(settings.noise_seed, ids, t, tuple(x0.shape[1:]))
-                    x_t = diffusion.q_sample(x0, torch.full((len(x0),), t, dtype=torch.long), noise)
-                    feats = pooled_features(model, x_t.to(settings.device), t, tkeys, settings, torch_dtype)
-                    for k, pooled in feats.items():
-                        if bad:
-                            pooled[bad] = float("nan")
-                        out[k][b0 - lo : b1 - lo] = pooled.cpu().numpy()  # only pooled, cast tensors cross
-                if progress:
-                    progress(b1 - b0, True)
-            writer.write_skipped(split, np.asarray(skipped, dtype=np.int64))  # before the chunk's records
-            writer.write_chunk(split, c, out)
-            stats["chunks_written"] += 1
-            stats["images_skipped"] += len(skipped)
-    return stats
+    work, complete = chunk_work(plan, writer)
+    total = len(work) + len(complete)
+    if progress:
+        for n in complete:
+            progress(n, False)
+    if on_chunks:
+        on_chunks(len(complete), total)
+    skipped = 0
+    for i, w in enumerate(work, start=1):
+        skipped += extract_chunk(model, diffusion, source, w, writer, settings, progress)
+        if on_chunks:
+            on_chunks(len(complete) + i, total)
+    return {"chunks_written": len(work), "chunks_already_done": len(complete), "images_skipped": skipped}

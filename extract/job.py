@@ -85,8 +85,11 @@ class Job:
     checkpoint: str
 
 
-def prepare(cfg: Config) -> Job:
-    """Resolve a config into spec, block table, image index and plan. Loads no weights."""
+def prepare(cfg: Config, source: ImageSource | None = None) -> Job:
+    """Resolve a config into spec, block table, image index and plan. Loads no weights.
+
+    ``source``: an image source already built from this config (a dask worker gets the
+    client's, so that it neither rescans a folder tree nor sees a different listing)."""
     spec = model_spec(cfg)
     try:  # guided-diffusion checks its flags with asserts and assorted exceptions
         table = block_table(spec)
@@ -99,7 +102,7 @@ def prepare(cfg: Config) -> Job:
                           f"{dict(cfg.model.arch)} do not build a guided-diffusion U-Net "
                           f"({type(e).__name__}: {first})") from None
     ckpt = checkpoint_path(cfg)
-    source = image_source(cfg, spec.image_size)
+    source = image_source(cfg, spec.image_size) if source is None else source
     sizes = {s: len(source.split(s)) for s in cfg.data.splits}
     e = cfg.extract
     plan = make_plan(table, sizes, e.blocks, e.timesteps, e.pools, cfg.store.dtype, spec.diffusion_steps)
@@ -122,35 +125,70 @@ def fingerprints(job: Job, checkpoint_sha256: str, device: torch.device) -> dict
     }
 
 
+def compute_settings(cfg: Config, device: torch.device) -> ComputeSettings:
+    e = cfg.extract
+    return ComputeSettings(device=device, forward_batch=e.forward_batch, autocast=e.autocast, noise_seed=e.noise_seed,
+                           batch_size=e.batch_size, on_corrupt=cfg.data.on_corrupt)
+
+
+def load_model(job: Job, device: torch.device):
+    """The U-Net with the job's weights, on ``device``, in eval mode; and the checkpoint's sha256."""
+    model = build_model(job.spec)
+    sha = load_checkpoint(model, job.checkpoint)
+    return model.to(device).eval(), sha
+
+
+def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, **provenance) -> StoreWriter:
+    """Create or open the job's store (taking its lock), record this run, create missing arrays.
+
+    ``provenance`` adds to the recorded run (the device, or a distributed run's workers)."""
+    cfg = job.cfg
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": tool_version(), "torch": torch.__version__,
+        "device": str(device), "checkpoint": job.checkpoint, "source": job.source.describe(), "config": cfg.to_dict(),
+        **provenance,
+    }
+    writer = StoreWriter.create(
+        cfg.store.path, fingerprints=fingerprints(job, checkpoint_sha256, device), provenance=record,
+        blocks=job.table.to_list(), class_names=list(job.source.class_names),
+        splits={s: (list(job.source.split(s).ids), job.source.split(s).labels) for s in cfg.data.splits},
+        chunk_images=cfg.store.chunk_images)
+    try:
+        writer.record_run(record)
+        for split in job.plan.split_sizes:
+            writer.ensure_arrays(split, {a.key: a.shape[1] for a in job.plan.arrays if a.split == split},
+                                 cfg.store.dtype, cfg.store.codec)
+    except BaseException:
+        writer.close()
+        raise
+    return writer
+
+
 def run(cfg: Config, progress: Callable[[int, bool], None] | None = None,
-        on_start: Callable[[Job], None] | None = None) -> dict:
-    """The whole `extract run`: prepare, load the model, open the store, fill what is missing."""
+        on_start: Callable[[Job], None] | None = None,
+        on_chunks: Callable[[int, int], None] | None = None,
+        log: Callable[[str], None] | None = None) -> dict:
+    """The whole `extract run`: prepare, load the model, open the store, fill what is missing.
+
+    ``progress(n, computed)``: n more images done (computed False: found complete).
+    ``on_chunks(done, total)``: image chunks complete so far, of all chunks of the run.
+    ``log(line)``: a line worth showing (a distributed run's cluster and dashboard).
+    With ``extract.workers`` or ``extract.scheduler`` the chunks run on dask workers
+    (extract.distributed); otherwise in this process.
+    """
+    if cfg.extract.workers or cfg.extract.scheduler:
+        from extract.distributed import run_distributed  # dask.distributed only when asked for
+
+        return run_distributed(prepare(cfg), progress, on_start, on_chunks, log)
     job = prepare(cfg)
     device = resolve_device(cfg.extract.device)
     if cfg.extract.threads:
         torch.set_num_threads(cfg.extract.threads)
-    model = build_model(job.spec)
-    sha = load_checkpoint(model, job.checkpoint)
-    model.to(device).eval()
-    provenance = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": tool_version(), "torch": torch.__version__, "device": str(device),
-        "checkpoint": job.checkpoint, "source": job.source.describe(), "config": cfg.to_dict(),
-    }
-    writer = StoreWriter.create(
-        cfg.store.path, fingerprints=fingerprints(job, sha, device), provenance=provenance,
-        blocks=job.table.to_list(), class_names=list(job.source.class_names),
-        splits={s: (list(job.source.split(s).ids), job.source.split(s).labels) for s in cfg.data.splits},
-        chunk_images=cfg.store.chunk_images)
-    with writer:
-        writer.record_run(provenance)
-        for split in job.plan.split_sizes:
-            writer.ensure_arrays(split, {a.key: a.shape[1] for a in job.plan.arrays if a.split == split},
-                                 cfg.store.dtype, cfg.store.codec)
+    model, sha = load_model(job, device)
+    with open_writer(job, sha, device, torch_threads=torch.get_num_threads()) as writer:  # CPU bits follow it
         if on_start:
             on_start(job)
-        settings = ComputeSettings(device=device, forward_batch=cfg.extract.forward_batch,
-                                   autocast=cfg.extract.autocast, noise_seed=cfg.extract.noise_seed,
-                                   batch_size=cfg.extract.batch_size, on_corrupt=cfg.data.on_corrupt)
-        stats = extract_features(model, job.diffusion, job.source, job.plan, writer, settings, progress)
+        stats = extract_features(model, job.diffusion, job.source, job.plan, writer, compute_settings(cfg, device),
+                                 progress, on_chunks)
     return {"store": str(cfg.store.path), "device": str(device), "images": sum(job.plan.split_sizes.values()),
             "timesteps": list(job.plan.timesteps), **stats}

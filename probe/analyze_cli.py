@@ -1,23 +1,136 @@
-"""`analyze`: analyses of features cached by `extract run` (CKA: a later issue).
+"""`analyze`: analyses of features cached by `extract run`.
 
-A thin typer layer over library functions; errors a user can fix print one line and exit with code 2.
+    analyze cka --t 90                          # block x block CKA at t 90 (every block held)
+    analyze cka --block 24                      # t x t CKA at block 24
+    analyze cka --t 90 --against other.zarr     # this store's blocks x the other's, same images
+    analyze cka --t 90 --estimator linear-unbiased --bootstrap 200 --permutations 20 --json
+
+A thin typer layer over probe.cka; errors a user can fix print one line and exit with code 2.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from extract.cli import user_errors  # the one way CLIs report a user's mistake
+from store.config import load_config
+from store.ranges import parse_int_list
 
 analyze_app = typer.Typer(
-    help="Analyse cached features (CKA across blocks, timesteps and models). "
-         "No commands yet: `analyze cka` is a later issue.",
+    help="Analyse cached features: `analyze cka` compares representations (block x block at one t, "
+         "t x t at one block, or two stores' blocks) by centered kernel alignment.",
     add_completion=False,
 )
+out = Console()
 
 
 @analyze_app.callback(invoke_without_command=True)
 def _analyze(ctx: typer.Context):
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
+
+
+@analyze_app.command()
+def cka(
+    t: Optional[str] = typer.Option(None, "--t", help="Timestep: one for block x block (--t 90); with --block, "
+                                                      "the timesteps of the t x t matrix (default: all held)."),
+    block: Optional[int] = typer.Option(None, "--block", min=1, help="t x t matrix at this block."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks of a block x block matrix, e.g. '1-37' "
+                                                                "or '19,24,30' (default: all held)."),
+    against: Optional[Path] = typer.Option(None, "--against", help="Another store: this store's blocks x its "
+                                                                   "blocks on the same images."),
+    pool: Optional[int] = typer.Option(None, "--pool", min=1, help="Stored pool size (default: the smallest held)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to read (analyze.split, default val)."),
+    estimator: Optional[str] = typer.Option(None, "--estimator", help="linear, linear-unbiased, rbf, rbf-unbiased "
+                                                                      "or minibatch (analyze.estimator)."),
+    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", min=0, help="Bootstrap replicates (half-samples of "
+                                                                            "the images) for 95% intervals "
+                                                                            "(analyze.bootstrap)."),
+    permutations: Optional[int] = typer.Option(None, "--permutations", min=0,
+                                               help="Shuffled-pairing baseline replicates (analyze.permutations)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of bootstrap, permutations, minibatches."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Store path (overrides store.path)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, "
+                                                                 "else built-in defaults)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
+):
+    """CKA matrix between cached representations: heatmap PNG and CSV beside the store, summary printed.
+
+    Each stored array is read once per matrix, in chunks; memory is bounded by analyze.memory_mb (never N x N for the linear estimators in feature space).
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from extract.cli import err
+    from probe import cka as ck
+
+    with user_errors():
+        cfg = load_config(config, {"store.path": str(store) if store else None, "analyze.split": split,
+                                   "analyze.estimator": estimator, "analyze.bootstrap": bootstrap,
+                                   "analyze.permutations": permutations, "analyze.seed": seed})
+        ts = None if t is None else parse_int_list(t, "--t")
+        bl = None if blocks is None else parse_int_list(blocks, "--blocks")
+        if block is not None and bl is not None:
+            raise ck.CkaError("--blocks: not with --block (a t x t matrix is of one block)")
+        bar = Progress(TextColumn("[bold]cka"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                       TimeRemainingColumn(), console=err, disable=as_json, transient=True)
+        task = bar.add_task("cka", total=None)
+
+        def on_progress(done, total):
+            if not bar.live.is_started:
+                bar.start()
+            bar.update(task, completed=done, total=total)
+
+        try:
+            r = ck.run(cfg, t=ts, block=block, blocks=bl, against=against, pool=pool, on_progress=on_progress)
+        finally:
+            bar.stop()
+    for w in r["warnings"]:
+        err.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+    if as_json:
+        print(json.dumps(r))
+        return
+    s = ck.summary(r)
+    where = f"block {r['block']}" if r["mode"] == "timesteps" else f"t {r['t']}"
+    what = {"blocks": "block x block", "timesteps": "t x t", "against": "block x block across stores"}[r["mode"]]
+    table = Table(title=escape(f"CKA ({r['estimator']}): {what} at {where}, pool {r['pool']}"), show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    pair = "pair" if r["mode"] != "against" else "cell"
+
+    def cells(cs):
+        return ", ".join(f"{a}/{b} {v:.3f}" for v, a, b in cs)
+
+    rows = [
+        ("store", r["store"] + ("" if r["against"] is None else f"  vs  {r['against']}")),
+        ("images", f"{r['n_images']} of split {r['split']!r}"),
+        ("matrix", f"{len(r['rows'])} x {len(r['cols'])} ({r['form']} form, each array read {r['reads']}x)"),
+        (f"mean off-diagonal {pair}" if r["mode"] != "against" else "mean cell", f"{s['mean']:.3f}"),
+        ("most similar", cells(s["highest"])), ("least similar", cells(s["lowest"])),
+    ]
+    if "ci_low" in r:
+        import numpy as np
+
+        width = np.asarray(r["ci_high"]) - np.asarray(r["ci_low"])
+        rows.append(("95% bootstrap CI", f"{r['bootstrap']} resamples; median width {float(np.median(width)):.3f}"))
+    if "perm_mean" in r:
+        import numpy as np
+
+        rows.append(("permutation baseline", f"{r['permutations']} shuffles; mean {float(np.mean(r['perm_mean'])):.3f}, "
+                                             f"largest 95th percentile {float(np.max(r['perm_high'])):.3f}"))
+    rows.append(("time", f"{r['seconds']:.1f} s"))
+    for name, value in rows:
+        table.add_row(name, escape(value))
+    out.print(table)
+    out.print(f"heatmap and CSV: {escape(str(r['folder']))}/", highlight=False)
+    for f in r["files"]:
+        out.print(f"  {escape(f)}", highlight=False)
 
 
 def analyze_main():

@@ -5,8 +5,11 @@
     probe linear --block 24 --t 90 --label-fraction 0.01   # or --shots 5, --subset 1percent.txt
     probe sweep                                     # every (block, t, pool) held; heatmaps
     probe sweep --blocks 19-30 --t 90,150 --pool 2 --shots 10 --json
+    probe attention --block 24 --t 150 [--pool 16]    # attention head on the stored P x P map
+    probe fusion --blocks 19,24,30 --t 90,150,300     # DifFormer over blocks x timesteps
+    probe feedback [--blocks 21,24,27,30,33,36 --target 24 --t 150]   # DifFeed, runs the U-Net
 
-A thin typer layer over probe.linear and probe.sweep; errors a user can fix print one line and exit with
+A thin typer layer over probe.linear, probe.sweep, probe.attention and probe.feedback; errors a user can fix print one line and exit with
 code 2.
 """
 
@@ -26,7 +29,7 @@ from store.config import load_config
 from store.ranges import parse_int_list
 
 probe_app = typer.Typer(
-    help="Train heads on features cached by `extract run` (linear now; attention, DifFormer, DifFeed later).",
+    help="Train heads on features cached by `extract run` (linear, attention, DifFormer) or online (DifFeed).",
     add_completion=False,
 )
 out = Console()
@@ -185,6 +188,151 @@ def sweep(
     out.print(f"plots: {escape(str(r['plots']['folder']))}/ ({len(r['plots']['files'])} PNG files)", highlight=False)
     for f in r["plots"]["files"]:
         out.print(f"  {escape(f)}", highlight=False)
+
+
+def _head_table(r: dict, title: str) -> None:
+    """The result of an attention, fusion or feedback head as a table (the rest is in --json)."""
+    a = r["architecture"]
+    table = Table(title=escape(title), show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    lrs = ", ".join(f"{g['lr']:g}: {_pct(g['heldout_top1'])}" for g in r["grid"])
+    for name, value in [
+        ("val top-1", _pct(r["top1"])), ("val top-5", _pct(r["top5"])),
+        ("held-out top-1", f"{_pct(r['heldout_top1'])} (chose lr {r['hyperparameters']['lr']:g}; {lrs})"),
+        ("head", f"D {a['dim']}, {a['depth']} blocks, {a['num_heads']} heads, MLP x{a['mlp_ratio']:g}, "
+                 f"{a['tokens']} tokens + CLS, {a['parameters']:,} trained parameters"),
+        ("images", f"{r['n_train']} fitted, {r['n_heldout']} held out, {r['n_val']} val, {r['n_classes']} classes"),
+        ("seed", str(r["seed"])),
+        ("label subset", r["subset"] + ("" if r["subset_file"] is None else f" (ids: {r['subset_file']})")),
+        ("time", f"{r['seconds']:.1f} s on {r['device']}"),
+        ("store", f"{r['store']} ({r['fingerprint']})"), ("ledger", str(r["ledger"])),
+    ]:
+        table.add_row(name, escape(value))
+    out.print(table)
+
+
+def _heads_config(config, store, seed, device, ledger):
+    return load_config(config, {"store.path": str(store) if store else None, "probe.seed": seed,
+                                "probe.device": device, "probe.ledger": ledger})
+
+
+HeadPoolOpt = typer.Option(None, "--pool", min=1, help="Pool size P: P*P tokens per block (default: the largest "
+                                                      "the store holds up to heads.pool).")
+
+
+@probe_app.command()
+def attention(
+    block: int = typer.Option(..., "--block", min=1, help="Block number (1-based, as in `extract blocks`)."),
+    t: int = typer.Option(..., "--t", min=0, help="Timestep t."),
+    pool: Optional[int] = HeadPoolOpt,
+    store: Optional[Path] = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    label_fraction: Optional[float] = FractionOpt,
+    shots: Optional[int] = ShotsOpt,
+    subset: Optional[Path] = SubsetOpt,
+    ledger: Optional[str] = LedgerOpt,
+    as_json: bool = JsonOpt,
+):
+    """Train an attention head (LayerNorm + 1x1 projection to tokens, CLS, transformer) on train's cached
+    (block, t, pool) map; top-1/top-5 on val.
+
+    Architecture and recipe: [heads] in pipeline.toml. The lr is chosen on the held-out part of train, never on val. One ledger row.
+    """
+    from probe import attention as att
+
+    with user_errors():
+        cfg = _heads_config(config, store, seed, device, ledger)
+        r = att.run_attention(cfg, block, t, pool, subset=_subset(label_fraction, shots, subset))
+    if as_json:
+        print(json.dumps(r))
+        return
+    _head_table(r, f"attention head: block {r['block']}, t {r['t']}, pool {r['stored_pool']}")
+
+
+@probe_app.command()
+def fusion(
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks, e.g. '19,24,30' (heads.fusion_blocks)."),
+    t: Optional[str] = typer.Option(None, "--t", help="Timesteps, e.g. '90,150,300' (heads.fusion_timesteps)."),
+    pool: Optional[int] = HeadPoolOpt,
+    store: Optional[Path] = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    label_fraction: Optional[float] = FractionOpt,
+    shots: Optional[int] = ShotsOpt,
+    subset: Optional[Path] = SubsetOpt,
+    ledger: Optional[str] = LedgerOpt,
+    as_json: bool = JsonOpt,
+):
+    """DifFormer: per timestep, the tokens of every block through one shared transformer; the CLS outputs of all
+    timesteps into a linear classifier. On cached features; top-1/top-5 on val.
+
+    A (block, t, pool) the store lacks is named with the `extract run` that adds it. One ledger row.
+    """
+    from probe import attention as att
+
+    with user_errors():
+        cfg = _heads_config(config, store, seed, device, ledger)
+        lists = [None if v is None else parse_int_list(v, flag) for v, flag in ((blocks, "--blocks"), (t, "--t"))]
+        r = att.run_fusion(cfg, *lists, pool, subset=_subset(label_fraction, shots, subset))
+    if as_json:
+        print(json.dumps(r))
+        return
+    _head_table(r, f"DifFormer: blocks {','.join(map(str, r['blocks']))} x t {','.join(map(str, r['timesteps']))}, "
+                   f"pools {','.join(map(str, r['stored_pools']))}")
+
+
+@probe_app.command()
+def feedback(
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Decoder blocks fed back (heads.feedback_blocks)."),
+    target: Optional[int] = typer.Option(None, "--target", min=1, help="Block read by the head (heads.feedback_target)."),
+    t: Optional[int] = typer.Option(None, "--t", min=0, help="Timestep t (heads.feedback_t)."),
+    pool: Optional[int] = typer.Option(None, "--pool", min=1, help="Pool P of the target map (heads.pool)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Store path: the ledger is written beside it (store.path)."),
+    config: Optional[Path] = ConfigOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    label_fraction: Optional[float] = FractionOpt,
+    shots: Optional[int] = ShotsOpt,
+    subset: Optional[Path] = SubsetOpt,
+    ledger: Optional[str] = LedgerOpt,
+    as_json: bool = JsonOpt,
+):
+    """DifFeed: runs the config's U-Net on its images twice per step (decoder features fed back to their
+    skip-connected encoder blocks); trains the feedback layers and an attention head; top-1/top-5 on val.
+
+    Model and images: [model] and [data] as for `extract run`. One ledger row.
+    """
+    from rich.progress import Progress, TextColumn, TimeElapsedColumn
+
+    from extract.cli import err
+    from probe import feedback as fb
+
+    with user_errors():
+        cfg = _heads_config(config, store, seed, device, ledger)
+        decoder = None if blocks is None else parse_int_list(blocks, "--blocks")
+        spec = _subset(label_fraction, shots, subset)
+        bar = Progress(TextColumn("[bold]DifFeed"), TextColumn("{task.completed} steps"), TimeElapsedColumn(),
+                       console=err, disable=as_json)
+        task = bar.add_task("feedback", total=None)
+
+        def on_step(n):
+            if n == 1:
+                bar.start()  # not before: an error in the setup prints one line only
+            bar.update(task, completed=n)
+
+        try:
+            r = fb.run(cfg, decoder, target, t, pool, subset=spec, on_step=on_step)
+        finally:
+            bar.stop()
+    if as_json:
+        print(json.dumps(r))
+        return
+    pairs = ", ".join(f"{d}->{e}" for d, e in r["pairs"].items())
+    _head_table(r, f"DifFeed: feedback {pairs}; block {r['target']}, t {r['t']}, pool {r['stored_pool']}")
 
 
 def probe_main():

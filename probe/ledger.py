@@ -22,7 +22,9 @@ block, t, pool     the feature set asked for
 stored_pool        the pool it is stored at (capped at the block's map size)
 dim                features per image (C * p * p)
 recipe             ``sgd`` or ``lbfgs``
-hyperparameters    the chosen ones, JSON (``{"lr": .., "weight_decay": ..}`` or ``{"l2": ..}``)
+hyperparameters    the chosen ones, JSON (``{"lr": .., "weight_decay": ..}`` or ``{"l2": ..}``);
+                   other heads add their architecture (dim, depth, num_heads, mlp_ratio,
+                   tokens, parameters; DifFeed its decoder -> encoder ``pairs``)
 seed               seed of the held-out selection, label subset, initialisation and batch order
 subset             the images fitted on: ``all``, ``fraction:F``, ``shots:K`` or ``file:PATH``
                    (probe/subsets.py)
@@ -37,12 +39,18 @@ top1, top5         on val, fractions in [0, 1]
 seconds            wall time of the probe (reading, standardising, training, scoring)
 device             torch device it trained on
 per_class          top-1 per class on val, JSON ``{class name: fraction}``
+head               ``linear``, ``attention``, ``fusion`` (DifFormer) or ``feedback`` (DifFeed)
+blocks, timesteps  every block and timestep the head read, comma-separated (``19,24,30``); a
+                   fusion row leaves ``block`` and ``t`` empty
 =================  ==========================================================================
 
 Appends take an exclusive ``flock`` on the file, so concurrent probes never interleave rows.
 A file whose header differs from these columns is refused rather than extended. Version 2
 of the columns added ``subset``, ``subset_sha`` and ``settings`` (after ``seed``): a ledger
-written before them is refused too; point ``probe.ledger`` at a new file.
+written before them is refused too; point ``probe.ledger`` at a new file. Version 3 added
+``head``, ``blocks`` and ``timesteps`` (at the end): a version-2 ledger is still read (its rows
+are linear probes) and linear rows are still appended to it in its own columns; rows of other
+heads need a version-3 file.
 """
 
 from __future__ import annotations
@@ -57,10 +65,13 @@ from store.errors import DiffprobeError
 
 COLUMNS = ("timestamp", "store", "fingerprint", "n_train", "n_heldout", "n_val", "n_classes", "block", "t",
            "pool", "stored_pool", "dim", "recipe", "hyperparameters", "seed", "subset", "subset_sha", "settings",
-           "heldout_top1", "top1", "top5", "seconds", "device", "per_class")
+           "heldout_top1", "top1", "top5", "seconds", "device", "per_class", "head", "blocks", "timesteps")
+COLUMNS_V2 = COLUMNS[:-3]  # before the head columns: read, and extended with linear rows only
 _INTS = {"n_train", "n_heldout", "n_val", "n_classes", "block", "t", "pool", "stored_pool", "dim", "seed"}
 _FLOATS = {"heldout_top1", "top1", "top5", "seconds"}
 _JSON = {"hyperparameters", "per_class"}
+_LISTS = {"blocks", "timesteps"}
+_OPTIONAL = {"block", "t"}  # empty in a fusion row
 
 
 class LedgerError(DiffprobeError):
@@ -74,11 +85,25 @@ def ledger_path(store_path: str | Path, name: str) -> Path:
 
 
 def to_row(result: dict) -> dict:
-    """The ledger row of one probe result."""
-    row = {c: result[c] for c in COLUMNS}
+    """The ledger row of one probe result (a result without ``head`` is a linear probe's)."""
+    defaults = {"head": "linear", "blocks": [result.get("block")], "timesteps": [result.get("t")]}
+    row = {c: result[c] if c in result or c not in defaults else defaults[c] for c in COLUMNS}
     for c in _JSON:
         row[c] = json.dumps(row[c], sort_keys=True)
+    for c in _LISTS:
+        row[c] = ",".join(str(v) for v in row[c]) if isinstance(row[c], (list, tuple)) else row[c]
+    for c in _OPTIONAL:
+        row[c] = "" if row[c] is None else row[c]
     return row
+
+
+def _header(path: Path, header: str) -> tuple[str, ...]:
+    names = next(csv.reader(io.StringIO(header)))
+    for columns in (COLUMNS, COLUMNS_V2):
+        if names == list(columns):
+            return columns
+    raise LedgerError(f"{path}: not a diffprobe ledger of these columns (header {header[:80]!r}); "
+                      f"set probe.ledger to another file")
 
 
 def append_row(path: str | Path, result: dict) -> dict:
@@ -91,12 +116,15 @@ def append_row(path: str | Path, result: dict) -> dict:
             fcntl.flock(f, fcntl.LOCK_EX)
             f.seek(0)
             header = f.readline().strip()
+            columns = COLUMNS if not header else _header(path, header)
             if not header:
                 csv.writer(f).writerow(COLUMNS)
-            elif next(csv.reader(io.StringIO(header))) != list(COLUMNS):
-                raise LedgerError(f"{path}: not a diffprobe ledger of these columns (header {header[:80]!r}); "
-                                  f"set probe.ledger to another file")
-            csv.DictWriter(f, COLUMNS).writerow(row)
+            if columns is COLUMNS_V2:
+                if row["head"] != "linear":
+                    raise LedgerError(f"{path}: a ledger written before the head columns takes linear-probe "
+                                      f"rows only; set probe.ledger to another file for {row['head']} rows")
+                row = {c: row[c] for c in COLUMNS_V2}
+            csv.DictWriter(f, columns).writerow(row)
     except OSError as e:
         raise LedgerError(f"{path}: cannot write the results ledger ({e.strerror or e})") from None
     return row
@@ -109,13 +137,17 @@ def read_rows(path: str | Path) -> list[dict]:
         return []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames and list(reader.fieldnames) != list(COLUMNS):
+        if reader.fieldnames and list(reader.fieldnames) not in (list(COLUMNS), list(COLUMNS_V2)):
             raise LedgerError(f"{path}: not a diffprobe ledger of these columns (an older one?); "
                               f"set probe.ledger to another file")
         rows = list(reader)
     for row in rows:
+        if "head" not in row:  # a version-2 ledger: linear probes only
+            row.update(head="linear", blocks=row["block"], timesteps=row["t"])
         for c in _INTS:
-            row[c] = int(row[c])
+            row[c] = None if c in _OPTIONAL and row[c] == "" else int(row[c])
+        for c in _LISTS:
+            row[c] = [int(v) for v in row[c].split(",") if v]
         for c in _FLOATS:
             row[c] = float(row[c])
         for c in _JSON:

@@ -99,3 +99,32 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def cka_heatmap(matrix: np.ndarray, rows: list, cols: list, row_name: str, col_name: str, title: str,
+                path: str | Path) -> Path:
+    """One CKA matrix as a PNG: rows (y) x cols (x) labelled, colour bar 0..1 (wider if an
+    unbiased estimate leaves it), values in the cells when there are at most 120."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = np.asarray(matrix, dtype=float)
+    lo, hi = min(0.0, float(np.nanmin(m))), max(1.0, float(np.nanmax(m)))
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.26 * len(cols) + 3.0), max(4.5, 0.26 * len(rows) + 2.2)))
+    im = ax.imshow(m, origin="lower", aspect="auto", cmap="magma", vmin=lo, vmax=hi)
+    small = 7 if max(len(rows), len(cols)) > 20 else 9
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols], fontsize=small, rotation=90 if len(cols) > 20 else 0)
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=small)
+    ax.set_xlabel(col_name)
+    ax.set_ylabel(row_name)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="CKA")
+    if m.size <= _ANNOTATE_MAX:
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if (v - lo) / (hi - lo) < 0.5 else "black")
+    return _save(fig, path)

@@ -99,7 +99,8 @@ def done_cells(ledger: Path | None, fingerprint: str, recipe: str, seed: int, se
         return {}
     same = {"fingerprint": fingerprint, "recipe": recipe, "seed": seed, "subset": sel.subset,
             "subset_sha": sel.subset_sha, "settings": settings}
-    return {_cell_of(r): r for r in read_rows(ledger) if all(r[k] == v for k, v in same.items())}
+    return {_cell_of(r): r for r in read_rows(ledger)
+            if r.get("head", "linear") == "linear" and all(r[k] == v for k, v in same.items())}
 
 
 def _summary(r: dict, trained: bool) -> dict:

@@ -148,6 +148,10 @@ class ExtractConfig:
     autocast: str = _key("none", _choice("none", "bf16", "fp16"), "autocast dtype of the U-Net")
     noise_seed: int = _key(0, _int(0, 2**63 - 1), "seed of the per-(image, t) noise")
     threads: int = _key(0, _int(0, 1024), "torch CPU threads (0 = torch's default)")
+    workers: int = _key(0, _int(0, 4096), "worker processes of a local dask cluster (0 = this process alone)")
+    scheduler: str = _key("", _str, "address of an existing dask.distributed scheduler ('' = none)")
+    threads_per_worker: int = _key(0, _int(0, 1024), "torch CPU threads of each dask worker (0 = cores / workers on a local cluster, torch's default on a remote one)")
+    cluster: str = _key("local", _choice("local", "dask-cuda"), "kind of local cluster for `workers`")
 
 
 @dataclass(frozen=True)
@@ -180,11 +184,39 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class HeadsConfig:
     depth: int = _key(2, _int(1, 64), "transformer blocks L of the attention, fusion and feedback heads")
+    dim: int = _key(0, _int(0, 65536), "token width D (0 = auto: the largest channel count of the head's input blocks, rounded up to a multiple of num_heads)")
+    num_heads: int = _key(8, _int(1, 256), "attention heads per transformer block")
+    mlp_ratio: float = _key(4.0, _float(0.25, 64.0), "MLP hidden width / D")
+    pool: int = _key(16, _int(1, 1024), "largest pool P of the token map (P*P tokens per block; capped at the block's map and at what the store holds)")
+    epochs: int = _key(28, _int(1, 10000), "epochs of every head")
+    batch_size: int = _key(128, _int(1, 1 << 20), "attention/fusion: images per SGD step")
+    step_size: int = _key(7, _int(1, 10000), "StepLR step (epochs)")
+    gamma: float = _key(0.1, _float(0.0, 1.0), "StepLR factor")
+    weight_decay: float = _key(0.0, _float(0.0, 1.0), "SGD weight decay")
+    attention_lr: tuple[float, ...] = _key((0.05,), _float_list(1e-8, 100.0), "attention: learning-rate grid (the best on the held-out part is kept)")
+    fusion_lr: tuple[float, ...] = _key((0.05,), _float_list(1e-8, 100.0), "fusion: learning-rate grid")
+    feedback_lr: tuple[float, ...] = _key((0.01,), _float_list(1e-8, 100.0), "feedback: learning-rate grid")
+    fusion_blocks: tuple[int, ...] = _key((19, 24, 30), _int_list(1, 1000), "DifFormer blocks")
+    fusion_timesteps: tuple[int, ...] = _key((90, 150, 300), _int_list(0, 100000), "DifFormer timesteps")
+    feedback_blocks: tuple[int, ...] = _key((21, 24, 27, 30, 33, 36), _int_list(1, 1000), "DifFeed decoder blocks fed back")
+    feedback_target: int = _key(24, _int(1, 1000), "DifFeed block whose second-pass output feeds the head")
+    feedback_t: int = _key(150, _int(0, 100000), "DifFeed timestep")
+    feedback_batch_size: int = _key(32, _int(1, 1 << 20), "DifFeed images per step (two U-Net passes each)")
+    feedback_autocast: str = _key("auto", _choice("auto", "none", "bf16", "fp16"), "DifFeed autocast: auto = bf16 on CUDA, none elsewhere")
 
 
 @dataclass(frozen=True)
 class AnalyzeConfig:
     split: str = _key("val", _str, "split the analyses read")
+    estimator: str = _key("linear", _choice("linear", "linear-unbiased", "rbf", "rbf-unbiased", "minibatch"),
+                          "CKA estimator (probe.cka.ESTIMATORS)")
+    rbf_fraction: float = _key(0.5, _float(1e-6, 1e6), "RBF bandwidth as a fraction of the median pairwise distance")
+    minibatch_size: int = _key(256, _int(4, 1 << 20), "images per minibatch of the minibatch estimator")
+    bootstrap: int = _key(0, _int(0, 100000), "bootstrap replicates (half-samples of the images) for 95% intervals (0 = none)")
+    permutations: int = _key(0, _int(0, 100000), "shuffled-pairing replicates for the no-alignment baseline (0 = none)")
+    seed: int = _key(0, _int(0, 2**63 - 1), "seed of bootstrap, permutations and minibatch order")
+    precision: str = _key("float32", _choice("float32", "float64"), "dtype of feature-space chunk products (sums are float64)")
+    memory_mb: float = _key(2048.0, _float(1.0, 1e9), "most memory CKA accumulators may hold (MB)")
 
 
 @dataclass(frozen=True)

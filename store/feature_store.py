@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -247,11 +248,41 @@ class StoreWriter(FeatureStore):
     """Write access for one `extract run`: holds the store's lock until `close`.
 
     ``create`` makes a new store or opens an existing one whose fingerprints equal the
-    run's (else `FingerprintMismatch` naming what differs).
+    run's (else `FingerprintMismatch` naming what differs). ``attach`` gives the workers of
+    a distributed run chunk-writing access under the lock their run holds.
     """
+
+    owner: str | None = None  # the lock's text ("pid P on HOST, run R"): names the run that holds it
+    _attached = False
 
     def __init__(self, path: Path):
         super().__init__(path, mode="r+")
+
+    @classmethod
+    def attach(cls, path: str | Path, owner: str) -> "StoreWriter":
+        """Chunk writing (``write_chunk``, ``write_skipped``) for a worker of the run whose lock
+        text is ``owner``, without taking the lock (the run's client holds it).
+
+        Each write first checks that this run still holds the store (`StoreLocked` if not), so
+        a task outliving its run (its client or scheduler lost) never writes into a store that
+        another run now owns. Chunks are the unit of work, so two workers never write one file.
+        """
+        path = Path(path)
+        writer = cls(path)
+        writer.owner = owner
+        writer._attached = True
+        writer.check_owner()
+        return writer
+
+    def check_owner(self) -> None:
+        """Raise `StoreLocked` unless the run named ``owner`` still holds the store's lock."""
+        try:
+            holder = (self.path / ".lock").read_text(errors="replace").strip()
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot read the store's lock ({e.strerror or e})") from None
+        if holder != self.owner:
+            raise StoreLocked(f"{self.path}: the run that sent this task ({self.owner}) no longer holds the store "
+                              f"(now: {holder or 'nobody'}); not writing")
 
     @classmethod
     def create(cls, path: str | Path, *, fingerprints: dict, provenance: dict, blocks: list[dict],
@@ -283,6 +314,7 @@ class StoreWriter(FeatureStore):
             _release_lock(lock)
             raise
         writer._lock = lock
+        writer.owner = os.pread(lock, 256, 0).decode(errors="replace").strip()
         return writer
 
     def close(self) -> None:
@@ -327,6 +359,8 @@ class StoreWriter(FeatureStore):
 
     def write_chunk(self, split: str, chunk: int, data: dict[FeatureKey, np.ndarray]) -> None:
         """Write one image chunk of several arrays, then (after all of them) their completion records."""
+        if self._attached:
+            self.check_owner()
         lo = chunk * self.chunk_images(split)
         arrays = {k: self._open(split, k) for k in data}
         _parallel(lambda kx: arrays[kx[0]].__setitem__(slice(lo, lo + len(kx[1])), kx[1]), data.items())
@@ -345,6 +379,8 @@ class StoreWriter(FeatureStore):
 
     def write_skipped(self, split: str, indices: np.ndarray) -> None:
         if len(indices):
+            if self._attached:
+                self.check_owner()
             arr = self._split(split)["skipped"]
             arr[np.asarray(indices)] = True
 
@@ -406,15 +442,16 @@ def _acquire_lock(path: Path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise StoreLocked(f"{path}: another `extract run` is writing this store ({holder}); "
                           f"wait for it to finish or stop it") from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, run {secrets.token_hex(4)}".encode(), 0)
     return fd
 
 
 def _release_lock(fd) -> None:
+    os.ftruncate(fd, 0)  # no run owns the store now: workers attached to the last one stop writing
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)

@@ -1,0 +1,432 @@
+"""`extract run` on dask.distributed: many worker processes, GPUs or machines, one store.
+
+    extract run --workers 2                       # a local cluster of 2 worker processes
+    extract run --scheduler tcp://10.0.0.5:8786   # an existing cluster (store on a shared filesystem)
+
+How the work is split, and why the store ends bit-identical to a single-process run:
+
+- A task is one whole image chunk of one split (`extract.extraction.ChunkWork`): every
+  pending array of that chunk, its `skipped` entries and its row of completion records. Two
+  tasks never touch the same file, so parallel Zarr writes cannot lose data (unaligned region
+  writes do: zarr-python #3682, xarray #8371).
+- Each worker loads the U-Net once, in a worker plugin (`ExtractorPlugin`), and keeps it for
+  every task of the run; tasks on one worker run one at a time (the model's capture hooks and
+  its device are per worker).
+- The worker that computed a chunk writes its data and then its completion records
+  (`extract.extraction.extract_chunk`, the same function the single-process loop runs).
+- The client holds the store's lock for the whole run; workers write through
+  `StoreWriter.attach`, which refuses to write once the client's run no longer holds it.
+- A worker killed mid-task: dask reruns the task elsewhere. The rerun rewrites the whole
+  chunk; the features of an image depend only on (model, image, t, noise seed, device type,
+  forward_batch), never on the worker, so a rewrite writes the same bytes (and Zarr's local
+  store writes each chunk file atomically, by rename). A chunk written twice, by a retry or a
+  task that outlived its worker's heartbeat, is therefore harmless.
+- The scheduler lost: the run stops with one line, and `extract run` again resumes from the
+  completion records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import Callable
+
+import torch
+from distributed import WorkerPlugin
+
+from extract.extraction import ChunkWork, chunk_work, extract_chunk, resolve_device
+from extract.job import Job, compute_settings, load_model, open_writer, prepare
+from store.config import Config
+from store.errors import ConfigError, DiffprobeError
+from store.feature_store import StoreWriter
+
+WORKER_WAIT_S = 120  # how long a run waits for the first worker of an external cluster
+CONNECT_TIMEOUT_S = 20  # how long it waits for a scheduler that does not refuse the connection
+
+
+class ClusterError(DiffprobeError):
+    """A dask scheduler that cannot be reached or was lost, or workers that disagree."""
+
+
+# ------------------------------------------------------------------ worker side
+
+
+class ExtractorPlugin(WorkerPlugin):
+    """Worker-side state of one run: the U-Net (loaded once per worker), the image source,
+    the compute settings and the store, attached under the run's lock.
+
+    ``setup`` runs on every worker of the cluster, including one that joins or is restarted
+    mid-run; ``teardown`` (the run's end) frees the model on a long-lived cluster.
+    """
+
+    def __init__(self, cfg: dict, job_source, threads: int):
+        self.cfg = cfg  # Config.to_dict(): plain data that pickles
+        self.source = job_source  # the client's image source and index: every worker reads the same ids
+        self.threads = threads  # torch CPU threads (0 = the worker's dask thread count)
+
+    async def setup(self, worker) -> None:
+        # dask's sampling profiler takes the GIL 100 times a second to walk every thread's
+        # stack; the U-Net forward is Python-heavy (many small ops), so it costs (measured: a
+        # 1-worker run's chunks 7.5 -> 6.5 s and 7.8 -> 6.8 s without it). Paused for the run.
+        self.paused = [pc for name, pc in worker.periodic_callbacks.items()
+                       if name in ("profile", "profile-cycle") and pc.is_running()]
+        for pc in self.paused:
+            pc.stop()
+        # Loading a checkpoint takes seconds: off the worker's event loop, so heartbeats go on.
+        await asyncio.get_running_loop().run_in_executor(None, self._load, worker)
+
+    def _load(self, worker) -> None:
+        _undo_malloc_trim()
+        cfg = Config.from_dict(self.cfg)
+        job = prepare(cfg, self.source)  # the client's image index: no second directory scan
+        self.threads = self.threads or worker.state.nthreads
+        torch.set_num_threads(self.threads)
+        device = resolve_device(cfg.extract.device)
+        self.model, sha = load_model(job, device)
+        self.job = job
+        self.settings = compute_settings(cfg, device)
+        self.lock = threading.Lock()
+        self.writers: dict[tuple[str, str], StoreWriter] = {}
+        self.info = {
+            "address": worker.address, "host": socket.gethostname(), "pid": os.getpid(), "device": str(device),
+            "device_type": device.type, "device_name": _device_name(device), "checkpoint_sha256": sha,
+            "torch": torch.__version__, "torch_threads": self.threads,
+        }
+
+    def teardown(self, worker) -> None:
+        for pc in getattr(self, "paused", ()):
+            pc.start()
+        for name in ("model", "job", "writers"):
+            self.__dict__.pop(name, None)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def run_chunk(self, work: ChunkWork, store: str, owner: str, expect: dict) -> dict:
+        with self.lock:  # one chunk at a time per worker, whatever its dask thread count
+            for key in ("checkpoint_sha256", "device_type"):
+                if self.info[key] != expect[key]:
+                    raise ClusterError(f"worker {self.info['address']} on {self.info['host']}: {key} "
+                                       f"{self.info[key]!r} differs from the store's {expect[key]!r}")
+            if torch.get_num_threads() != self.threads:  # the setting is per OS thread under some OpenMPs
+                torch.set_num_threads(self.threads)
+            writer = self.writers.get((store, owner))
+            if writer is None:
+                writer = self.writers[(store, owner)] = StoreWriter.attach(store, owner)
+            start = time.perf_counter()
+            skipped = extract_chunk(self.model, self.job.diffusion, self.job.source, work, writer, self.settings)
+            return {"split": work.split, "chunk": work.chunk, "images": work.images, "skipped": skipped,
+                    "seconds": time.perf_counter() - start, "worker": self.info["address"], "pid": os.getpid()}
+
+
+def _undo_malloc_trim() -> None:
+    """Undo dask's MALLOC_TRIM_THRESHOLD_ in a worker its nanny started.
+
+    The nanny sets it (65536) to hand freed memory back to the OS; setting it also switches
+    off glibc's adaptive mmap threshold, so every large tensor of every batch is a fresh mmap,
+    page-faulted in and unmapped again. Measured here on a single-process run: 1.5-2.5x
+    slower extraction. Restore the ceiling glibc adapts to (mmap above 32 MB, trim above 64 MB).
+    """
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: the variable meant nothing here
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 64 << 20)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def _run_chunk(plugin: str, work: ChunkWork, store: str, owner: str, expect: dict) -> dict:
+    """The dask task: one chunk, on the plugin state of the worker it lands on."""
+    from distributed import get_worker
+
+    return get_worker().plugins[plugin].run_chunk(work, store, owner, expect)
+
+
+# ------------------------------------------------------------------ client side
+
+
+def check_scheduler_address(address: str) -> str:
+    """A scheduler address dask accepts, checked before connecting: a refused TCP connection
+    fails at once rather than after dask's connect timeout."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    bad = ConfigError(f"extract.scheduler: {address!r} is not a scheduler address; "
+                      f"expected tcp://HOST:PORT (or tls://HOST:PORT)")
+    try:
+        scheme, loc = parse_address(address if "://" in address else f"tcp://{address}")
+        host, port = parse_host_port(loc)
+    except (ValueError, TypeError):
+        raise bad from None
+    if not host or not port or scheme not in ("tcp", "tls", "ws", "wss", "ucx"):
+        raise bad
+    if scheme == "tcp":
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            why = "connection refused" if e.errno == errno.ECONNREFUSED else (e.strerror or str(e) or type(e).__name__)
+            raise ClusterError(f"extract.scheduler: cannot reach a dask scheduler at {scheme}://{host}:{port} "
+                               f"({why}); start one or fix the address") from None
+    return f"{scheme}://{host}:{port}"
+
+
+def local_threads(workers: int, threads_per_worker: int) -> int:
+    """Torch CPU threads per local worker: the setting, else this machine's cores shared out."""
+    if threads_per_worker:
+        return threads_per_worker
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // workers)
+
+
+def _local_gpus(cfg: Config) -> int:
+    """GPUs the local workers share out (0: CPU or MPS workers)."""
+    device = cfg.extract.device
+    if device == "cpu" or device == "mps":
+        return 0
+    if device.startswith("cuda:") and cfg.extract.workers > 1:
+        raise ConfigError(f"extract.device: {device!r} names one GPU, but extract.workers = {cfg.extract.workers} "
+                          f"gives each worker its own GPU; use 'cuda' or 'auto'")
+    resolve_device(device)  # an explicit "cuda" on a machine without one is an error here
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _gpu_ids(count: int) -> list[str]:
+    """The GPU ids this process sees, as CUDA_VISIBLE_DEVICES names them (it may hold a subset)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    return ids[:count] if len(ids) >= count else [str(i) for i in range(count)]
+
+
+@contextlib.contextmanager
+def _local_cluster(cfg: Config, threads: int):
+    """A local cluster of ``extract.workers`` processes on loopback; one GPU per worker on a
+    CUDA machine (CUDA_VISIBLE_DEVICES); dask-cuda's LocalCUDACluster with cluster = "dask-cuda"."""
+    import dask
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    n = cfg.extract.workers
+    dashboard = "127.0.0.1:0" if _has_bokeh() else None  # the dashboard needs bokeh
+    common = dict(silence_logs=logging.CRITICAL)  # a lost worker is the client's to report, in one line
+    # A nanny puts these in its worker's environment, and before spawning also in this
+    # process's (undone below): the chosen threads, and no MALLOC_TRIM_THRESHOLD_ (see
+    # _undo_malloc_trim).
+    environ = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+               "MALLOC_TRIM_THRESHOLD_": None}
+    saved_environ = dict(os.environ)
+    cluster = None
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            if cfg.extract.cluster == "dask-cuda":
+                try:
+                    from dask_cuda import LocalCUDACluster
+                except ImportError:
+                    raise ConfigError("extract.cluster: 'dask-cuda' needs the dask-cuda package; "
+                                      "pip install -e \".[cuda]\" or use cluster = \"local\"") from None
+                cluster = LocalCUDACluster(n_workers=n, threads_per_worker=1, host="127.0.0.1",
+                                           dashboard_address=dashboard, memory_limit=0, **common)
+            else:
+                gpus = _local_gpus(cfg)
+                if gpus and n > gpus:
+                    raise ConfigError(f"extract.workers: {n} workers but this machine has {gpus} GPU(s); "
+                                      f"one worker per GPU, so at most {gpus}")
+                workers = {}
+                for i in range(n):
+                    # one GPU each; an explicit cuda:N (one worker) keeps every GPU visible and uses N
+                    env = {"CUDA_VISIBLE_DEVICES": _gpu_ids(gpus)[i]} if gpus and ":" not in cfg.extract.device else {}
+                    # nthreads 1: one chunk at a time. memory_limit 0: dask must not pause, spill
+                    # or restart a worker for holding a model and a chunk.
+                    workers[f"extract-{i}"] = {"cls": Nanny, "options": {
+                        "nthreads": 1, "memory_limit": 0, "env": env, "host": "127.0.0.1", **common}}
+                scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": dashboard is not None,
+                                                           "dashboard_address": dashboard}}
+                cluster = SpecCluster(workers=workers, scheduler=scheduler, **common)
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.close()
+        os.environ.clear()
+        os.environ.update(saved_environ)
+
+
+@contextlib.contextmanager
+def _quiet_distributed():
+    """dask logs a lost connection or worker as tracebacks; the run reports it in one line."""
+    logger = logging.getLogger("distributed")
+    before = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+@contextlib.contextmanager
+def connect(cfg: Config):
+    """A dask Client for the run: a local cluster (``extract.workers``) or an existing scheduler
+    (``extract.scheduler``); yields (client, description, torch threads per worker)."""
+    from distributed import Client
+
+    e = cfg.extract
+    if e.workers and e.scheduler:
+        raise ConfigError(f"extract.workers = {e.workers} and extract.scheduler = {e.scheduler!r}: "
+                          f"give one of them (a local cluster, or an existing one)")
+    if e.scheduler:
+        address = check_scheduler_address(e.scheduler)
+        try:
+            client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        except (OSError, TimeoutError) as err:
+            raise ClusterError(f"extract.scheduler: no dask scheduler answered at {address} "
+                               f"({type(err).__name__}: {err})") from None
+        try:
+            try:
+                client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+            except TimeoutError:
+                raise ClusterError(f"extract.scheduler: no worker joined the scheduler at {address} "
+                                   f"within {WORKER_WAIT_S} s; start workers (`dask worker {address}`)") from None
+            yield client, f"scheduler {address}", e.threads_per_worker
+        finally:
+            client.close()
+        return
+    threads = local_threads(e.workers, e.threads_per_worker)
+    with _local_cluster(cfg, threads) as cluster, Client(cluster, set_as_default=False) as client:
+        yield client, f"local cluster of {e.workers} worker processes", threads
+
+
+def _dashboard(client) -> str | None:
+    """The dashboard's link when the scheduler serves one (it needs bokeh where it runs)."""
+    try:
+        if client.run_on_scheduler(_serves_dashboard):
+            return client.dashboard_link
+    except Exception:  # a link is a convenience; never fail a run over it
+        pass
+    return None
+
+
+def _serves_dashboard(dask_scheduler=None) -> bool:
+    import sys
+
+    return "distributed.dashboard.scheduler" in sys.modules  # imported only when the dashboard starts
+
+
+def _has_bokeh() -> bool:
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _worker_infos(client, name: str) -> list[dict]:
+    infos = client.run(lambda dask_worker: dask_worker.plugins[name].info)
+    infos = [infos[a] for a in sorted(infos)]
+    if not infos:
+        raise ClusterError("the cluster has no workers")
+    for key in ("checkpoint_sha256", "device_type", "torch"):
+        values = {i[key] for i in infos}
+        if len(values) > 1:
+            a, b = infos[0], next(i for i in infos if i[key] != infos[0][key])
+            raise ClusterError(f"workers disagree on {key}: {a['address']} has {a[key]!r}, "
+                               f"{b['address']} has {b[key]!r}; a store's features come from one kind of device")
+    return infos
+
+
+def _lost(err: BaseException) -> bool:
+    from distributed.comm.core import CommClosedError
+
+    return isinstance(err, (CommClosedError, OSError, TimeoutError, asyncio.CancelledError)) or \
+        type(err).__name__ in ("CancelledError", "FutureCancelledError")
+
+
+def run_distributed(job: Job, progress: Callable[[int, bool], None] | None = None,
+                    on_start: Callable[[Job], None] | None = None,
+                    on_chunks: Callable[[int, int], None] | None = None,
+                    log: Callable[[str], None] | None = None) -> dict:
+    """`extract.job.run` with the chunks computed on dask workers; the same result dict, plus
+    ``workers`` (how many) and ``cluster`` (what ran them)."""
+    from distributed import as_completed
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
+    cfg = job.cfg
+    token = secrets.token_hex(4)
+    name = f"diffprobe-extract-{token}"
+    with _quiet_distributed(), connect(cfg) as (client, where, threads):
+        if log:
+            link = _dashboard(client)
+            log(f"{where}{f'; dashboard {link}' if link else ''}")
+        try:
+            # every worker loads the U-Net now, once, and keeps it for the whole run
+            client.register_plugin(ExtractorPlugin(cfg.to_dict(), job.source, threads), name=name)
+            infos = _worker_infos(client, name)
+            device = torch.device(infos[0]["device_type"])
+            sha = infos[0]["checkpoint_sha256"]
+            workers = [{k: i[k] for k in ("address", "host", "device", "device_name", "torch_threads")} for i in infos]
+            with open_writer(job, sha, device, cluster=where, workers=workers) as writer:
+                if on_start:
+                    on_start(job)
+                work, complete = chunk_work(job.plan, writer)
+                total = len(work) + len(complete)
+                if progress:
+                    for n in complete:
+                        progress(n, False)
+                if on_chunks:
+                    on_chunks(len(complete), total)
+                expect = {"checkpoint_sha256": sha, "device_type": device.type}
+                futures = [client.submit(_run_chunk, name, w, str(writer.path), writer.owner, expect, pure=False,
+                                         key=f"extract-{w.split}-{w.chunk}-{token}") for w in work]
+                stats = {"chunks_written": 0, "chunks_already_done": len(complete), "images_skipped": 0}
+                try:
+                    for future in as_completed(futures, loop=client.loop):
+                        r = future.result()
+                        stats["chunks_written"] += 1
+                        stats["images_skipped"] += r["skipped"]
+                        if progress:
+                            progress(r["images"], True)
+                        if on_chunks:
+                            on_chunks(len(complete) + stats["chunks_written"], total)
+                except KilledWorker as err:
+                    raise ClusterError(f"a chunk's worker died {_allowed_failures() + 1} times running it ({err}); "
+                                       f"{_done(stats, total)}; `extract run` again resumes") from None
+                except DiffprobeError:
+                    raise
+                except (FutureCancelledError, Exception) as err:
+                    if not _lost(err) and client.status == "running":
+                        raise
+                    raise ClusterError(f"lost the dask scheduler ({where}) mid-run ({type(err).__name__}); "
+                                       f"{_done(stats, total)}; `extract run` again resumes from the "
+                                       f"completion records") from None
+                finally:
+                    if client.status == "running":
+                        client.cancel(futures)
+        finally:
+            if client.status == "running":
+                with contextlib.suppress(Exception):
+                    client.unregister_worker_plugin(name)  # frees the model on a long-lived cluster
+    return {"store": str(cfg.store.path), "device": str(device), "images": sum(job.plan.split_sizes.values()),
+            "timesteps": list(job.plan.timesteps), "workers": len(infos), "cluster": where, **stats}
+
+
+def _done(stats: dict, total: int) -> str:
+    return f"{stats['chunks_already_done'] + stats['chunks_written']}/{total} chunks complete"
+
+
+def _allowed_failures() -> int:
+    import dask
+
+    return int(dask.config.get("distributed.scheduler.allowed-failures"))

@@ -1,0 +1,366 @@
+"""Attention head and DifFormer fusion trained on cached spatial features.
+
+    from store import open_store
+    from probe.attention import attention_probe, fusion_probe
+    r = attention_probe(open_store("runs/digits-tiny.zarr"), block=24, t=150, pool=2)
+    r = fusion_probe(open_store("runs/digits-tiny.zarr"), blocks=[19, 24, 30], timesteps=[90, 150, 300])
+    r["top1"], r["top5"], r["architecture"]["tokens"], r["architecture"]["parameters"]
+
+`run_attention(cfg, ...)` and `run_fusion(cfg, ...)` are `probe attention` and `probe fusion`:
+settings from pipeline.toml's ``[heads]`` (architecture, recipe) and ``[probe]`` (seed,
+held-out fraction, device, ledger), one row appended to the results ledger.
+
+Protocol, shared with the linear probe (probe/linear.py): the same held-out part of train
+(`probe.linear.select`: seeded, stratified, by image id; never val), the same label subsets,
+top-1/top-5/per-class on val, the same ledger. Differences:
+
+- No standardisation: each head's first layer is a LayerNorm over the whole C x P x P map.
+- The paper's recipe, one head per point of the lr grid (``heads.attention_lr`` /
+  ``heads.fusion_lr``): SGD without momentum, StepLR(step_size, gamma), ``heads.epochs``
+  epochs of ``heads.batch_size``; every grid point starts from the same seeded initialisation
+  and sees the same batches; the head with the best held-out top-1 (ties: lower held-out
+  loss) is scored on val.
+- The features are held in memory (float16, on the device); a split larger than
+  ``probe.memory_mb`` (at 4 bytes per value) is refused naming the size: the full-resolution
+  maps these heads read (ADM block 24 at pool 16: 262144 values per image) do not fit an
+  ImageNet-sized split in memory, and streaming them is not implemented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import datetime, timezone
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from extract.extraction import resolve_device
+from probe import linear as lin
+from probe.heads import AttentionHead, FusionHead, auto_dim
+from store.config import Config, HeadsConfig, ProbeConfig
+from store.errors import StoreError
+from store.feature_store import FeatureStore, open_store
+
+_ROWS = 512  # images per forward when scoring
+
+
+# ------------------------------------------------------------------ training, shared by every head
+
+
+def head_settings_hash(head: str, h: HeadsConfig, p: ProbeConfig, extra: dict | None = None) -> str:
+    """12 hex digits over what changes what ``head`` trains (not device, threads or ledger)."""
+    keys = ["depth", "dim", "num_heads", "mlp_ratio", "epochs", "step_size", "gamma", "weight_decay",
+            f"{head}_lr", "batch_size" if head != "feedback" else "feedback_batch_size"]
+    text = json.dumps({"head": head, "holdout_fraction": p.holdout_fraction,
+                       **{k: getattr(h, k) for k in keys}, **(extra or {})}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def seeded(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
+    """``build()`` with torch's global RNG seeded (module initialisation), the global state kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def train_sgd(model: torch.nn.Module, params, lr: float, h: HeadsConfig,
+              batches: Callable[[int], Iterable], loss_of: Callable, on_epoch: Callable[[int], None] | None = None,
+              scaler=None):
+    """The paper's recipe: SGD (no momentum), StepLR(h.step_size, h.gamma), h.epochs epochs.
+
+    ``batches(epoch)`` yields (inputs, y); ``loss_of(inputs, y)`` returns the mean loss (it runs
+    the model, so a caller can wrap it in autocast or a U-Net pass); ``scaler``: a
+    torch.amp.GradScaler for fp16 autocast.
+    """
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=h.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=h.step_size, gamma=h.gamma)
+    for epoch in range(h.epochs):
+        model.train()
+        for inputs, y in batches(epoch):
+            loss = loss_of(inputs, y)
+            opt.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+        sched.step()
+        if on_epoch:
+            on_epoch(epoch)
+    model.eval()
+    return model
+
+
+def choose(models_logits: list[torch.Tensor], y_held: torch.Tensor) -> tuple[int, list[dict]]:
+    """Index of the best head on the held-out part (top-1, ties: lower loss) and every head's scores."""
+    scored = [{"heldout_top1": lin.topk_accuracy(lg, y_held, 1), "heldout_loss": float(F.cross_entropy(lg, y_held))}
+              for lg in models_logits]
+    best = max(range(len(scored)), key=lambda i: (scored[i]["heldout_top1"], -scored[i]["heldout_loss"]))
+    return best, scored
+
+
+def val_scores(logits: torch.Tensor, y_val: np.ndarray, class_names: list[str]) -> dict:
+    y = torch.from_numpy(y_val).to(logits.device)
+    pred = logits.argmax(-1).cpu().numpy()
+    return {"top1": lin.topk_accuracy(logits, y, 1), "top5": lin.topk_accuracy(logits, y, 5),
+            "per_class": lin.per_class_accuracy(pred, y_val, class_names)}
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------ cached maps
+
+
+def missing_message(store: FeatureStore, missing: list[tuple[int, int, int]], pool: int) -> str:
+    """One line naming the first missing (block, t, pool) and the `extract run` that adds them all."""
+    b, t, p = missing[0]
+    blocks = ",".join(str(x) for x in sorted({m[0] for m in missing}))
+    ts = ",".join(str(x) for x in sorted({m[1] for m in missing}))
+    return (f"{store.path}: no complete features for block {b}, t {t}, pool {p}"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; add them with "
+            f"`extract run --store {store.path} --blocks {blocks} --t {ts} --pool {pool}` "
+            f"(with the config the store was made with)")
+
+
+def check_held(store: FeatureStore, cells: list[tuple[int, int]], pool: int) -> None:
+    """Raise StoreError naming the first (block, t, pool) that train or val lacks, and the fix."""
+    held = set(store.keys("train")) & set(store.keys("val"))
+    missing = []
+    for b, t in cells:
+        key = store.stored_key(b, t, pool)
+        if key not in held:
+            missing.append((b, t, key.pool))
+    if missing:
+        raise StoreError(missing_message(store, missing, pool))
+
+
+def default_pool(store: FeatureStore, cells: list[tuple[int, int]], h: HeadsConfig) -> int:
+    """The largest pool P, up to ``heads.pool``, at which the store holds every one of ``cells``
+    (each block's P capped at its map, as stored: tiny block 19 is 1x1 while 24 and 30 take P).
+    If there is none, the missing cells at the largest pool held are named with the fix."""
+    held = set(store.keys("train")) & set(store.keys("val"))
+    pools = sorted({k.pool for k in held if k.pool <= h.pool}, reverse=True)
+    for p in pools:
+        if all(store.stored_key(b, t, p) in held for b, t in cells):
+            return p
+    check_held(store, cells, pools[0] if pools else h.pool)
+    raise AssertionError("unreachable: check_held found every cell")
+
+
+def _maps(store: FeatureStore, split: str, block: int, t: int, pool: int, usable: np.ndarray,
+          p: ProbeConfig, device: torch.device) -> torch.Tensor:
+    """(n_usable, C, P, P) float16 maps of ``split`` on ``device``; non-finite values are errors."""
+    arr = store.feature_array(split, block, t, pool)
+    n_values = int(usable.sum()) * int(np.prod(arr.shape[1:]))
+    if n_values * 4 > p.memory_mb * 2**20:
+        raise StoreError(f"{store.path}: block {block}, t {t}, pool {pool} of split {split!r} needs "
+                         f"{n_values * 4 / 2**20:.0f} MB (4 bytes per value), over probe.memory_mb = "
+                         f"{p.memory_mb:g}; the attention and fusion heads hold their maps in memory")
+    x = lin._features(store, split, block, t, pool, usable)  # (n_usable, D), finite-checked
+    return torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), *arr.shape[1:]))).to(device)
+
+
+def _grid_train(build, inputs_fit, y_fit, inputs_held, y_held, lrs, h, seed, device, forward):
+    """Train one head per lr (same init, same batches); return the best on held-out, its index, the scores.
+
+    ``inputs_*``: a function idx -> model inputs (float32 on the device) over that part's rows.
+    """
+    n = len(y_fit)
+    results = []
+    for lr in lrs:
+        model = seeded(build, seed).to(device)
+        gen = torch.Generator().manual_seed(seed)
+
+        def batches(_epoch):
+            order = torch.randperm(n, generator=gen).to(device)
+            for lo in range(0, n, h.batch_size):
+                idx = order[lo:lo + h.batch_size]
+                yield inputs_fit(idx), y_fit[idx]
+
+        train_sgd(model, model.parameters(), lr, h, batches,
+                  lambda inputs, y, m=model: F.cross_entropy(forward(m, inputs), y))
+        results.append(model)
+    held_logits = [_predict(m, inputs_held, len(y_held), forward, device) for m in results]
+    best, scored = choose(held_logits, y_held)
+    for s, lr in zip(scored, lrs):
+        s["lr"] = lr
+    return results[best], best, scored
+
+
+@torch.no_grad()
+def _predict(model, inputs, n: int, forward, device) -> torch.Tensor:
+    model.eval()
+    return torch.cat([forward(model, inputs(torch.arange(lo, min(lo + _ROWS, n), device=device)))
+                      for lo in range(0, n, _ROWS)]).float()
+
+
+def _base(store, sel, classes, started, device, seed, settings, head) -> dict:
+    return {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "head": head,
+            "store": str(store.path), "fingerprint": lin.store_fingerprint(store),
+            "n_train": len(sel.fit), "n_heldout": len(sel.hold), "n_val": len(sel.y_val), "n_classes": len(classes),
+            "seed": seed, "subset": sel.subset, "subset_sha": sel.subset_sha, "settings": settings,
+            "recipe": "sgd", "seconds": round(time.perf_counter() - started, 3), "device": str(device)}
+
+
+def _architecture(model, h: HeadsConfig, dim: int, tokens: int) -> dict:
+    return {"dim": dim, "depth": h.depth, "num_heads": h.num_heads, "mlp_ratio": h.mlp_ratio,
+            "tokens": tokens, "parameters": count_parameters(model)}
+
+
+# ------------------------------------------------------------------ attention
+
+
+def attention_probe(store: FeatureStore, block: int, t: int, pool: int | None = None, seed: int = 0,
+                    heads: HeadsConfig | None = None, settings: ProbeConfig | None = None,
+                    device: str | torch.device = "cpu", subset: str = "all",
+                    selection: lin.Selection | None = None) -> dict:
+    """Train the attention head on ``store``'s train split at (block, t, pool), score it on val.
+
+    ``pool`` None: the largest the store holds up to ``heads.pool``. Returns the keys of
+    `probe.linear.linear_probe` (top1, top5, per_class, hyperparameters, grid, heldout_top1, ...)
+    plus ``head`` ("attention"), ``architecture`` (dim, depth, num_heads, mlp_ratio, tokens,
+    parameters), ``blocks`` and ``timesteps`` ([block], [t]).
+    """
+    started = time.perf_counter()
+    h, p = heads or HeadsConfig(), settings or ProbeConfig()
+    device = resolve_device(device, "probe.device") if isinstance(device, str) else device
+    classes = store.class_names
+    pool = default_pool(store, [(block, t)], h) if pool is None else pool
+    check_held(store, [(block, t)], pool)
+    key = store.stored_key(block, t, pool)
+    sel = selection if selection is not None else lin.select(store, seed, p, subset)
+    x = _maps(store, "train", block, t, pool, sel.usable, p, device)
+    c, sp = int(x.shape[1]), int(x.shape[-1])
+    dim = h.dim or auto_dim([c], h.num_heads)
+    y = torch.from_numpy(sel.y).to(device)
+    fit, hold = torch.from_numpy(sel.fit).to(device), torch.from_numpy(sel.hold).to(device)
+    build = lambda: AttentionHead(c, sp, len(classes), dim, h.depth, h.num_heads, h.mlp_ratio)
+    forward = lambda m, inputs: m(inputs)
+    model, best, scored = _grid_train(build, lambda i: x[fit[i]].float(), y[fit], lambda i: x[hold[i]].float(),
+                                      y[hold], h.attention_lr, h, seed, device, forward)
+    del x
+    xv = _maps(store, "val", block, t, pool, sel.usable_val, p, device)
+    logits = _predict(model, lambda i: xv[i].float(), len(xv), forward, device)
+    point = {"lr": h.attention_lr[best], "weight_decay": h.weight_decay}
+    return {**_base(store, sel, classes, started, device, seed, head_settings_hash("attention", h, p), "attention"),
+            "block": block, "t": t, "pool": pool, "stored_pool": key.pool, "dim": c * sp * sp,
+            "blocks": [block], "timesteps": [t],
+            "hyperparameters": {**point, **_architecture(model, h, dim, sp * sp)},
+            "architecture": _architecture(model, h, dim, sp * sp), "grid": scored,
+            "heldout_top1": scored[best]["heldout_top1"], **val_scores(logits, sel.y_val, classes),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+# ------------------------------------------------------------------ DifFormer
+
+
+def fusion_probe(store: FeatureStore, blocks, timesteps, pool: int | None = None, seed: int = 0,
+                 heads: HeadsConfig | None = None, settings: ProbeConfig | None = None,
+                 device: str | torch.device = "cpu", subset: str = "all",
+                 selection: lin.Selection | None = None) -> dict:
+    """Train DifFormer on ``store``'s (blocks x timesteps) maps at ``pool``, score it on val.
+
+    Every (block, t) must be held at ``pool`` (each block capped at its map size); the first
+    missing one is named with the `extract run` that adds it. ``pool`` None: the largest the
+    store holds for (blocks[0], timesteps[0]) up to ``heads.pool``. Returns the keys of
+    `attention_probe`, with ``block`` and ``t`` None, ``blocks`` and ``timesteps`` the lists,
+    ``stored_pools`` per block and ``architecture['tokens']`` the tokens per timestep.
+    """
+    started = time.perf_counter()
+    h, p = heads or HeadsConfig(), settings or ProbeConfig()
+    device = resolve_device(device, "probe.device") if isinstance(device, str) else device
+    blocks, timesteps = list(blocks), list(timesteps)
+    if len(set(blocks)) != len(blocks) or len(set(timesteps)) != len(timesteps) or not blocks or not timesteps:
+        raise StoreError(f"fusion: blocks {blocks} and timesteps {timesteps} must be non-empty lists without repeats")
+    classes = store.class_names
+    cells = [(b, t) for t in timesteps for b in blocks]
+    pool = default_pool(store, cells, h) if pool is None else pool
+    check_held(store, cells, pool)
+    sel = selection if selection is not None else lin.select(store, seed, p, subset)
+
+    def load(split, usable):
+        return [[_maps(store, split, b, t, pool, usable, p, device) for b in blocks] for t in timesteps]
+
+    x = load("train", sel.usable)
+    inputs = [(int(m.shape[1]), int(m.shape[-1])) for m in x[0]]
+    dim = h.dim or auto_dim([c for c, _ in inputs], h.num_heads)
+    y = torch.from_numpy(sel.y).to(device)
+    fit, hold = torch.from_numpy(sel.fit).to(device), torch.from_numpy(sel.hold).to(device)
+    pick = lambda maps, rows: [[m[rows].float() for m in per_t] for per_t in maps]
+    build = lambda: FusionHead(inputs, len(timesteps), len(classes), dim, h.depth, h.num_heads, h.mlp_ratio)
+    forward = lambda m, xs: m(xs)
+    model, best, scored = _grid_train(build, lambda i: pick(x, fit[i]), y[fit], lambda i: pick(x, hold[i]),
+                                      y[hold], h.fusion_lr, h, seed, device, forward)
+    del x
+    xv = load("val", sel.usable_val)
+    logits = _predict(model, lambda i: pick(xv, i), len(sel.y_val), forward, device)
+    tokens = sum(sp * sp for _, sp in inputs)
+    point = {"lr": h.fusion_lr[best], "weight_decay": h.weight_decay}
+    extra = {"blocks": blocks, "timesteps": timesteps}
+    return {**_base(store, sel, classes, started, device, seed, head_settings_hash("fusion", h, p, extra), "fusion"),
+            "block": None, "t": None, "pool": pool, "stored_pool": max(sp for _, sp in inputs),
+            "stored_pools": [sp for _, sp in inputs], "dim": sum(c * sp * sp for c, sp in inputs),
+            **extra, "hyperparameters": {**point, **_architecture(model, h, dim, tokens)},
+            "architecture": _architecture(model, h, dim, tokens), "grid": scored,
+            "heldout_top1": scored[best]["heldout_top1"], **val_scores(logits, sel.y_val, classes),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+# ------------------------------------------------------------------ the commands
+
+
+def record(cfg: Config, result: dict, fit_ids, ledger: bool) -> dict:
+    """Append ``result`` to the ledger beside the store and, for a label subset, the fitted ids
+    (``fit_ids``) to ``subsets/<subset_sha>.txt``; add both paths to ``result``."""
+    from probe.ledger import append_row, ledger_path
+    from probe.subsets import write_subset
+
+    result["ledger"] = result["subset_file"] = None
+    if ledger:
+        path = ledger_path(cfg.store.path, cfg.probe.ledger)
+        if result["subset"] != "all":
+            result["subset_file"] = str(write_subset(path.parent, fit_ids, result["subset_sha"]))
+        append_row(path, result)
+        result["ledger"] = str(path)
+    return result
+
+
+def _prepare(cfg: Config, ledger: bool):
+    from probe.ledger import ledger_path, read_rows
+
+    if cfg.probe.threads:
+        torch.set_num_threads(cfg.probe.threads)
+    store = open_store(cfg.store.path)
+    if ledger:
+        read_rows(ledger_path(cfg.store.path, cfg.probe.ledger))  # refuse a foreign ledger before training
+    return store
+
+
+def run_attention(cfg: Config, block: int, t: int, pool: int | None = None, ledger: bool = True,
+                  subset: str = "all") -> dict:
+    """`probe attention`: `attention_probe` with ``cfg``'s settings, and the ledger row."""
+    store = _prepare(cfg, ledger)
+    p = cfg.probe
+    sel = lin.select(store, p.seed, p, subset)
+    r = attention_probe(store, block, t, pool, p.seed, cfg.heads, p, p.device, selection=sel)
+    return record(cfg, r, sel.fit_ids, ledger)
+
+
+def run_fusion(cfg: Config, blocks=None, timesteps=None, pool: int | None = None, ledger: bool = True,
+               subset: str = "all") -> dict:
+    """`probe fusion`: `fusion_probe` with ``cfg``'s settings (blocks, timesteps default to [heads])."""
+    store = _prepare(cfg, ledger)
+    p = cfg.probe
+    sel = lin.select(store, p.seed, p, subset)
+    r = fusion_probe(store, blocks or cfg.heads.fusion_blocks, timesteps or cfg.heads.fusion_timesteps, pool,
+                     p.seed, cfg.heads, p, p.device, selection=sel)
+    return record(cfg, r, sel.fit_ids, ledger)
+

@@ -1,0 +1,338 @@
+"""Distributed extraction on dask.distributed: the same store as one process, worker death,
+an existing scheduler on loopback, rewrites, and one-line errors.
+
+Every comparison is against a single-process run with the same torch thread count (1): on
+CPU the bits of a matmul depend on how many threads split it (measured: 1 vs 2 threads
+differ), never on which process or worker ran it.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from extract import job as jobs
+from extract.cli import app
+from extract.extraction import ChunkWork, extract_chunk
+
+from .conftest import small_config
+
+distributed = pytest.importorskip("distributed")
+
+runner = CliRunner()
+N_CHUNKS = 10  # 20 train + 20 val images in chunks of 4
+
+
+def _cfg(tmp_path, name, **over):
+    return small_config(tmp_path, name, **{"data.max_per_class": 2, "store.chunk_images": 4, "extract.threads": 1,
+                                           "extract.threads_per_worker": 1, **over})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One single-process run (1 torch thread); the thread count of the session is restored."""
+    before = torch.get_num_threads()
+    cfg = _cfg(tmp_path_factory.mktemp("ref"), "ref.zarr")
+    try:
+        result = jobs.run(cfg)
+    finally:
+        torch.set_num_threads(before)
+    assert result["chunks_written"] == N_CHUNKS
+    return cfg
+
+
+def _store_contents(path) -> dict:
+    """Every array of every split (features, done records, skipped, labels, ids) as bytes, and
+    the completion-record column names: what two identical stores share bit for bit."""
+    root = zarr.open_group(str(path), mode="r")
+    out = {}
+    for split in root.attrs["splits"]:
+        g = root[split]
+        out[(split, "done_columns")] = list(g.attrs["done_columns"])
+        for name in ("done", "skipped", "labels"):
+            out[(split, name)] = np.asarray(g[name][:]).tobytes()
+        out[(split, "ids")] = list(g["ids"][:].tolist())
+        for name in g["features"].array_keys():
+            out[(split, name)] = g["features"][name][:].tobytes()
+    return out
+
+
+def _assert_identical(a, b):
+    ca, cb = _store_contents(a), _store_contents(b)
+    assert ca.keys() == cb.keys()
+    assert sum(1 for k in ca if k[1].startswith("t")) == 2 * 4 * 2 - 2  # 4 blocks x 2 pools per split; block 16 is 1x1
+    for k in ca:
+        assert ca[k] == cb[k], k
+    done = np.asarray(zarr.open_group(str(b), mode="r")["train/done"][:])
+    assert done.shape == (5, 7) and done.all()  # every (chunk, array) record of the split is there
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A dask cluster the test starts itself on loopback: a scheduler and 2 worker processes
+    (started as `extract run --workers` starts its own: see extract.distributed._local_cluster)."""
+    import dask
+
+    saved = dict(os.environ)  # the nannies write their workers' variables into this process's too
+    environ = {"OMP_NUM_THREADS": 1, "MALLOC_TRIM_THRESHOLD_": None}
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            c = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                         dashboard_address=None, silence_logs=50)
+        with c, distributed.Client(c, set_as_default=False) as client:
+            yield c.scheduler_address, client
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_two_local_workers_write_the_single_process_store(reference, tmp_path):
+    cfg = _cfg(tmp_path, "w2.zarr", **{"extract.workers": 2})
+    images, chunks, lines = [], [], []
+    environ = dict(os.environ)
+    result = jobs.run(cfg, progress=lambda n, computed: images.append((n, computed)),
+                      on_chunks=lambda done, total: chunks.append((done, total)), log=lines.append)
+    assert result["chunks_written"] == N_CHUNKS and result["chunks_already_done"] == 0 and result["workers"] == 2
+    assert sum(n for n, _ in images) == 40 and all(c for _, c in images)
+    assert chunks[0] == (0, N_CHUNKS) and chunks[-1] == (N_CHUNKS, N_CHUNKS) and len(chunks) == N_CHUNKS + 1
+    assert lines and lines[0].startswith("local cluster of 2 worker processes")
+    assert dict(os.environ) == environ  # what the nannies wrote into this process's environment is undone
+    _assert_identical(reference.store.path, cfg.store.path)
+    run = zarr.open_group(cfg.store.path, mode="r").attrs["runs"][-1]
+    assert len(run["workers"]) == 2 and {w["torch_threads"] for w in run["workers"]} == {1}
+    assert len({w["address"] for w in run["workers"]}) == 2
+    # the lock is released, and says no run owns the store any more
+    assert (os.path.getsize(os.path.join(cfg.store.path, ".lock"))) == 0
+
+
+def test_scheduler_on_loopback_through_the_cli(cluster, reference, tmp_path):
+    address, _ = cluster
+    cfg = _cfg(tmp_path, "sched.zarr")
+    toml = tmp_path / "s.toml"
+    toml.write_text("[data]\nmax_per_class = 2\n[extract]\nblocks = \"3,8,16,24\"\ntimesteps = [90]\nforward_batch = 8\n"
+                    f"batch_size = 8\ndevice = \"cpu\"\nthreads_per_worker = 1\n[store]\nchunk_images = 4\n"
+                    f"path = \"{cfg.store.path}\"\n")
+    r = runner.invoke(app, ["run", "--config", str(toml), "--scheduler", address, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["chunks_written"] == N_CHUNKS and out["workers"] == 2 and out["cluster"] == f"scheduler {address}"
+    _assert_identical(reference.store.path, cfg.store.path)
+
+
+def test_a_worker_that_cannot_load_the_model_is_a_one_line_error(cluster, tmp_path):
+    address, client = cluster
+    toml = tmp_path / "b.toml"
+    toml.write_text(f"[model]\ncheckpoint = \"{tmp_path / 'nope.pt'}\"\n[store]\npath = \"{tmp_path / 'b.zarr'}\"\n")
+    r = runner.invoke(app, ["run", "--config", str(toml), "--scheduler", address])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[-1].startswith(f"error: model.checkpoint: no such file '{tmp_path / 'nope.pt'}'"), r.output
+    assert "Traceback" not in r.output and not (tmp_path / "b.zarr").exists()
+    assert not client.run(lambda dask_worker: [n for n in dask_worker.plugins if n.startswith("diffprobe")])[
+        next(iter(client.scheduler_info()["workers"]))]  # the failed plugin was taken back
+
+
+def test_a_worker_killed_mid_run_leaves_the_store_complete_and_identical(cluster, reference, tmp_path):
+    address, client = cluster
+    pids = client.run(os.getpid)
+    cfg = _cfg(tmp_path, "kill.zarr", **{"extract.scheduler": address})
+    result, failure = {}, []
+
+    def run():
+        try:
+            result.update(jobs.run(cfg))
+        except BaseException as e:  # re-raised below, in the test's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    records = os.path.join(cfg.store.path, "train", "done", "c")  # one folder per image chunk with records
+    victim = None
+    deadline = time.time() + 60
+    while thread.is_alive() and time.time() < deadline and victim is None:
+        if os.path.isdir(records) and os.listdir(records):
+            busy = [a for a, keys in client.processing().items() if keys and a in pids]
+            if busy:
+                victim = busy[0]
+                done_at_kill = len(os.listdir(records))
+                os.kill(pids[victim], signal.SIGKILL)  # mid-task: the worker holds a chunk
+        time.sleep(0.005)
+    thread.join(120)
+    if failure:
+        raise failure[0]
+    assert victim is not None and done_at_kill < 5, "the kill should land mid-run"
+    assert result["chunks_written"] == N_CHUNKS
+    _assert_identical(reference.store.path, cfg.store.path)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed worker
+    assert pids[victim] not in client.run(os.getpid).values()
+
+
+def test_a_chunk_written_twice_keeps_every_byte(reference, tmp_path):
+    """What a retry or a stolen task that ran twice does: rewrite a complete chunk."""
+    path = tmp_path / "twice.zarr"
+    shutil.copytree(reference.store.path, path)
+    cfg = _cfg(tmp_path, "twice.zarr")
+    job = jobs.prepare(cfg)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, sha = jobs.load_model(job, torch.device("cpu"))
+        with jobs.open_writer(job, sha, torch.device("cpu")) as writer:
+            arrays = tuple((a.key, a.shape[1:]) for a in job.plan.arrays if a.split == "train")
+            files = [path / "train" / "features" / k.name / "c" / "1" / "0" / "0" / "0" for k, _ in arrays]
+            old = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+            time.sleep(0.01)
+            work = ChunkWork("train", 1, 4, 8, arrays, "float16", (), True)
+            assert extract_chunk(model, job.diffusion, job.source, work, writer,
+                                 jobs.compute_settings(cfg, torch.device("cpu"))) == 0
+    finally:
+        torch.set_num_threads(before)
+    for f, (data, mtime) in old.items():
+        assert f.stat().st_mtime_ns != mtime, f"{f} was not rewritten"
+        assert f.read_bytes() == data, f
+    _assert_identical(reference.store.path, path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--scheduler", "tcp://127.0.0.1:{port}"],
+     r"^error: extract\.scheduler: cannot reach a dask scheduler at tcp://127\.0\.0\.1:{port} \(connection refused\); "),
+    (["--scheduler", "no-port-here"], r"^error: extract\.scheduler: 'no-port-here' is not a scheduler address; "),
+    (["--scheduler", "tcp://127.0.0.1:{port}", "--workers", "2"],
+     r"^error: extract\.workers = 2 and extract\.scheduler = 'tcp://127\.0\.0\.1:{port}': give one of them"),
+    (["--workers", "2", "--device", "cuda:1"], r"^error: extract\.device: 'cuda:1' names one GPU, but extract\.workers = 2"),
+    pytest.param(["--workers", "2", "--device", "cuda"],
+                 r"^error: extract\.device: 'cuda' requested but this torch sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_cluster_errors_are_one_line_exit_2(tmp_path, args, message):
+    import re
+
+    port = _free_port()
+    cfg = tmp_path / "e.toml"
+    cfg.write_text(f"[store]\npath = \"{tmp_path / 'e.zarr'}\"\n")
+    r = runner.invoke(app, ["run", "--config", str(cfg), *[a.format(port=port) for a in args]])
+    assert r.exit_code == 2, r.output
+    assert len(r.output.strip().splitlines()) == 1 and re.match(message.format(port=port), r.output.strip()), r.output
+    assert not (tmp_path / "e.zarr").exists()  # nothing written
+
+
+def test_scheduler_lost_mid_run_is_one_line_and_a_rerun_resumes(reference, tmp_path):
+    """A scheduler process SIGKILLed mid-run; the worker runs in this process (cheap to start)."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from extract.distributed import ClusterError
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                  "--port", str(port), "--no-dashboard"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stop = threading.Event()
+
+    def worker():
+        async def main():
+            async with distributed.Worker(address, nthreads=1, host="127.0.0.1", silence_logs=50):
+                while not stop.is_set():
+                    await asyncio.sleep(0.05)
+        asyncio.run(main())
+
+    before = torch.get_num_threads()
+    worker_thread = threading.Thread(target=worker, daemon=True)
+    cfg = _cfg(tmp_path, "lost.zarr", **{"extract.scheduler": address, "store.chunk_images": 2})
+    failure = []
+    run_thread = threading.Thread(target=lambda: _catch(failure, jobs.run, cfg))
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the scheduler is up once it accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        worker_thread.start()
+        run_thread.start()
+        records = os.path.join(cfg.store.path, "train", "done", "c")
+        while run_thread.is_alive() and not (os.path.isdir(records) and len(os.listdir(records)) >= 2):
+            time.sleep(0.005)
+        scheduler.send_signal(signal.SIGKILL)
+        run_thread.join(60)
+    finally:
+        scheduler.kill()
+        stop.set()
+        worker_thread.join(30)
+        torch.set_num_threads(before)
+    assert not run_thread.is_alive() and len(failure) == 1 and isinstance(failure[0], ClusterError), failure
+    message = str(failure[0])
+    assert "\n" not in message and message.startswith(f"lost the dask scheduler (scheduler {address}) mid-run")
+    assert message.endswith("`extract run` again resumes from the completion records")
+    done = int(message.split("; ")[1].split("/")[0])
+    assert 2 <= done < 20
+    # again, without a cluster: the complete chunks are kept, the rest computed
+    try:
+        again = jobs.run(_cfg(tmp_path, "lost.zarr", **{"store.chunk_images": 2}))
+    finally:
+        torch.set_num_threads(before)
+    assert again["chunks_already_done"] >= done and again["chunks_written"] == 20 - again["chunks_already_done"]
+    ca, cb = _store_contents(reference.store.path), _store_contents(cfg.store.path)
+    assert all(ca[k] == cb[k] for k in ca if k[1].startswith("t"))  # chunking differs (2 vs 4), features do not
+
+
+def _catch(failure, fn, *args):
+    try:
+        fn(*args)
+    except BaseException as e:
+        failure.append(e)
+
+
+def test_workers_write_only_while_their_run_holds_the_store(reference, tmp_path):
+    from store.errors import StoreLocked
+    from store.feature_store import FeatureKey, StoreWriter, open_store
+
+    path = tmp_path / "owned.zarr"
+    shutil.copytree(reference.store.path, path)
+    s = open_store(path)
+    kw = dict(fingerprints=s.fingerprints, provenance={}, blocks=s.attrs["blocks"], class_names=s.class_names,
+              splits={sp: (list(s.ids(sp)), s.labels(sp)) for sp in s.splits}, chunk_images=4)
+    key = FeatureKey(90, 3, 1)
+    data = {key: s.features("train", 3, 90, 1)[:4]}
+    with StoreWriter.create(path, **kw) as client:
+        assert client.owner.startswith(f"pid {os.getpid()} on ") and ", run " in client.owner
+        worker = StoreWriter.attach(path, client.owner)
+        worker.write_chunk("train", 0, data)  # same bytes: allowed while the run holds the store
+        with pytest.raises(StoreLocked, match="no longer holds the store"):
+            StoreWriter.attach(path, "pid 1 on elsewhere, run 0000")
+    with pytest.raises(StoreLocked, match=r"no longer holds the store \(now: nobody\); not writing"):
+        worker.write_chunk("train", 0, data)  # the run ended: a late task writes nothing
+    with StoreWriter.create(path, **kw):
+        with pytest.raises(StoreLocked, match="no longer holds the store"):
+            worker.write_chunk("train", 0, data)  # another run owns it now
+    _assert_identical(reference.store.path, path)
+
+
+def test_threads_and_gpus_per_local_worker(monkeypatch):
+    from extract.distributed import _gpu_ids, local_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert local_threads(1, 0) == cores and local_threads(2, 0) == max(1, cores // 2) and local_threads(2, 3) == 3
+    assert local_threads(10 * cores, 0) == 1
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _gpu_ids(2) == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # a subset chosen by the user: worker i gets the i-th
+    assert _gpu_ids(2) == ["3", "5"]
