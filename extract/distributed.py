@@ -337,12 +337,15 @@ def _worker_infos(client, name: str) -> list[dict]:
     infos = [infos[a] for a in sorted(infos)]
     if not infos:
         raise ClusterError("the cluster has no workers")
-    for key in ("checkpoint_sha256", "device_type", "torch"):
+    cpu = infos[0]["device_type"] == "cpu"
+    for key in ("checkpoint_sha256", "device_type", "torch") + (("torch_threads",) if cpu else ()):
         values = {i[key] for i in infos}
         if len(values) > 1:
             a, b = infos[0], next(i for i in infos if i[key] != infos[0][key])
+            why = ("set extract.threads_per_worker: on CPU the thread count changes the last bits"
+                   if key == "torch_threads" else "a store's features come from one kind of device")
             raise ClusterError(f"workers disagree on {key}: {a['address']} has {a[key]!r}, "
-                               f"{b['address']} has {b[key]!r}; a store's features come from one kind of device")
+                               f"{b['address']} has {b[key]!r}; {why}")
     return infos
 
 
@@ -377,7 +380,7 @@ def run_distributed(job: Job, progress: Callable[[int, bool], None] | None = Non
             device = torch.device(infos[0]["device_type"])
             sha = infos[0]["checkpoint_sha256"]
             workers = [{k: i[k] for k in ("address", "host", "device", "device_name", "torch_threads")} for i in infos]
-            with open_writer(job, sha, device, cluster=where, workers=workers) as writer:
+            with open_writer(job, sha, device, infos[0]["torch_threads"], cluster=where, workers=workers) as writer:
                 if on_start:
                     on_start(job)
                 work, complete = chunk_work(job.plan, writer)

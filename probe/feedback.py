@@ -353,7 +353,7 @@ def run(cfg: Config, feedback_blocks=None, target: int | None = None, t: int | N
     device = resolve_device(p.device, "probe.device")
     unet = build_model(job.spec)
     sha = load_checkpoint(unet, job.checkpoint)
-    fp = jobs.fingerprints(job, sha, device)
+    fp = jobs.fingerprints(job, sha, device, torch.get_num_threads())  # the U-Net runs here at this count
     fingerprint = hashlib.sha256(json.dumps(fp, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     result = feedback_probe(unet, job.table, skip_pairs(job.spec), job.diffusion, job.source,
                             feedback_blocks=feedback_blocks, target=target, t=t, pool=pool, seed=p.seed,

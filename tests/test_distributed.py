@@ -186,7 +186,7 @@ def test_a_chunk_written_twice_keeps_every_byte(reference, tmp_path):
     torch.set_num_threads(1)
     try:
         model, sha = jobs.load_model(job, torch.device("cpu"))
-        with jobs.open_writer(job, sha, torch.device("cpu")) as writer:
+        with jobs.open_writer(job, sha, torch.device("cpu"), 1) as writer:
             arrays = tuple((a.key, a.shape[1:]) for a in job.plan.arrays if a.split == "train")
             files = [path / "train" / "features" / k.name / "c" / "1" / "0" / "0" / "0" for k, _ in arrays]
             old = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}

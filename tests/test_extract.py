@@ -259,3 +259,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
     assert result["chunks_already_done"] >= 3
     # chunking differs from the reference (2 vs 8 images) and the features do not care
     _assert_same_store(reference.store.path, cfg.store.path)
+
+
+def test_another_cpu_thread_count_is_refused(reference, tmp_path):
+    # CPU kernels split sums by thread count (last-bit differences), so a CPU store records it
+    assert open_store(reference.store.path).fingerprints["compute"]["cpu_threads"] == torch.get_num_threads() == 2
+    cfg = small_config(tmp_path, **{"store.path": reference.store.path, "extract.threads": 1})
+    before = _snapshot(reference.store.path)
+    try:
+        with pytest.raises(FingerprintMismatch, match="compute: compute.cpu_threads: store has 2, this run has 1"):
+            jobs.run(cfg)
+    finally:
+        torch.set_num_threads(2)
+    assert _snapshot(reference.store.path) == before
