@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from distributed import WorkerPlugin
 
-from extract.extraction import ChunkWork, chunk_work, extract_chunk, resolve_device
+from extract.extraction import ChunkWork, extract_chunk, resolve_device, start_chunks
 from extract.job import Job, compute_settings, load_model, open_writer, prepare
 from store.config import Config
 from store.errors import ConfigError, DiffprobeError
@@ -383,13 +383,7 @@ def run_distributed(job: Job, progress: Callable[[int, bool], None] | None = Non
             with open_writer(job, sha, device, infos[0]["torch_threads"], cluster=where, workers=workers) as writer:
                 if on_start:
                     on_start(job)
-                work, complete = chunk_work(job.plan, writer)
-                total = len(work) + len(complete)
-                if progress:
-                    for n in complete:
-                        progress(n, False)
-                if on_chunks:
-                    on_chunks(len(complete), total)
+                work, complete, total = start_chunks(job.plan, writer, progress, on_chunks)
                 expect = {"checkpoint_sha256": sha, "device_type": device.type}
                 futures = [client.submit(_run_chunk, name, w, str(writer.path), writer.owner, expect, pure=False,
                                          key=f"extract-{w.split}-{w.chunk}-{token}") for w in work]

@@ -133,6 +133,19 @@ class ChunkWork:
         return self.hi - self.lo
 
 
+def start_chunks(plan: Plan, writer, progress=None, on_chunks=None) -> tuple[list[ChunkWork], list[int], int]:
+    """`chunk_work` plus the total number of chunks, with the complete ones reported to
+    ``progress(n, False)`` and ``on_chunks(done, total)``: how every run (one process or many) begins."""
+    work, complete = chunk_work(plan, writer)
+    total = len(work) + len(complete)
+    if progress:
+        for n in complete:
+            progress(n, False)
+    if on_chunks:
+        on_chunks(len(complete), total)
+    return work, complete, total
+
+
 def chunk_work(plan: Plan, store) -> tuple[list[ChunkWork], list[int]]:
     """The chunks of ``plan`` still to compute in ``store`` (in split and chunk order), and the
     image counts of the chunks found complete. Reads only the completion records and ``skipped``."""
@@ -208,13 +221,7 @@ def extract_features(model, diffusion, source: ImageSource, plan: Plan, writer: 
     total)`` once at the start and after each chunk. Returns counts of chunks computed and
     skipped, and images recorded as skipped.
     """
-    work, complete = chunk_work(plan, writer)
-    total = len(work) + len(complete)
-    if progress:
-        for n in complete:
-            progress(n, False)
-    if on_chunks:
-        on_chunks(len(complete), total)
+    work, complete, total = start_chunks(plan, writer, progress, on_chunks)
     skipped = 0
     for i, w in enumerate(work, start=1):
         skipped += extract_chunk(model, diffusion, source, w, writer, settings, progress)
