@@ -41,8 +41,13 @@ RESULTS = REPO / "benchmarks" / "results"
 
 def _child(code: str, env_threads: int) -> dict:
     """Run ``code`` in a fresh Python; it prints one JSON line (with its own peak RSS); add the process wall."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(env_threads), MKL_NUM_THREADS=str(env_threads),
-               OPENBLAS_NUM_THREADS=str(env_threads), PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(env_threads),
+        MKL_NUM_THREADS=str(env_threads),
+        OPENBLAS_NUM_THREADS=str(env_threads),
+        PYTHONWARNINGS="ignore",
+    )
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     wall = time.perf_counter() - t0
@@ -59,17 +64,27 @@ def _child(code: str, env_threads: int) -> dict:
 def matrix(args) -> dict:
     import torch
 
-    from probe import cka as ck
-    from store.feature_store import open_store
+    from diffprobe.analyze import cka as ck
+    from diffprobe.store.feature_store import open_store
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         link = Path(tmp) / Path(args.store).name
         link.symlink_to(Path(args.store).resolve())
-        cli = [sys.executable, "-c", "from probe.analyze_cli import analyze_main; analyze_main()",
-               "cka", "--t", str(args.t), "--store", str(link), "--json"]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-                   PYTHONWARNINGS="ignore")
+        cli = [
+            sys.executable,
+            "-c",
+            "from probe.analyze_cli import analyze_main; analyze_main()",
+            "cka",
+            "--t",
+            str(args.t),
+            "--store",
+            str(link),
+            "--json",
+        ]
+        env = dict(
+            os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore"
+        )
         cli_walls, res = [], None
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -90,13 +105,25 @@ def matrix(args) -> dict:
             mat_walls.append(round(t2 - t1, 3))
         assert np.allclose(r["matrix"], res["matrix"], atol=1e-12)
     m = np.asarray(res["matrix"])
-    return {"store": args.store, "t": args.t, "pool": res["pool"], "estimator": res["estimator"], "form": res["form"],
-            "shape": list(m.shape), "n_images": res["n_images"], "threads": args.threads, "repeats": args.repeats,
-            "cli_wall_s": cli_walls, "cli_wall_s_median": statistics.median(cli_walls),
-            "plan_s_median": statistics.median(plan_walls), "matrix_s": mat_walls,
-            "matrix_s_median": statistics.median(mat_walls),
-            "target_s": 10, "meets_target": statistics.median(cli_walls) < 10,
-            "mean_off_diagonal": float(m[~np.eye(len(m), dtype=bool)].mean())}
+    return {
+        "store": args.store,
+        "t": args.t,
+        "pool": res["pool"],
+        "estimator": res["estimator"],
+        "form": res["form"],
+        "shape": list(m.shape),
+        "n_images": res["n_images"],
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "cli_wall_s": cli_walls,
+        "cli_wall_s_median": statistics.median(cli_walls),
+        "plan_s_median": statistics.median(plan_walls),
+        "matrix_s": mat_walls,
+        "matrix_s_median": statistics.median(mat_walls),
+        "target_s": 10,
+        "meets_target": statistics.median(cli_walls) < 10,
+        "mean_off_diagonal": float(m[~np.eye(len(m), dtype=bool)].mean()),
+    }
 
 
 # ------------------------------------------------------------------ pair
@@ -104,7 +131,7 @@ def matrix(args) -> dict:
 
 def write_pair(path: Path, n: int, d: int, chunk: int = 512, latent: int = 256, seed: int = 0) -> None:
     """Two related float16 representations of n images, written chunk by chunk (never whole in memory)."""
-    from store.feature_store import FeatureKey, StoreWriter
+    from diffprobe.store.feature_store import FeatureKey, StoreWriter
 
     rng = np.random.default_rng(seed)
     wx = rng.normal(size=(latent, d)).astype(np.float32) / np.sqrt(latent)
@@ -112,24 +139,31 @@ def write_pair(path: Path, n: int, d: int, chunk: int = 512, latent: int = 256, 
     blocks = [{"number": b, "module": f"m{b}", "channels": d, "spatial": 1} for b in (1, 2)]
     fingerprints = {"model": {"synthetic": "cka-pair"}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
     kx, ky = FeatureKey(0, 1, 1), FeatureKey(0, 2, 1)
-    with StoreWriter.create(path, fingerprints=fingerprints, provenance={}, blocks=blocks, class_names=["x"],
-                            splits={"val": ([f"img/{i:06d}" for i in range(n)], np.zeros(n, int))},
-                            chunk_images=chunk) as w:
+    with StoreWriter.create(
+        path,
+        fingerprints=fingerprints,
+        provenance={},
+        blocks=blocks,
+        class_names=["x"],
+        splits={"val": ([f"img/{i:06d}" for i in range(n)], np.zeros(n, int))},
+        chunk_images=chunk,
+    ) as w:
         w.ensure_arrays("val", {kx: d, ky: d}, "float16", "none")
         for c in range(-(-n // chunk)):
             m = min(chunk, n - c * chunk)
             z = rng.normal(size=(m, latent)).astype(np.float32)
             x = z @ wx + 0.5 * rng.normal(size=(m, d)).astype(np.float32) + 1.0
             y = np.tanh(x @ wy) + 0.5 * rng.normal(size=(m, d)).astype(np.float32)
-            w.write_chunk("val", c, {kx: x.reshape(m, d, 1, 1).astype(np.float16),
-                                     ky: y.reshape(m, d, 1, 1).astype(np.float16)})
+            w.write_chunk(
+                "val", c, {kx: x.reshape(m, d, 1, 1).astype(np.float16), ky: y.reshape(m, d, 1, 1).astype(np.float16)}
+            )
 
 
 OURS = """
 import json, resource, time, torch, numpy as np
 torch.set_num_threads({threads})
-from probe import cka as ck
-from store.feature_store import open_store
+from diffprobe.analyze import cka as ck
+from diffprobe.store.feature_store import open_store
 s = open_store({path!r})
 rows = np.arange({n})
 t0 = time.perf_counter()
@@ -144,7 +178,7 @@ print(json.dumps({{"impl": "ours", "precision": {precision!r}, "n": {n}, "form":
 GRAM = """
 import json, resource, time, torch, numpy as np
 torch.set_num_threads({threads})
-from store.feature_store import open_store
+from diffprobe.store.feature_store import open_store
 s = open_store({path!r})
 t0 = time.perf_counter()
 x = torch.from_numpy(s.features("val", 1, 0, 1)[:{n}].reshape({n}, -1).astype(np.float64))
@@ -171,8 +205,11 @@ def pair(args) -> dict:
         runs = []
         for rep in range(args.repeats):
             for precision in ("float32", "float64"):
-                runs.append(_child(OURS.format(threads=args.threads, path=str(path), n=args.n, precision=precision),
-                                   args.threads))
+                runs.append(
+                    _child(
+                        OURS.format(threads=args.threads, path=str(path), n=args.n, precision=precision), args.threads
+                    )
+                )
         checks = []
         for n in args.gram_n:
             g = _child(GRAM.format(threads=args.threads, path=str(path), n=n), args.threads)
@@ -182,12 +219,22 @@ def pair(args) -> dict:
     ours64 = [r for r in runs if r["precision"] == "float64"]
     med = statistics.median(r["wall_s"] for r in ours32)
     peak = max(r["peak_rss_mb"] or 0 for r in ours32)
-    return {"n": args.n, "d": args.d, "threads": args.threads, "repeats": args.repeats, "store_write_s": write_s,
-            "ours_float32": ours32, "ours_float64": ours64, "ours_float32_wall_s_median": med,
-            "ours_float64_wall_s_median": statistics.median(r["wall_s"] for r in ours64),
-            "ours_float32_peak_rss_mb": peak, "gram_at_n": checks,
-            "gram_bytes_at_full_n": 2 * 8 * args.n ** 2,
-            "target": {"wall_s": 30, "rss_mb": 4096}, "meets_target": med < 30 and peak < 4096}
+    return {
+        "n": args.n,
+        "d": args.d,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "store_write_s": write_s,
+        "ours_float32": ours32,
+        "ours_float64": ours64,
+        "ours_float32_wall_s_median": med,
+        "ours_float64_wall_s_median": statistics.median(r["wall_s"] for r in ours64),
+        "ours_float32_peak_rss_mb": peak,
+        "gram_at_n": checks,
+        "gram_bytes_at_full_n": 2 * 8 * args.n**2,
+        "target": {"wall_s": 30, "rss_mb": 4096},
+        "meets_target": med < 30 and peak < 4096,
+    }
 
 
 def main():

@@ -28,11 +28,11 @@ import zarr
 
 warnings.simplefilter("ignore", FutureWarning)
 
-from extract import job as jobs  # noqa: E402
-from extract.noise import batch_noise  # noqa: E402
-from extract.unet import build_diffusion, build_model, load_checkpoint  # noqa: E402
-from store.config import load_config  # noqa: E402
-from store.feature_store import _codecs, open_store  # noqa: E402
+from diffprobe.extract import job as jobs  # noqa: E402
+from diffprobe.extract.noise import batch_noise  # noqa: E402
+from diffprobe.extract.unet import build_diffusion, build_model, load_checkpoint  # noqa: E402
+from diffprobe.store.config import load_config  # noqa: E402
+from diffprobe.store.feature_store import _codecs, open_store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,9 +52,9 @@ def bare_forward_seconds(cfg) -> float:
         for t in cfg.extract.timesteps:
             x_t = diffusion.q_sample(x0, torch.full((len(x0),), t), batch_noise(0, ids, t, tuple(x0.shape[1:])))
             for c0 in range(0, len(ids), chunk):  # the same padded groups per chunk as the pipeline
-                xc = x_t[c0:c0 + chunk]
+                xc = x_t[c0 : c0 + chunk]
                 for lo in range(0, len(xc), fb):
-                    g = xc[lo:lo + fb]
+                    g = xc[lo : lo + fb]
                     if len(g) < fb:
                         g = torch.cat([g, g.new_zeros((fb - len(g), *g.shape[1:]))])
                     batches.append((g, torch.full((fb,), t)))
@@ -108,8 +108,10 @@ def main():
         pipe, loop, bare = [], [], []
         for r in range(args.repeats):
             path = tmp / f"run{r}.zarr"
-            cfg = load_config(REPO / "pipeline.toml", {"data.max_per_class": args.per_class, "store.path": str(path),
-                                                         "extract.device": "cpu"})
+            cfg = load_config(
+                REPO / "pipeline.toml",
+                {"data.max_per_class": args.per_class, "store.path": str(path), "extract.device": "cpu"},
+            )
             if r % 2:  # alternate which goes first, so drift on a shared machine hits both alike
                 total, inner = pipeline_seconds(cfg)
                 bare.append(bare_forward_seconds(cfg))
@@ -122,11 +124,19 @@ def main():
         plan = jobs.prepare(cfg).plan
         n_images = sum(plan.split_sizes.values())
         result = {
-            "images": n_images, "timesteps": list(plan.timesteps), "forwards": plan.forwards,
-            "blocks": len(plan.blocks), "pools": list(plan.pools), "forward_batch": cfg.extract.forward_batch,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "pipeline_s": pipe, "loop_s": loop, "bare_s": bare,
-            "pipeline_median_s": statistics.median(pipe), "loop_median_s": statistics.median(loop),
+            "images": n_images,
+            "timesteps": list(plan.timesteps),
+            "forwards": plan.forwards,
+            "blocks": len(plan.blocks),
+            "pools": list(plan.pools),
+            "forward_batch": cfg.extract.forward_batch,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "pipeline_s": pipe,
+            "loop_s": loop,
+            "bare_s": bare,
+            "pipeline_median_s": statistics.median(pipe),
+            "loop_median_s": statistics.median(loop),
             "bare_median_s": statistics.median(bare),
             "images_per_s": n_images / statistics.median(pipe),
             "forwards_per_s": plan.forwards / statistics.median(pipe),

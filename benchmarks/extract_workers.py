@@ -28,10 +28,10 @@ from pathlib import Path
 
 warnings.simplefilter("ignore", FutureWarning)
 
-from extract import job as jobs  # noqa: E402
-from extract.distributed import local_threads  # noqa: E402
-from store.config import load_config  # noqa: E402
-from store.feature_store import open_store  # noqa: E402
+from diffprobe.extract import job as jobs  # noqa: E402
+from diffprobe.extract.distributed import local_threads  # noqa: E402
+from diffprobe.store.config import load_config  # noqa: E402
+from diffprobe.store.feature_store import open_store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,8 +54,11 @@ def timed_run(cfg) -> tuple[float, float]:
 
 def same_store(a: Path, b: Path) -> bool:
     sa, sb = open_store(a), open_store(b)
-    return all(sa.features(s, k.block, k.t, k.pool).tobytes() == sb.features(s, k.block, k.t, k.pool).tobytes()
-               for s in sa.splits for k in sa.keys(s))
+    return all(
+        sa.features(s, k.block, k.t, k.pool).tobytes() == sb.features(s, k.block, k.t, k.pool).tobytes()
+        for s in sa.splits
+        for k in sa.keys(s)
+    )
 
 
 def main():
@@ -72,11 +75,18 @@ def main():
     identical = {}
     try:
         for r in range(args.repeats):
-            order = names[r % 3:] + names[:r % 3]
+            order = names[r % 3 :] + names[: r % 3]
             for name in order:
                 path = tmp / f"{r}-{name.replace(' ', '-')}.zarr"
-                cfg = load_config(REPO / "pipeline.toml", {"data.max_per_class": args.per_class, "store.path": str(path),
-                                                             "extract.device": "cpu", **variants(cores)[name]})
+                cfg = load_config(
+                    REPO / "pipeline.toml",
+                    {
+                        "data.max_per_class": args.per_class,
+                        "store.path": str(path),
+                        "extract.device": "cpu",
+                        **variants(cores)[name],
+                    },
+                )
                 total, inner = timed_run(cfg)
                 wall[name].append(total)
                 chunks[name].append(inner)
@@ -90,16 +100,22 @@ def main():
         plan = jobs.prepare(cfg).plan
         images = sum(plan.split_sizes.values())
         result = {
-            "images": images, "forwards": plan.forwards, "cores": cores, "chunk_images": cfg.store.chunk_images,
+            "images": images,
+            "forwards": plan.forwards,
+            "cores": cores,
+            "chunk_images": cfg.store.chunk_images,
             "chunks": sum(-(-n // cfg.store.chunk_images) for n in plan.split_sizes.values()),
-            "torch_threads": {n: v.get("extract.threads", v.get("extract.threads_per_worker"))
-                              for n, v in variants(cores).items()},
-            "wall_s": wall, "chunks_s": chunks,
+            "torch_threads": {
+                n: v.get("extract.threads", v.get("extract.threads_per_worker")) for n, v in variants(cores).items()
+            },
+            "wall_s": wall,
+            "chunks_s": chunks,
             "wall_median_s": {n: statistics.median(v) for n, v in wall.items()},
             "chunks_median_s": {n: statistics.median(v) for n, v in chunks.items()},
             # ratios per repeat (variants measured side by side), then their median
-            "wall_vs_single": {n: statistics.median(a / b for a, b in zip(wall[n], wall["single process"]))
-                               for n in names[1:]},
+            "wall_vs_single": {
+                n: statistics.median(a / b for a, b in zip(wall[n], wall["single process"])) for n in names[1:]
+            },
             "identical_to_single_process": identical,
             "load_average_at_end": os.getloadavg(),
         }

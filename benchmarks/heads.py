@@ -30,13 +30,13 @@ import torch.nn.functional as F
 
 warnings.simplefilter("ignore", FutureWarning)
 
-from extract import job as jobs  # noqa: E402
-from extract.unet import build_model, load_checkpoint  # noqa: E402
-from probe import feedback as fb  # noqa: E402
-from probe.attention import seeded, train_sgd  # noqa: E402
-from probe.heads import AttentionHead, FusionHead  # noqa: E402
-from store import open_store  # noqa: E402
-from store.config import load_config  # noqa: E402
+from diffprobe.extract import job as jobs  # noqa: E402
+from diffprobe.extract.unet import build_model, load_checkpoint  # noqa: E402
+from diffprobe.probe import feedback as fb  # noqa: E402
+from diffprobe.probe.attention import seeded, train_sgd  # noqa: E402
+from diffprobe.probe.heads import AttentionHead, FusionHead  # noqa: E402
+from diffprobe.store import open_store  # noqa: E402
+from diffprobe.store.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,12 +49,11 @@ def _epoch(model, inputs, y, h) -> float:
     def batches(_):
         order = torch.randperm(len(y), generator=gen)
         for lo in range(0, len(y), h.batch_size):
-            idx = order[lo:lo + h.batch_size]
+            idx = order[lo : lo + h.batch_size]
             yield inputs(idx), y[idx]
 
     start = time.perf_counter()
-    train_sgd(model, model.parameters(), h.attention_lr[0], one, batches,
-              lambda x, yy: F.cross_entropy(model(x), yy))
+    train_sgd(model, model.parameters(), h.attention_lr[0], one, batches, lambda x, yy: F.cross_entropy(model(x), yy))
     return time.perf_counter() - start
 
 
@@ -76,18 +75,33 @@ def main() -> None:
     att = seeded(lambda: AttentionHead(x24.shape[1], x24.shape[-1], k, h.dim, h.depth, h.num_heads, h.mlp_ratio), 0)
     blocks, ts = (19, 24, 30), (90, 150, 300)
     maps = [[torch.from_numpy(store.features("train", b, t, 2)) for b in blocks] for t in ts]
-    fusion = seeded(lambda: FusionHead([(m.shape[1], m.shape[-1]) for m in maps[0]], len(ts), k, h.dim, h.depth,
-                                       h.num_heads, h.mlp_ratio), 0)
+    fusion = seeded(
+        lambda: FusionHead(
+            [(m.shape[1], m.shape[-1]) for m in maps[0]], len(ts), k, h.dim, h.depth, h.num_heads, h.mlp_ratio
+        ),
+        0,
+    )
 
     job = jobs.prepare(cfg)
     unet = build_model(job.spec)
     load_checkpoint(unet, job.checkpoint)
     unet.eval().requires_grad_(False)
-    difeed = seeded(lambda: fb.DifFeed(unet, job.table, fb.skip_pairs(job.spec), h.feedback_blocks,
-                                       h.feedback_target, h.pool, k, h), 0)
+    difeed = seeded(
+        lambda: fb.DifFeed(
+            unet, job.table, fb.skip_pairs(job.spec), h.feedback_blocks, h.feedback_target, h.pool, k, h
+        ),
+        0,
+    )
     n_train = len(job.source.split("train"))
-    data = fb.Images(job.source, job.diffusion, "train", np.arange(n_train), h.feedback_t, cfg.extract.noise_seed,
-                     torch.device("cpu"))
+    data = fb.Images(
+        job.source,
+        job.diffusion,
+        "train",
+        np.arange(n_train),
+        h.feedback_t,
+        cfg.extract.noise_seed,
+        torch.device("cpu"),
+    )
     opt = torch.optim.SGD(difeed.parameters(), lr=h.feedback_lr[0])
     bs = h.feedback_batch_size
     tt = torch.full((bs,), h.feedback_t, dtype=torch.long)
@@ -124,11 +138,20 @@ def main() -> None:
     med = {name: statistics.median(v) for name, v in times.items()}
     steps_per_epoch = -(-n_train // bs)
     result = {
-        "store": args.store, "threads": args.threads, "repeats": args.repeats, "steps_per_repeat": args.steps,
-        "train_images": int(len(y)), "attention": {"block": 24, "t": 150, "pool": 2, "batch": h.batch_size},
+        "store": args.store,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "steps_per_repeat": args.steps,
+        "train_images": int(len(y)),
+        "attention": {"block": 24, "t": 150, "pool": 2, "batch": h.batch_size},
         "fusion": {"blocks": list(blocks), "timesteps": list(ts), "pool": 2, "batch": h.batch_size},
-        "difeed": {"feedback_blocks": list(h.feedback_blocks), "target": h.feedback_target, "t": h.feedback_t,
-                   "batch": bs, "steps_per_epoch": steps_per_epoch},
+        "difeed": {
+            "feedback_blocks": list(h.feedback_blocks),
+            "target": h.feedback_target,
+            "t": h.feedback_t,
+            "batch": bs,
+            "steps_per_epoch": steps_per_epoch,
+        },
         "median_s": {k2: round(v, 4) for k2, v in med.items()},
         "difeed_epoch_s": round(med["difeed_step"] * steps_per_epoch, 2),
         "difeed_step_over_two_forwards": round(med["difeed_step"] / med["two_forwards"], 3),

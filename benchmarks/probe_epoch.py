@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 warnings.simplefilter("ignore", FutureWarning)
 
-from extract import job as jobs  # noqa: E402
-from extract.unet import block_modules, build_model, load_checkpoint  # noqa: E402
-from probe.linear import _Standardised, feature_stats, train_sgd  # noqa: E402
-from store import open_store  # noqa: E402
-from store.config import load_config  # noqa: E402
+from diffprobe.extract import job as jobs  # noqa: E402
+from diffprobe.extract.unet import block_modules, build_model, load_checkpoint  # noqa: E402
+from diffprobe.probe.linear import _Standardised, feature_stats, train_sgd  # noqa: E402
+from diffprobe.store import open_store  # noqa: E402
+from diffprobe.store.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def recompute_epoch(cfg, block: int, t: int, pool: int, batch: int, n_classes: i
     order = np.random.default_rng(0).permutation(len(index))
     try:
         for lo in range(0, len(order), batch):
-            idx = order[lo:lo + batch]
+            idx = order[lo : lo + batch]
             x0 = torch.from_numpy(np.stack(job.source.load("train", [index.ids[i] for i in idx])))
             tt = torch.full((len(idx),), t)
             with torch.no_grad():
@@ -98,10 +98,16 @@ def main():
         recompute.append(recompute_epoch(cfg, args.block, args.t, args.pool, args.batch, n_classes))
         print(f"repeat {r}: cached {cached[-1]:.3f} s, recompute {recompute[-1]:.2f} s", flush=True)
     result = {
-        "block": args.block, "t": args.t, "pool": args.pool, "batch": args.batch,
-        "images": int(open_store(args.store).n_images("train")), "threads": torch.get_num_threads(),
-        "cached_s": cached, "recompute_s": recompute,
-        "cached_median_s": statistics.median(cached), "recompute_median_s": statistics.median(recompute),
+        "block": args.block,
+        "t": args.t,
+        "pool": args.pool,
+        "batch": args.batch,
+        "images": int(open_store(args.store).n_images("train")),
+        "threads": torch.get_num_threads(),
+        "cached_s": cached,
+        "recompute_s": recompute,
+        "cached_median_s": statistics.median(cached),
+        "recompute_median_s": statistics.median(recompute),
         "ratio": statistics.median(recompute) / statistics.median(cached),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from probe import linear as lin
-from store.config import ProbeConfig
-from store.feature_store import FeatureKey, StoreWriter, open_store
+from diffprobe.probe import linear as lin
+from diffprobe.store.config import ProbeConfig
+from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 C, P, CHUNK = 1024, 2, 512
@@ -42,9 +42,15 @@ def write_synthetic(path: Path, n: int, codec: str) -> FeatureKey:
     blocks = [{"number": 24, "module": "output_blocks.4", "channels": C, "spatial": 8}]
     fps = {"model": {"synthetic": True}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
     y = np.arange(n) % 1000
-    with StoreWriter.create(path, fingerprints=fps, provenance={}, blocks=blocks,
-                            class_names=[f"c{c}" for c in range(1000)],
-                            splits={"train": ([f"i{i:07d}" for i in range(n)], y)}, chunk_images=CHUNK) as w:
+    with StoreWriter.create(
+        path,
+        fingerprints=fps,
+        provenance={},
+        blocks=blocks,
+        class_names=[f"c{c}" for c in range(1000)],
+        splits={"train": ([f"i{i:07d}" for i in range(n)], y)},
+        chunk_images=CHUNK,
+    ) as w:
         w.ensure_arrays("train", {key: C}, "float16", codec)
         rng = np.random.default_rng(0)
         for c in range(-(-n // CHUNK)):
@@ -89,19 +95,28 @@ def main():
                     s.raw(i)
 
             stream = timed(streamed, args.repeats)
-            out[codec] = {"GB": round(gb, 3), "whole_s": round(whole, 3), "whole_GBps": round(gb / whole, 2),
-                          "streamed_256MB_s": round(stream, 3), "streamed_GBps": round(gb / stream, 2)}
+            out[codec] = {
+                "GB": round(gb, 3),
+                "whole_s": round(whole, 3),
+                "whole_GBps": round(gb / whole, 2),
+                "streamed_256MB_s": round(stream, 3),
+                "streamed_GBps": round(gb / stream, 2),
+            }
             print(codec, out[codec], flush=True)
 
     if Path(args.embedded).exists():
         store = open_store(args.embedded)
         usable = ~store.skipped("train").astype(bool)
         keys = store.keys("train")
-        gb = sum(int(np.prod(store.feature_array("train", k.block, k.t, k.pool).shape)) * 2
-                 for k in keys) / 1e9
+        gb = sum(int(np.prod(store.feature_array("train", k.block, k.t, k.pool).shape)) * 2 for k in keys) / 1e9
         secs = timed(lambda: [lin._features(store, "train", k.block, k.t, k.pool, usable) for k in keys], args.repeats)
-        out["embedded"] = {"arrays": len(keys), "GB": round(gb, 4), "s": round(secs, 3),
-                           "GBps": round(gb / secs, 3), "ms_per_array": round(1000 * secs / len(keys), 2)}
+        out["embedded"] = {
+            "arrays": len(keys),
+            "GB": round(gb, 4),
+            "s": round(secs, 3),
+            "GBps": round(gb / secs, 3),
+            "ms_per_array": round(1000 * secs / len(keys), 2),
+        }
         print("embedded", out["embedded"], flush=True)
     out["target_GBps"] = 1.0
     print(json.dumps(out, indent=2))

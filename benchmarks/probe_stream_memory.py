@@ -30,9 +30,9 @@ CHILD = r"""
 import dataclasses, json, resource, sys, time
 import torch
 torch.set_num_threads(2)
-from probe.linear import linear_probe
-from store.config import ProbeConfig
-from store.feature_store import open_store
+from diffprobe.probe.linear import linear_probe
+from diffprobe.store.config import ProbeConfig
+from diffprobe.store.feature_store import open_store
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
@@ -49,20 +49,29 @@ print(json.dumps({"budget_mb": float(sys.argv[2]), "streamed": r["streamed"], "t
 
 
 def write(path: Path, n_train: int, n_val: int):
-    from store.feature_store import FeatureKey, StoreWriter
+    from diffprobe.store.feature_store import FeatureKey, StoreWriter
 
     key = FeatureKey(90, 24, P)
     blocks = [{"number": 24, "module": "output_blocks.4", "channels": C, "spatial": 8}]
     fps = {"model": {"synthetic": True}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
     means = np.random.default_rng(0).standard_normal((K, C * P * P), dtype=np.float32) * 0.2
-    splits = {s: ([f"{s}/{i:07d}" for i in range(n)], np.arange(n) % K) for s, n in (("train", n_train), ("val", n_val))}
-    with StoreWriter.create(path, fingerprints=fps, provenance={}, blocks=blocks,
-                            class_names=[f"c{c}" for c in range(K)], splits=splits, chunk_images=CHUNK) as w:
+    splits = {
+        s: ([f"{s}/{i:07d}" for i in range(n)], np.arange(n) % K) for s, n in (("train", n_train), ("val", n_val))
+    }
+    with StoreWriter.create(
+        path,
+        fingerprints=fps,
+        provenance={},
+        blocks=blocks,
+        class_names=[f"c{c}" for c in range(K)],
+        splits=splits,
+        chunk_images=CHUNK,
+    ) as w:
         for seed, (split, (_, y)) in enumerate(splits.items()):
             w.ensure_arrays(split, {key: C}, "float16", "none")
             rng = np.random.default_rng(seed + 1)
             for c in range(-(-len(y) // CHUNK)):
-                yc = y[c * CHUNK:(c + 1) * CHUNK]
+                yc = y[c * CHUNK : (c + 1) * CHUNK]
                 x = rng.standard_normal((len(yc), C * P * P), dtype=np.float32) + means[yc]
                 w.write_chunk(split, c, {key: x.reshape(len(yc), C, P, P).astype(np.float16)})
             w.write_skipped(split, np.zeros(0, dtype=int))
@@ -76,14 +85,20 @@ def main():
     args = ap.parse_args()
     split_mb = args.images * C * P * P * 4 / 2**20  # as the budget counts it: 4 bytes per value
     budgets = [float(b) for b in args.budgets.split(",")] + ([] if args.no_whole else [split_mb * 1.01])
-    out = {"images": args.images, "dim": C * P * P, "split_fp16_mb": round(split_mb / 2),
-           "split_at_4_bytes_mb": round(split_mb), "runs": []}
+    out = {
+        "images": args.images,
+        "dim": C * P * P,
+        "split_fp16_mb": round(split_mb / 2),
+        "split_at_4_bytes_mb": round(split_mb),
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory(dir=REPO / "benchmarks") as tmp:
         path = Path(tmp) / "s.zarr"
         write(path, args.images, 8192)
         for budget in budgets:
-            res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(budget)], capture_output=True,
-                                 text=True, check=True)
+            res = subprocess.run(
+                [sys.executable, "-c", CHILD, str(path), str(budget)], capture_output=True, text=True, check=True
+            )
             run = json.loads(res.stdout.strip().splitlines()[-1])
             print(run, flush=True)
             out["runs"].append(run)

@@ -28,9 +28,9 @@ import torch
 
 warnings.simplefilter("ignore", FutureWarning)
 
-from probe import linear as lin  # noqa: E402
-from probe import sweep as sw  # noqa: E402
-from store.config import load_config  # noqa: E402
+from diffprobe.probe import linear as lin  # noqa: E402
+from diffprobe.probe import sweep as sw  # noqa: E402
+from diffprobe.store.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,17 +47,25 @@ def main():
     modes = ["shared", "alone"] if args.compare else ["shared"]
     runs = {m: [] for m in modes}
     for i in range(args.repeats):
-        for mode in (modes if i % 2 == 0 else modes[::-1]):
+        for mode in modes if i % 2 == 0 else modes[::-1]:
             runs[mode].append(_sweep(args, alone=mode == "alone"))
-    summary = {"store": args.store, "recipe": args.recipe, "threads": args.threads,
-               "torch_threads": torch.get_num_threads(), **runs["shared"][-1],
-               "wall_s_runs": [r["wall_s"] for r in runs["shared"]],
-               "wall_s_median": statistics.median(r["wall_s"] for r in runs["shared"])}
+    summary = {
+        "store": args.store,
+        "recipe": args.recipe,
+        "threads": args.threads,
+        "torch_threads": torch.get_num_threads(),
+        **runs["shared"][-1],
+        "wall_s_runs": [r["wall_s"] for r in runs["shared"]],
+        "wall_s_median": statistics.median(r["wall_s"] for r in runs["shared"]),
+    }
     if args.compare:
         alone = [r["wall_s"] for r in runs["alone"]]
-        summary.update(alone_wall_s_runs=alone, alone_wall_s_median=statistics.median(alone),
-                       speedup=round(statistics.median(alone) / summary["wall_s_median"], 2),
-                       same_top1=all(a["top1s"] == s["top1s"] for a, s in zip(runs["alone"], runs["shared"])))
+        summary.update(
+            alone_wall_s_runs=alone,
+            alone_wall_s_median=statistics.median(alone),
+            speedup=round(statistics.median(alone) / summary["wall_s_median"], 2),
+            same_top1=all(a["top1s"] == s["top1s"] for a, s in zip(runs["alone"], runs["shared"])),
+        )
     for r in runs.values():
         for x in r:
             x.pop("top1s")
@@ -75,20 +83,35 @@ def _sweep(args, alone: bool) -> dict:
         lin.passes = lambda store, keys, recipe, p: [[i] for i in range(len(keys))]
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(REPO / "pipeline.toml", {
-                "store.path": args.store, "probe.recipe": args.recipe, "probe.threads": args.threads,
-                "probe.device": "cpu", "probe.ledger": str(Path(tmp) / "probe-results.csv")})
+            cfg = load_config(
+                REPO / "pipeline.toml",
+                {
+                    "store.path": args.store,
+                    "probe.recipe": args.recipe,
+                    "probe.threads": args.threads,
+                    "probe.device": "cpu",
+                    "probe.ledger": str(Path(tmp) / "probe-results.csv"),
+                },
+            )
             started = time.perf_counter()
             r = sw.run(cfg)
             wall = time.perf_counter() - started
     finally:
         lin.passes = real
     per_cell = [c["seconds"] for c in r["cells"]]
-    return {"cells": len(r["cells"]), "trained": r["trained"], "wall_s": round(wall, 2),
-            "cell_median_s": round(statistics.median(per_cell), 4), "cell_max_s": round(max(per_cell), 4),
-            "cells_sum_s": round(sum(per_cell), 2), "overhead_s": round(wall - sum(per_cell), 2),
-            "plots": len(r["plots"]["files"]), "best": {k: r["best"][k] for k in ("block", "t", "pool", "top1")},
-            "top1s": [c["top1"] for c in r["cells"]], "target_s": 120}
+    return {
+        "cells": len(r["cells"]),
+        "trained": r["trained"],
+        "wall_s": round(wall, 2),
+        "cell_median_s": round(statistics.median(per_cell), 4),
+        "cell_max_s": round(max(per_cell), 4),
+        "cells_sum_s": round(sum(per_cell), 2),
+        "overhead_s": round(wall - sum(per_cell), 2),
+        "plots": len(r["plots"]["files"]),
+        "best": {k: r["best"][k] for k in ("block", "t", "pool", "top1")},
+        "top1s": [c["top1"] for c in r["cells"]],
+        "target_s": 120,
+    }
 
 
 if __name__ == "__main__":

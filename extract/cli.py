@@ -11,7 +11,6 @@ exit with code 2.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -23,28 +22,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from store.config import load_config
-from store.errors import DiffprobeError
-from store.feature_store import open_store
-from store.ranges import format_int_list
+from diffprobe.store.config import load_config
+from diffprobe.store.console import err, user_errors
+from diffprobe.store.feature_store import open_store
+from diffprobe.store.ranges import format_int_list
 
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False)
 out = Console()
-err = Console(stderr=True)
 
-ConfigOpt = typer.Option(None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults).")
+ConfigOpt = typer.Option(
+    None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults)."
+)
 StoreOpt = typer.Option(None, "--store", help="Store path (overrides store.path).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Turn a DiffprobeError into one line on stderr and exit code 2."""
-    try:
-        yield
-    except DiffprobeError as e:
-        err.print("[red]error:[/red]", escape(str(e)), highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 def _config(config, store, **flags):
@@ -69,25 +59,49 @@ def run(
     pool: Optional[str] = typer.Option(None, "--pool", help="Pool sizes, e.g. 1,2 (extract.pools)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (extract.batch_size)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps (extract.device)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, max=4096,
-                                          help="Worker processes of a local dask cluster; one per GPU (extract.workers)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler",
-                                            help="Address of a dask scheduler, e.g. tcp://host:8786 (extract.scheduler)."),
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        min=0,
+        max=4096,
+        help="Worker processes of a local dask cluster; one per GPU (extract.workers).",
+    ),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="Address of a dask scheduler, e.g. tcp://host:8786 (extract.scheduler)."
+    ),
     as_json: bool = JsonOpt,
 ):
     """Extract features into the store; resumes where a previous run stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from extract import job as jobs
+    from diffprobe.extract import job as jobs
 
     with user_errors():
-        cfg = _config(config, store, **{"extract.blocks": blocks, "extract.timesteps": t, "extract.pools": pool,
-                                        "extract.batch_size": batch_size, "extract.device": device,
-                                        "extract.workers": workers, "extract.scheduler": scheduler})
+        cfg = _config(
+            config,
+            store,
+            **{
+                "extract.blocks": blocks,
+                "extract.timesteps": t,
+                "extract.pools": pool,
+                "extract.batch_size": batch_size,
+                "extract.device": device,
+                "extract.workers": workers,
+                "extract.scheduler": scheduler,
+            },
+        )
         started = time.perf_counter()
-        bar = Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                       TextColumn("{task.fields[chunks]}"), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                       console=err, disable=as_json)
+        bar = Progress(
+            TextColumn("[bold]extract"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("images"),
+            TextColumn("{task.fields[chunks]}"),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=as_json,
+        )
         task = bar.add_task("extract", total=None, rate="", chunks="")
 
         computed = {"images": 0, "since": time.perf_counter()}
@@ -119,10 +133,13 @@ def run(
     if as_json:
         print(json.dumps(result))
     else:
-        out.print(f"store {escape(result['store'])}: {result['images']} images x {len(result['timesteps'])} timesteps; "
-                  f"{result['chunks_written']} chunks written, {result['chunks_already_done']} already complete, "
-                  f"{result['images_skipped']} images skipped; {result['seconds']:.1f} s on {result['device']}"
-                  + (f" ({result['workers']} dask workers)" if "workers" in result else ""), highlight=False)
+        out.print(
+            f"store {escape(result['store'])}: {result['images']} images x {len(result['timesteps'])} timesteps; "
+            f"{result['chunks_written']} chunks written, {result['chunks_already_done']} already complete, "
+            f"{result['images_skipped']} images skipped; {result['seconds']:.1f} s on {result['device']}"
+            + (f" ({result['workers']} dask workers)" if "workers" in result else ""),
+            highlight=False,
+        )
 
 
 @app.command()
@@ -135,7 +152,7 @@ def plan(
     as_json: bool = JsonOpt,
 ):
     """Show the arrays, shapes and bytes a run would write, and the U-Net forwards, before any work."""
-    from extract import job as jobs
+    from diffprobe.extract import job as jobs
 
     with user_errors():
         cfg = _config(config, store, **{"extract.blocks": blocks, "extract.timesteps": t, "extract.pools": pool})
@@ -147,14 +164,25 @@ def plan(
     for col in ("split", "array", "t", "block", "pool", "shape", "dtype", "bytes"):
         table.add_column(col, justify="right" if col in ("t", "block", "pool", "bytes") else "left")
     for a in p.arrays:
-        table.add_row(a.split, a.key.name, str(a.key.t), str(a.key.block), str(a.key.pool),
-                      "x".join(map(str, a.shape)), a.dtype, _human(a.nbytes))
+        table.add_row(
+            a.split,
+            a.key.name,
+            str(a.key.t),
+            str(a.key.block),
+            str(a.key.pool),
+            "x".join(map(str, a.shape)),
+            a.dtype,
+            _human(a.nbytes),
+        )
     out.print(table)
     for b, r, s in p.capped:
         out.print(f"block {b}: pool {r} capped at its {s}x{s} map (stored as pool {s})", highlight=False)
-    out.print(f"{len(p.arrays)} arrays, {_human(p.nbytes)} in total; "
-              f"{p.forwards} U-Net forwards ({' + '.join(f'{n} {s}' for s, n in p.split_sizes.items())} images "
-              f"x {len(p.timesteps)} timesteps), each stopping after block {max(p.blocks)}", highlight=False)
+    out.print(
+        f"{len(p.arrays)} arrays, {_human(p.nbytes)} in total; "
+        f"{p.forwards} U-Net forwards ({' + '.join(f'{n} {s}' for s, n in p.split_sizes.items())} images "
+        f"x {len(p.timesteps)} timesteps), each stopping after block {max(p.blocks)}",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -170,15 +198,23 @@ def status(store: Optional[Path] = StoreOpt, config: Optional[Path] = ConfigOpt,
         arrays = info["arrays"].values()
         complete = [a for a in arrays if a["chunks_done"] == a["chunks"]]
         partial = [a for a in arrays if a["chunks_done"] != a["chunks"]]
-        out.print(f"[bold]{split}[/bold]: {info['images']} images in {info['chunks']} chunks, "
-                  f"{info['skipped']} skipped; {len(complete)}/{len(info['arrays'])} arrays complete", highlight=False)
+        out.print(
+            f"[bold]{split}[/bold]: {info['images']} images in {info['chunks']} chunks, "
+            f"{info['skipped']} skipped; {len(complete)}/{len(info['arrays'])} arrays complete",
+            highlight=False,
+        )
         if complete:
-            out.print(f"  complete: blocks {format_int_list(a['block'] for a in complete)} at t "
-                      f"{format_int_list(a['t'] for a in complete)}, pools {format_int_list(a['pool'] for a in complete)}",
-                      highlight=False)
+            out.print(
+                f"  complete: blocks {format_int_list(a['block'] for a in complete)} at t "
+                f"{format_int_list(a['t'] for a in complete)}, pools {format_int_list(a['pool'] for a in complete)}",
+                highlight=False,
+            )
         for a in partial:
-            out.print(f"  incomplete: t {a['t']} block {a['block']} pool {a['pool']}: "
-                      f"{a['chunks_done']}/{a['chunks']} chunks", highlight=False)
+            out.print(
+                f"  incomplete: t {a['t']} block {a['block']} pool {a['pool']}: "
+                f"{a['chunks_done']}/{a['chunks']} chunks",
+                highlight=False,
+            )
 
 
 @app.command()
@@ -189,8 +225,8 @@ def blocks(
     as_json: bool = JsonOpt,
 ):
     """The block table: number -> module, channels, spatial size (derived from the model)."""
-    from extract import job as jobs
-    from extract.unet import block_table
+    from diffprobe.extract import job as jobs
+    from diffprobe.extract.unet import block_table
 
     with user_errors():
         cfg = _config(config, store, **{"model.preset": preset_name})

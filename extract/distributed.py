@@ -36,16 +36,17 @@ import secrets
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from distributed import WorkerPlugin
 
-from extract.extraction import ChunkWork, extract_chunk, resolve_device, start_chunks
-from extract.job import Job, compute_settings, load_model, open_writer, prepare
-from store.config import Config
-from store.errors import ConfigError, DiffprobeError
-from store.feature_store import StoreWriter
+from diffprobe.extract.extraction import ChunkWork, extract_chunk, start_chunks
+from diffprobe.extract.job import Job, compute_settings, load_model, open_writer, prepare
+from diffprobe.store.config import Config
+from diffprobe.store.device import resolve_device
+from diffprobe.store.errors import ConfigError, DiffprobeError
+from diffprobe.store.feature_store import StoreWriter
 
 WORKER_WAIT_S = 120  # how long a run waits for the first worker of an external cluster
 CONNECT_TIMEOUT_S = 20  # how long it waits for a scheduler that does not refuse the connection
@@ -75,8 +76,11 @@ class ExtractorPlugin(WorkerPlugin):
         # dask's sampling profiler takes the GIL 100 times a second to walk every thread's
         # stack; the U-Net forward is Python-heavy (many small ops), so it costs (measured: a
         # 1-worker run's chunks 7.5 -> 6.5 s and 7.8 -> 6.8 s without it). Paused for the run.
-        self.paused = [pc for name, pc in worker.periodic_callbacks.items()
-                       if name in ("profile", "profile-cycle") and pc.is_running()]
+        self.paused = [
+            pc
+            for name, pc in worker.periodic_callbacks.items()
+            if name in ("profile", "profile-cycle") and pc.is_running()
+        ]
         for pc in self.paused:
             pc.stop()
         # Loading a checkpoint takes seconds: off the worker's event loop, so heartbeats go on.
@@ -95,9 +99,15 @@ class ExtractorPlugin(WorkerPlugin):
         self.lock = threading.Lock()
         self.writers: dict[tuple[str, str], StoreWriter] = {}
         self.info = {
-            "address": worker.address, "host": socket.gethostname(), "pid": os.getpid(), "device": str(device),
-            "device_type": device.type, "device_name": _device_name(device), "checkpoint_sha256": sha,
-            "torch": torch.__version__, "torch_threads": self.threads,
+            "address": worker.address,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(device),
+            "device_type": device.type,
+            "device_name": _device_name(device),
+            "checkpoint_sha256": sha,
+            "torch": torch.__version__,
+            "torch_threads": self.threads,
         }
 
     def teardown(self, worker) -> None:
@@ -112,8 +122,10 @@ class ExtractorPlugin(WorkerPlugin):
         with self.lock:  # one chunk at a time per worker, whatever its dask thread count
             for key in ("checkpoint_sha256", "device_type"):
                 if self.info[key] != expect[key]:
-                    raise ClusterError(f"worker {self.info['address']} on {self.info['host']}: {key} "
-                                       f"{self.info[key]!r} differs from the store's {expect[key]!r}")
+                    raise ClusterError(
+                        f"worker {self.info['address']} on {self.info['host']}: {key} "
+                        f"{self.info[key]!r} differs from the store's {expect[key]!r}"
+                    )
             if torch.get_num_threads() != self.threads:  # the setting is per OS thread under some OpenMPs
                 torch.set_num_threads(self.threads)
             writer = self.writers.get((store, owner))
@@ -121,8 +133,15 @@ class ExtractorPlugin(WorkerPlugin):
                 writer = self.writers[(store, owner)] = StoreWriter.attach(store, owner)
             start = time.perf_counter()
             skipped = extract_chunk(self.model, self.job.diffusion, self.job.source, work, writer, self.settings)
-            return {"split": work.split, "chunk": work.chunk, "images": work.images, "skipped": skipped,
-                    "seconds": time.perf_counter() - start, "worker": self.info["address"], "pid": os.getpid()}
+            return {
+                "split": work.split,
+                "chunk": work.chunk,
+                "images": work.images,
+                "skipped": skipped,
+                "seconds": time.perf_counter() - start,
+                "worker": self.info["address"],
+                "pid": os.getpid(),
+            }
 
 
 def _undo_malloc_trim() -> None:
@@ -167,8 +186,9 @@ def check_scheduler_address(address: str) -> str:
     fails at once rather than after dask's connect timeout."""
     from distributed.comm.addressing import parse_address, parse_host_port
 
-    bad = ConfigError(f"extract.scheduler: {address!r} is not a scheduler address; "
-                      f"expected tcp://HOST:PORT (or tls://HOST:PORT)")
+    bad = ConfigError(
+        f"extract.scheduler: {address!r} is not a scheduler address; expected tcp://HOST:PORT (or tls://HOST:PORT)"
+    )
     try:
         scheme, loc = parse_address(address if "://" in address else f"tcp://{address}")
         host, port = parse_host_port(loc)
@@ -181,8 +201,10 @@ def check_scheduler_address(address: str) -> str:
             socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
         except OSError as e:
             why = "connection refused" if e.errno == errno.ECONNREFUSED else (e.strerror or str(e) or type(e).__name__)
-            raise ClusterError(f"extract.scheduler: cannot reach a dask scheduler at {scheme}://{host}:{port} "
-                               f"({why}); start one or fix the address") from None
+            raise ClusterError(
+                f"extract.scheduler: cannot reach a dask scheduler at {scheme}://{host}:{port} "
+                f"({why}); start one or fix the address"
+            ) from None
     return f"{scheme}://{host}:{port}"
 
 
@@ -200,8 +222,10 @@ def _local_gpus(cfg: Config) -> int:
     if device == "cpu" or device == "mps":
         return 0
     if device.startswith("cuda:") and cfg.extract.workers > 1:
-        raise ConfigError(f"extract.device: {device!r} names one GPU, but extract.workers = {cfg.extract.workers} "
-                          f"gives each worker its own GPU; use 'cuda' or 'auto'")
+        raise ConfigError(
+            f"extract.device: {device!r} names one GPU, but extract.workers = {cfg.extract.workers} "
+            f"gives each worker its own GPU; use 'cuda' or 'auto'"
+        )
     resolve_device(device)  # an explicit "cuda" on a machine without one is an error here
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -226,8 +250,12 @@ def _local_cluster(cfg: Config, threads: int):
     # A nanny puts these in its worker's environment, and before spawning also in this
     # process's (undone below): the chosen threads, and no MALLOC_TRIM_THRESHOLD_ (see
     # _undo_malloc_trim).
-    environ = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
-               "MALLOC_TRIM_THRESHOLD_": None}
+    environ = {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+        "MALLOC_TRIM_THRESHOLD_": None,
+    }
     saved_environ = dict(os.environ)
     cluster = None
     try:
@@ -236,25 +264,43 @@ def _local_cluster(cfg: Config, threads: int):
                 try:
                     from dask_cuda import LocalCUDACluster
                 except ImportError:
-                    raise ConfigError("extract.cluster: 'dask-cuda' needs the dask-cuda package; "
-                                      "pip install -e \".[cuda]\" or use cluster = \"local\"") from None
-                cluster = LocalCUDACluster(n_workers=n, threads_per_worker=1, host="127.0.0.1",
-                                           dashboard_address=dashboard, memory_limit=0, **common)
+                    raise ConfigError(
+                        "extract.cluster: 'dask-cuda' needs the dask-cuda package; "
+                        'pip install -e ".[cuda]" or use cluster = "local"'
+                    ) from None
+                cluster = LocalCUDACluster(
+                    n_workers=n,
+                    threads_per_worker=1,
+                    host="127.0.0.1",
+                    dashboard_address=dashboard,
+                    memory_limit=0,
+                    **common,
+                )
             else:
                 gpus = _local_gpus(cfg)
                 if gpus and n > gpus:
-                    raise ConfigError(f"extract.workers: {n} workers but this machine has {gpus} GPU(s); "
-                                      f"one worker per GPU, so at most {gpus}")
+                    raise ConfigError(
+                        f"extract.workers: {n} workers but this machine has {gpus} GPU(s); "
+                        f"one worker per GPU, so at most {gpus}"
+                    )
                 workers = {}
                 for i in range(n):
                     # one GPU each; an explicit cuda:N (one worker) keeps every GPU visible and uses N
                     env = {"CUDA_VISIBLE_DEVICES": _gpu_ids(gpus)[i]} if gpus and ":" not in cfg.extract.device else {}
                     # nthreads 1: one chunk at a time. memory_limit 0: dask must not pause, spill
                     # or restart a worker for holding a model and a chunk.
-                    workers[f"extract-{i}"] = {"cls": Nanny, "options": {
-                        "nthreads": 1, "memory_limit": 0, "env": env, "host": "127.0.0.1", **common}}
-                scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": dashboard is not None,
-                                                           "dashboard_address": dashboard}}
+                    workers[f"extract-{i}"] = {
+                        "cls": Nanny,
+                        "options": {"nthreads": 1, "memory_limit": 0, "env": env, "host": "127.0.0.1", **common},
+                    }
+                scheduler = {
+                    "cls": Scheduler,
+                    "options": {
+                        "host": "127.0.0.1",
+                        "dashboard": dashboard is not None,
+                        "dashboard_address": dashboard,
+                    },
+                }
                 cluster = SpecCluster(workers=workers, scheduler=scheduler, **common)
         yield cluster
     finally:
@@ -284,21 +330,26 @@ def connect(cfg: Config):
 
     e = cfg.extract
     if e.workers and e.scheduler:
-        raise ConfigError(f"extract.workers = {e.workers} and extract.scheduler = {e.scheduler!r}: "
-                          f"give one of them (a local cluster, or an existing one)")
+        raise ConfigError(
+            f"extract.workers = {e.workers} and extract.scheduler = {e.scheduler!r}: "
+            f"give one of them (a local cluster, or an existing one)"
+        )
     if e.scheduler:
         address = check_scheduler_address(e.scheduler)
         try:
             client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
         except (OSError, TimeoutError) as err:
-            raise ClusterError(f"extract.scheduler: no dask scheduler answered at {address} "
-                               f"({type(err).__name__}: {err})") from None
+            raise ClusterError(
+                f"extract.scheduler: no dask scheduler answered at {address} ({type(err).__name__}: {err})"
+            ) from None
         try:
             try:
                 client.wait_for_workers(1, timeout=WORKER_WAIT_S)
             except TimeoutError:
-                raise ClusterError(f"extract.scheduler: no worker joined the scheduler at {address} "
-                                   f"within {WORKER_WAIT_S} s; start workers (`dask worker {address}`)") from None
+                raise ClusterError(
+                    f"extract.scheduler: no worker joined the scheduler at {address} "
+                    f"within {WORKER_WAIT_S} s; start workers (`dask worker {address}`)"
+                ) from None
             yield client, f"scheduler {address}", e.threads_per_worker
         finally:
             client.close()
@@ -342,24 +393,33 @@ def _worker_infos(client, name: str) -> list[dict]:
         values = {i[key] for i in infos}
         if len(values) > 1:
             a, b = infos[0], next(i for i in infos if i[key] != infos[0][key])
-            why = ("set extract.threads_per_worker: on CPU the thread count changes the last bits"
-                   if key == "torch_threads" else "a store's features come from one kind of device")
-            raise ClusterError(f"workers disagree on {key}: {a['address']} has {a[key]!r}, "
-                               f"{b['address']} has {b[key]!r}; {why}")
+            why = (
+                "set extract.threads_per_worker: on CPU the thread count changes the last bits"
+                if key == "torch_threads"
+                else "a store's features come from one kind of device"
+            )
+            raise ClusterError(
+                f"workers disagree on {key}: {a['address']} has {a[key]!r}, {b['address']} has {b[key]!r}; {why}"
+            )
     return infos
 
 
 def _lost(err: BaseException) -> bool:
     from distributed.comm.core import CommClosedError
 
-    return isinstance(err, (CommClosedError, OSError, TimeoutError, asyncio.CancelledError)) or \
-        type(err).__name__ in ("CancelledError", "FutureCancelledError")
+    return isinstance(err, (CommClosedError, OSError, TimeoutError, asyncio.CancelledError)) or type(err).__name__ in (
+        "CancelledError",
+        "FutureCancelledError",
+    )
 
 
-def run_distributed(job: Job, progress: Callable[[int, bool], None] | None = None,
-                    on_start: Callable[[Job], None] | None = None,
-                    on_chunks: Callable[[int, int], None] | None = None,
-                    log: Callable[[str], None] | None = None) -> dict:
+def run_distributed(
+    job: Job,
+    progress: Callable[[int, bool], None] | None = None,
+    on_start: Callable[[Job], None] | None = None,
+    on_chunks: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """`extract.job.run` with the chunks computed on dask workers; the same result dict, plus
     ``workers`` (how many) and ``cluster`` (what ran them)."""
     from distributed import as_completed
@@ -385,8 +445,19 @@ def run_distributed(job: Job, progress: Callable[[int, bool], None] | None = Non
                     on_start(job)
                 work, complete, total = start_chunks(job.plan, writer, progress, on_chunks)
                 expect = {"checkpoint_sha256": sha, "device_type": device.type}
-                futures = [client.submit(_run_chunk, name, w, str(writer.path), writer.owner, expect, pure=False,
-                                         key=f"extract-{w.split}-{w.chunk}-{token}") for w in work]
+                futures = [
+                    client.submit(
+                        _run_chunk,
+                        name,
+                        w,
+                        str(writer.path),
+                        writer.owner,
+                        expect,
+                        pure=False,
+                        key=f"extract-{w.split}-{w.chunk}-{token}",
+                    )
+                    for w in work
+                ]
                 stats = {"chunks_written": 0, "chunks_already_done": len(complete), "images_skipped": 0}
                 try:
                     for future in as_completed(futures, loop=client.loop):
@@ -398,16 +469,20 @@ def run_distributed(job: Job, progress: Callable[[int, bool], None] | None = Non
                         if on_chunks:
                             on_chunks(len(complete) + stats["chunks_written"], total)
                 except KilledWorker as err:
-                    raise ClusterError(f"a chunk's worker died {_allowed_failures() + 1} times running it ({err}); "
-                                       f"{_done(stats, total)}; `extract run` again resumes") from None
+                    raise ClusterError(
+                        f"a chunk's worker died {_allowed_failures() + 1} times running it ({err}); "
+                        f"{_done(stats, total)}; `extract run` again resumes"
+                    ) from None
                 except DiffprobeError:
                     raise
                 except (FutureCancelledError, Exception) as err:
                     if not _lost(err) and client.status == "running":
                         raise
-                    raise ClusterError(f"lost the dask scheduler ({where}) mid-run ({type(err).__name__}); "
-                                       f"{_done(stats, total)}; `extract run` again resumes from the "
-                                       f"completion records") from None
+                    raise ClusterError(
+                        f"lost the dask scheduler ({where}) mid-run ({type(err).__name__}); "
+                        f"{_done(stats, total)}; `extract run` again resumes from the "
+                        f"completion records"
+                    ) from None
                 finally:
                     if client.status == "running":
                         client.cancel(futures)
@@ -415,8 +490,15 @@ def run_distributed(job: Job, progress: Callable[[int, bool], None] | None = Non
             if client.status == "running":
                 with contextlib.suppress(Exception):
                     client.unregister_worker_plugin(name)  # frees the model on a long-lived cluster
-    return {"store": str(cfg.store.path), "device": str(device), "images": sum(job.plan.split_sizes.values()),
-            "timesteps": list(job.plan.timesteps), "workers": len(infos), "cluster": where, **stats}
+    return {
+        "store": str(cfg.store.path),
+        "device": str(device),
+        "images": sum(job.plan.split_sizes.values()),
+        "timesteps": list(job.plan.timesteps),
+        "workers": len(infos),
+        "cluster": where,
+        **stats,
+    }
 
 
 def _done(stats: dict, total: int) -> str:

@@ -15,19 +15,19 @@ worker.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from extract.images import ImageSource
-from extract.noise import batch_noise
-from extract.plan import Plan
-from extract.unet import capture
-from store.errors import ConfigError, ImageError
-from store.feature_store import FeatureKey, StoreWriter
+from diffprobe.extract.images import ImageSource
+from diffprobe.extract.noise import batch_noise
+from diffprobe.extract.plan import Plan
+from diffprobe.extract.unet import capture
+from diffprobe.store.errors import ImageError
+from diffprobe.store.feature_store import FeatureKey, StoreWriter
 
 
 @dataclass(frozen=True)
@@ -40,29 +40,15 @@ class ComputeSettings:
     on_corrupt: str = "error"  # "error" or "skip"
 
 
-def resolve_device(name: str, key: str = "extract.device") -> torch.device:
-    """"auto" -> cuda, then mps, then cpu; an explicit device must exist (``key`` names the setting)."""
-    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key}: {name!r} requested but this torch sees no CUDA device; use 'auto' or 'cpu'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"{key}: {name!r} does not exist; this machine has cuda:0-{torch.cuda.device_count() - 1}")
-    if device.type == "mps" and not mps:
-        raise ConfigError(f"{key}: 'mps' requested but MPS is not available; use 'auto' or 'cpu'")
-    return device
-
-
 def _autocast(device: torch.device, autocast: str):
     if autocast == "none":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[autocast])
 
 
-def pooled_features(model, x_t: torch.Tensor, t: int, keys, settings: ComputeSettings,
-                    dtype: torch.dtype = torch.float16) -> dict[FeatureKey, torch.Tensor]:
+def pooled_features(
+    model, x_t: torch.Tensor, t: int, keys, settings: ComputeSettings, dtype: torch.dtype = torch.float16
+) -> dict[FeatureKey, torch.Tensor]:
     """Pooled block outputs for ``keys`` (all at timestep ``t``), in ``dtype`` on the device.
 
     x_t: (N, 3, S, S) on the model's device. The U-Net runs on row groups of exactly
@@ -102,8 +88,10 @@ def _read_batch(source: ImageSource, split: str, ids, on_corrupt: str):
     bad = [i for i, x in enumerate(loaded) if isinstance(x, Exception)]
     if bad and on_corrupt == "error":
         i = bad[0]
-        raise ImageError(f"{_where(source, split, ids[i])}: cannot read image ({type(loaded[i]).__name__}: {loaded[i]}); "
-                         f"set data.on_corrupt = \"skip\" to record it as skipped and go on")
+        raise ImageError(
+            f"{_where(source, split, ids[i])}: cannot read image ({type(loaded[i]).__name__}: {loaded[i]}); "
+            f'set data.on_corrupt = "skip" to record it as skipped and go on'
+        )
     shape = next((x.shape for x in loaded if not isinstance(x, Exception)), (3, source.image_size, source.image_size))
     x0 = np.stack([np.zeros(shape, np.float32) if isinstance(x, Exception) else x for x in loaded])
     return torch.from_numpy(x0), bad
@@ -168,8 +156,15 @@ def chunk_work(plan: Plan, store) -> tuple[list[ChunkWork], list[int]]:
     return work, complete
 
 
-def extract_chunk(model, diffusion, source: ImageSource, work: ChunkWork, writer: StoreWriter,
-                  settings: ComputeSettings, progress: Callable[[int, bool], None] | None = None) -> int:
+def extract_chunk(
+    model,
+    diffusion,
+    source: ImageSource,
+    work: ChunkWork,
+    writer: StoreWriter,
+    settings: ComputeSettings,
+    progress: Callable[[int, bool], None] | None = None,
+) -> int:
     """Compute one chunk's pending arrays, write its data, then its completion records.
 
     The one per-chunk function of both the single-process loop and the dask workers.
@@ -191,8 +186,10 @@ def extract_chunk(model, diffusion, source: ImageSource, work: ChunkWork, writer
         x0, bad = _read_batch(source, work.split, ids, settings.on_corrupt)
         newly_bad = [i for i in bad if b0 + i not in was_skipped]
         if newly_bad and work.has_data:
-            raise ImageError(f"{_where(source, work.split, ids[newly_bad[0]])}: cannot be read now, but it was "
-                             f"read when this store's earlier arrays were extracted; restore the file")
+            raise ImageError(
+                f"{_where(source, work.split, ids[newly_bad[0]])}: cannot be read now, but it was "
+                f"read when this store's earlier arrays were extracted; restore the file"
+            )
         bad = sorted(set(bad) | {i for i in range(b1 - b0) if b0 + i in was_skipped})
         skipped += [b0 + i for i in bad]
         for t, tkeys in by_t.items():
@@ -210,9 +207,16 @@ def extract_chunk(model, diffusion, source: ImageSource, work: ChunkWork, writer
     return len(skipped)
 
 
-def extract_features(model, diffusion, source: ImageSource, plan: Plan, writer: StoreWriter,
-                     settings: ComputeSettings, progress: Callable[[int, bool], None] | None = None,
-                     on_chunks: Callable[[int, int], None] | None = None) -> dict:
+def extract_features(
+    model,
+    diffusion,
+    source: ImageSource,
+    plan: Plan,
+    writer: StoreWriter,
+    settings: ComputeSettings,
+    progress: Callable[[int, bool], None] | None = None,
+    on_chunks: Callable[[int, int], None] | None = None,
+) -> dict:
     """Fill every array of ``plan`` in ``writer``'s store in this process, skipping chunks
     already complete.
 

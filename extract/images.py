@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from store.errors import ImageError
+from diffprobe.store.errors import ImageError
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 PREPROCESSING = "adm-center-crop-v1"  # name recorded in the store; bump if the steps change
@@ -94,8 +94,14 @@ class DigitsSource(ImageSource):
 
     name = "digits"
 
-    def __init__(self, image_size: int, splits=("train", "val"), val_fraction: float = 0.2,
-                 split_seed: int = 0, max_per_class: int = 0):
+    def __init__(
+        self,
+        image_size: int,
+        splits=("train", "val"),
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        max_per_class: int = 0,
+    ):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -105,8 +111,7 @@ class DigitsSource(ImageSource):
         # 0..16 grey levels -> 0..255 uint8, exactly.
         self._pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
         idx = np.arange(len(digits.target))
-        train, val = train_test_split(idx, test_size=val_fraction, random_state=split_seed,
-                                      stratify=digits.target)
+        train, val = train_test_split(idx, test_size=val_fraction, random_state=split_seed, stratify=digits.target)
         parts = {"train": np.sort(train), "val": np.sort(val)}
         self._splits = {}
         for s in splits:
@@ -120,8 +125,7 @@ class DigitsSource(ImageSource):
         return self._splits[name]
 
     def load(self, split, ids):
-        return [preprocess(Image.fromarray(self._pixels[int(i.split("/")[1])], mode="L"), self.image_size)
-                for i in ids]
+        return [preprocess(Image.fromarray(self._pixels[int(i.split("/")[1])], mode="L"), self.image_size) for i in ids]
 
     def describe(self) -> dict:
         return {"source": "digits", **self._params}
@@ -132,8 +136,14 @@ class ImageFolderSource(ImageSource):
 
     name = "imagefolder"
 
-    def __init__(self, root: str | Path, image_size: int, splits=("train", "val"),
-                 max_per_class: int = 0, decode_threads: int = 4):
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        splits=("train", "val"),
+        max_per_class: int = 0,
+        decode_threads: int = 4,
+    ):
         self.root = Path(root)
         self.image_size = image_size
         self.decode_threads = decode_threads
@@ -144,11 +154,15 @@ class ImageFolderSource(ImageSource):
         for s in splits:
             sdir = self.root / s
             if not sdir.is_dir():
-                raise ImageError(f"data.root: no {s!r} folder in {str(self.root)!r} (expected {self.root}/{s}/<class>/<image>)")
+                raise ImageError(
+                    f"data.root: no {s!r} folder in {str(self.root)!r} (expected {self.root}/{s}/<class>/<image>)"
+                )
             try:
                 classes = sorted(d.name for d in sdir.iterdir() if d.is_dir())
-                listing = {c: sorted(p for p in (sdir / c).iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file())
-                           for c in classes}
+                listing = {
+                    c: sorted(p for p in (sdir / c).iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file())
+                    for c in classes
+                }
             except OSError as e:
                 raise ImageError(f"{e.filename or sdir}: cannot list ({e.strerror or e})") from None
             if not classes:
@@ -165,7 +179,9 @@ class ImageFolderSource(ImageSource):
                 labels += [class_names.index(c)] * len(files)
             if not ids:
                 raise ImageError(f"{sdir}: no images ending in .JPEG, .jpg or .png")
-            self._splits[s] = _limit_per_class(SplitIndex(tuple(ids), np.asarray(labels, dtype=np.int64)), max_per_class)
+            self._splits[s] = _limit_per_class(
+                SplitIndex(tuple(ids), np.asarray(labels, dtype=np.int64)), max_per_class
+            )
         self.class_names = class_names
         self._params = dict(root=str(self.root.resolve()), max_per_class=max_per_class)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from extract.unet import BlockTable
-from store.errors import BlockError
-from store.feature_store import FeatureKey
+from diffprobe.extract.unet import BlockTable
+from diffprobe.store.errors import BlockError
+from diffprobe.store.feature_store import FeatureKey
 
 
 @dataclass(frozen=True)
@@ -53,17 +53,32 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {
-            "blocks": list(self.blocks), "timesteps": list(self.timesteps), "pools": list(self.pools),
-            "splits": self.split_sizes, "forwards": self.forwards, "bytes": self.nbytes,
+            "blocks": list(self.blocks),
+            "timesteps": list(self.timesteps),
+            "pools": list(self.pools),
+            "splits": self.split_sizes,
+            "forwards": self.forwards,
+            "bytes": self.nbytes,
             "capped_pools": [{"block": b, "requested": r, "stored": s} for b, r, s in self.capped],
-            "arrays": [{"split": a.split, "name": a.key.name, "t": a.key.t, "block": a.key.block,
-                        "pool": a.key.pool, "shape": list(a.shape), "dtype": a.dtype, "bytes": a.nbytes}
-                       for a in self.arrays],
+            "arrays": [
+                {
+                    "split": a.split,
+                    "name": a.key.name,
+                    "t": a.key.t,
+                    "block": a.key.block,
+                    "pool": a.key.pool,
+                    "shape": list(a.shape),
+                    "dtype": a.dtype,
+                    "bytes": a.nbytes,
+                }
+                for a in self.arrays
+            ],
         }
 
 
-def make_plan(table: BlockTable, split_sizes: dict[str, int], blocks, timesteps, pools, dtype: str,
-              diffusion_steps: int) -> Plan:
+def make_plan(
+    table: BlockTable, split_sizes: dict[str, int], blocks, timesteps, pools, dtype: str, diffusion_steps: int
+) -> Plan:
     """Check blocks and timesteps against the model and list every array to write."""
     table.check(blocks)
     for t in timesteps:
@@ -78,6 +93,7 @@ def make_plan(table: BlockTable, split_sizes: dict[str, int], blocks, timesteps,
                 for p in pools:
                     stored.setdefault(min(p, info.spatial), []).append(p)
                 for p, requested in stored.items():
-                    arrays.append(PlannedArray(split, FeatureKey(t, b, p), tuple(requested),
-                                               (n, info.channels, p, p), dtype))
+                    arrays.append(
+                        PlannedArray(split, FeatureKey(t, b, p), tuple(requested), (n, info.channels, p, p), dtype)
+                    )
     return Plan(tuple(blocks), tuple(timesteps), tuple(pools), dict(split_sizes), tuple(arrays))

@@ -1,7 +1,7 @@
 """Train the embedded default U-Net (preset ``tiny``) on the digits train split.
 
-    python -m extract.train_tiny                 # 2000 steps, ~20-30 min on 2 CPU cores
-    python -m extract.train_tiny --steps 50 --out /tmp/tiny   # a quick smoke run
+    python -m diffprobe.extract.train_tiny                 # 2000 steps, ~20-30 min on 2 CPU cores
+    python -m diffprobe.extract.train_tiny --steps 50 --out /tmp/tiny   # a quick smoke run
 
 Writes to ``--out`` (default: extract/assets): ``tiny-unet.pt`` (EMA weights, float16 state
 dict), ``training_log.json`` (recipe, loss curve, evaluation), ``reconstructions.png`` and
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from extract.images import DigitsSource
-from extract.unet import ASSETS, build_diffusion, build_model, file_sha256, load_checkpoint, preset
+from diffprobe.extract.images import DigitsSource
+from diffprobe.extract.unet import ASSETS, build_diffusion, build_model, load_checkpoint, preset
 
 EVAL_T = (90, 150, 300)
 
@@ -80,7 +80,8 @@ def main(argv=None) -> None:
     diffusion = build_diffusion(spec)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
+    )
     gen = torch.Generator().manual_seed(args.seed)
 
     def model_fp32(x, t):  # bf16 autocast for speed on CPU, loss math in float32
@@ -113,22 +114,38 @@ def main(argv=None) -> None:
     shipped = build_model(spec).eval()
     sha = load_checkpoint(shipped, ckpt)  # evaluate exactly what ships (float16 weights)
     evaluation = {
-        str(t): {"trained": eps_mse(shipped, diffusion, x_val, t, args.seed),
-                 "untrained": eps_mse(untrained, diffusion, x_val, t, args.seed)}
+        str(t): {
+            "trained": eps_mse(shipped, diffusion, x_val, t, args.seed),
+            "untrained": eps_mse(untrained, diffusion, x_val, t, args.seed),
+        }
         for t in EVAL_T
     }
     reconstructions(shipped, diffusion, x_val[:8], args.out / "reconstructions.png", args.seed)
     log = {
-        "preset": "tiny", "spec": spec.to_dict(), "data": source.describe(),
-        "n_train": len(train_ids), "n_val": len(val_ids),
-        "recipe": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
-                   "schedule": "linear warmup + cosine", "optimizer": "AdamW", "ema": args.ema,
-                   "autocast": "cpu bf16", "seed": args.seed, "threads": args.threads,
-                   "objective": "guided-diffusion training_losses (eps MSE + VB, learn_sigma)"},
+        "preset": "tiny",
+        "spec": spec.to_dict(),
+        "data": source.describe(),
+        "n_train": len(train_ids),
+        "n_val": len(val_ids),
+        "recipe": {
+            "steps": args.steps,
+            "batch": args.batch,
+            "lr": args.lr,
+            "warmup": args.warmup,
+            "schedule": "linear warmup + cosine",
+            "optimizer": "AdamW",
+            "ema": args.ema,
+            "autocast": "cpu bf16",
+            "seed": args.seed,
+            "threads": args.threads,
+            "objective": "guided-diffusion training_losses (eps MSE + VB, learn_sigma)",
+        },
         "train_seconds": round(train_seconds, 1),
-        "loss_curve_every_10_steps": [round(float(np.mean(curve[i:i + 10])), 5) for i in range(0, len(curve), 10)],
+        "loss_curve_every_10_steps": [round(float(np.mean(curve[i : i + 10])), 5) for i in range(0, len(curve), 10)],
         "final_loss_last_100_steps": float(np.mean(curve[-100:])),
-        "val_eps_mse": evaluation, "sha256": sha, "torch": torch.__version__,
+        "val_eps_mse": evaluation,
+        "sha256": sha,
+        "torch": torch.__version__,
     }
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     (args.out / "MODEL_CARD.md").write_text(model_card(log))
@@ -145,31 +162,31 @@ An unconditional guided-diffusion U-Net with ADM-256's 37-block topology at 32x3
 attention at 4,2,1 px with 32 channels per head, resblock_updown, scale-shift norm,
 learn_sigma, linear schedule, 1000 steps).
 
-- Data: scikit-learn's digits, train split ({log['n_train']} images; stratified, val_fraction
-  {log['data']['val_fraction']}, split_seed {log['data']['split_seed']}), upsampled 8 -> 32 px, grey as RGB.
-- Training: {r['steps']} steps, batch {r['batch']}, {r['optimizer']} lr {r['lr']} ({r['schedule']},
-  warmup {r['warmup']}), EMA {r['ema']}, {r['autocast']} autocast, seed {r['seed']}, {r['threads']} threads;
-  objective: {r['objective']}. {log['train_seconds']:.0f} s on the machine that trained it.
-- Final training loss (mean of the last 100 steps): {log['final_loss_last_100_steps']:.4f}.
+- Data: scikit-learn's digits, train split ({log["n_train"]} images; stratified, val_fraction
+  {log["data"]["val_fraction"]}, split_seed {log["data"]["split_seed"]}), upsampled 8 -> 32 px, grey as RGB.
+- Training: {r["steps"]} steps, batch {r["batch"]}, {r["optimizer"]} lr {r["lr"]} ({r["schedule"]},
+  warmup {r["warmup"]}), EMA {r["ema"]}, {r["autocast"]} autocast, seed {r["seed"]}, {r["threads"]} threads;
+  objective: {r["objective"]}. {log["train_seconds"]:.0f} s on the machine that trained it.
+- Final training loss (mean of the last 100 steps): {log["final_loss_last_100_steps"]:.4f}.
   The whole curve is in `training_log.json`.
 - Weights: the EMA weights in float16 (loaded into a float32 model).
-  sha256 `{log['sha256']}`.
+  sha256 `{log["sha256"]}`.
 
 ## Did it learn?
 
-Noise-prediction MSE on all {log['n_val']} val images (fixed seeded noise), the shipped
+Noise-prediction MSE on all {log["n_val"]} val images (fixed seeded noise), the shipped
 weights vs the same network untrained (whose zero-initialised output layer predicts 0):
 
 | t | trained | untrained |
 |---|---|---|
 {rows}
 
-`reconstructions.png`: for t = {', '.join(str(t) for t in EVAL_T)} (top to bottom), rows of
+`reconstructions.png`: for t = {", ".join(str(t) for t in EVAL_T)} (top to bottom), rows of
 clean val images, x_t, and the one-step x0 prediction.
 
 ## Retrain
 
-    python -m extract.train_tiny            # writes this folder's four files
+    python -m diffprobe.extract.train_tiny            # writes this folder's four files
 """
 
 

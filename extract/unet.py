@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from store.errors import BlockError, CheckpointError
+from diffprobe.store.errors import BlockError, CheckpointError
 
 with warnings.catch_warnings():  # guided_diffusion uses deprecated torch.cuda.amp decorators
     warnings.simplefilter("ignore", FutureWarning)
@@ -74,7 +74,7 @@ PRESETS: dict[str, ModelSpec] = {
         num_head_channels=64,
     ),
     # The embedded default: ADM-256's 37-block topology at 32x32, trained by
-    # `python -m extract.train_tiny` on the digits train split.
+    # `python -m diffprobe.extract.train_tiny` on the digits train split.
     "tiny": ModelSpec(
         image_size=32,
         num_channels=32,

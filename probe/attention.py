@@ -1,7 +1,7 @@
 """Attention head and DifFormer fusion trained on cached spatial features.
 
-    from store import open_store
-    from probe.attention import attention_probe, fusion_probe
+    from diffprobe.store import open_store
+    from diffprobe.probe.attention import attention_probe, fusion_probe
     r = attention_probe(open_store("runs/digits-tiny.zarr"), block=24, t=150, pool=2)
     r = fusion_probe(open_store("runs/digits-tiny.zarr"), blocks=[19, 24, 30], timesteps=[90, 150, 300])
     r["top1"], r["top5"], r["architecture"]["tokens"], r["architecture"]["parameters"]
@@ -31,19 +31,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from datetime import datetime, timezone
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from extract.extraction import resolve_device
-from probe import linear as lin
-from probe.heads import AttentionHead, FusionHead, auto_dim
-from store.config import Config, HeadsConfig, ProbeConfig
-from store.errors import StoreError
-from store.feature_store import FeatureStore, open_store
+from diffprobe.probe import linear as lin
+from diffprobe.probe.heads import AttentionHead, FusionHead, auto_dim
+from diffprobe.store.config import Config, HeadsConfig, ProbeConfig
+from diffprobe.store.device import resolve_device
+from diffprobe.store.errors import StoreError
+from diffprobe.store.feature_store import FeatureStore, open_store
 
 _ROWS = 512  # images per forward when scoring
 
@@ -53,10 +53,22 @@ _ROWS = 512  # images per forward when scoring
 
 def head_settings_hash(head: str, h: HeadsConfig, p: ProbeConfig, extra: dict | None = None) -> str:
     """12 hex digits over what changes what ``head`` trains (not device, threads or ledger)."""
-    keys = ["depth", "dim", "num_heads", "mlp_ratio", "epochs", "step_size", "gamma", "weight_decay",
-            f"{head}_lr", "batch_size" if head != "feedback" else "feedback_batch_size"]
-    text = json.dumps({"head": head, "holdout_fraction": p.holdout_fraction,
-                       **{k: getattr(h, k) for k in keys}, **(extra or {})}, sort_keys=True)
+    keys = [
+        "depth",
+        "dim",
+        "num_heads",
+        "mlp_ratio",
+        "epochs",
+        "step_size",
+        "gamma",
+        "weight_decay",
+        f"{head}_lr",
+        "batch_size" if head != "feedback" else "feedback_batch_size",
+    ]
+    text = json.dumps(
+        {"head": head, "holdout_fraction": p.holdout_fraction, **{k: getattr(h, k) for k in keys}, **(extra or {})},
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -67,9 +79,16 @@ def seeded(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
         return build()
 
 
-def train_sgd(model: torch.nn.Module, params, lr: float, h: HeadsConfig,
-              batches: Callable[[int], Iterable], loss_of: Callable, on_epoch: Callable[[int], None] | None = None,
-              scaler=None):
+def train_sgd(
+    model: torch.nn.Module,
+    params,
+    lr: float,
+    h: HeadsConfig,
+    batches: Callable[[int], Iterable],
+    loss_of: Callable,
+    on_epoch: Callable[[int], None] | None = None,
+    scaler=None,
+):
     """The paper's recipe: SGD (no momentum), StepLR(h.step_size, h.gamma), h.epochs epochs.
 
     ``batches(epoch)`` yields (inputs, y); ``loss_of(inputs, y)`` returns the mean loss (it runs
@@ -99,8 +118,10 @@ def train_sgd(model: torch.nn.Module, params, lr: float, h: HeadsConfig,
 
 def choose(models_logits: list[torch.Tensor], y_held: torch.Tensor) -> tuple[int, list[dict]]:
     """Index of the best head on the held-out part (top-1, ties: lower loss) and every head's scores."""
-    scored = [{"heldout_top1": lin.topk_accuracy(lg, y_held, 1), "heldout_loss": float(F.cross_entropy(lg, y_held))}
-              for lg in models_logits]
+    scored = [
+        {"heldout_top1": lin.topk_accuracy(lg, y_held, 1), "heldout_loss": float(F.cross_entropy(lg, y_held))}
+        for lg in models_logits
+    ]
     best = max(range(len(scored)), key=lambda i: (scored[i]["heldout_top1"], -scored[i]["heldout_loss"]))
     return best, scored
 
@@ -108,8 +129,11 @@ def choose(models_logits: list[torch.Tensor], y_held: torch.Tensor) -> tuple[int
 def val_scores(logits: torch.Tensor, y_val: np.ndarray, class_names: list[str]) -> dict:
     y = torch.from_numpy(y_val).to(logits.device)
     pred = logits.argmax(-1).cpu().numpy()
-    return {"top1": lin.topk_accuracy(logits, y, 1), "top5": lin.topk_accuracy(logits, y, 5),
-            "per_class": lin.per_class_accuracy(pred, y_val, class_names)}
+    return {
+        "top1": lin.topk_accuracy(logits, y, 1),
+        "top5": lin.topk_accuracy(logits, y, 5),
+        "per_class": lin.per_class_accuracy(pred, y_val, class_names),
+    }
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -124,10 +148,12 @@ def missing_message(store: FeatureStore, missing: list[tuple[int, int, int]], po
     b, t, p = missing[0]
     blocks = ",".join(str(x) for x in sorted({m[0] for m in missing}))
     ts = ",".join(str(x) for x in sorted({m[1] for m in missing}))
-    return (f"{store.path}: no complete features for block {b}, t {t}, pool {p}"
-            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; add them with "
-            f"`extract run --store {store.path} --blocks {blocks} --t {ts} --pool {pool}` "
-            f"(with the config the store was made with)")
+    return (
+        f"{store.path}: no complete features for block {b}, t {t}, pool {p}"
+        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; add them with "
+        f"`extract run --store {store.path} --blocks {blocks} --t {ts} --pool {pool}` "
+        f"(with the config the store was made with)"
+    )
 
 
 def check_held(store: FeatureStore, cells: list[tuple[int, int]], pool: int) -> None:
@@ -155,15 +181,25 @@ def default_pool(store: FeatureStore, cells: list[tuple[int, int]], h: HeadsConf
     raise AssertionError("unreachable: check_held found every cell")
 
 
-def _maps(store: FeatureStore, split: str, block: int, t: int, pool: int, usable: np.ndarray,
-          p: ProbeConfig, device: torch.device) -> torch.Tensor:
+def _maps(
+    store: FeatureStore,
+    split: str,
+    block: int,
+    t: int,
+    pool: int,
+    usable: np.ndarray,
+    p: ProbeConfig,
+    device: torch.device,
+) -> torch.Tensor:
     """(n_usable, C, P, P) float16 maps of ``split`` on ``device``; non-finite values are errors."""
     arr = store.feature_array(split, block, t, pool)
     n_values = int(usable.sum()) * int(np.prod(arr.shape[1:]))
     if n_values * 4 > p.memory_mb * 2**20:
-        raise StoreError(f"{store.path}: block {block}, t {t}, pool {pool} of split {split!r} needs "
-                         f"{n_values * 4 / 2**20:.0f} MB (4 bytes per value), over probe.memory_mb = "
-                         f"{p.memory_mb:g}; the attention and fusion heads hold their maps in memory")
+        raise StoreError(
+            f"{store.path}: block {block}, t {t}, pool {pool} of split {split!r} needs "
+            f"{n_values * 4 / 2**20:.0f} MB (4 bytes per value), over probe.memory_mb = "
+            f"{p.memory_mb:g}; the attention and fusion heads hold their maps in memory"
+        )
     x = lin._features(store, split, block, t, pool, usable)  # (n_usable, D), finite-checked
     return torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), *arr.shape[1:]))).to(device)
 
@@ -182,11 +218,12 @@ def _grid_train(build, inputs_fit, y_fit, inputs_held, y_held, lrs, h, seed, dev
         def batches(_epoch):
             order = torch.randperm(n, generator=gen).to(device)
             for lo in range(0, n, h.batch_size):
-                idx = order[lo:lo + h.batch_size]
+                idx = order[lo : lo + h.batch_size]
                 yield inputs_fit(idx), y_fit[idx]
 
-        train_sgd(model, model.parameters(), lr, h, batches,
-                  lambda inputs, y, m=model: F.cross_entropy(forward(m, inputs), y))
+        train_sgd(
+            model, model.parameters(), lr, h, batches, lambda inputs, y, m=model: F.cross_entropy(forward(m, inputs), y)
+        )
         results.append(model)
     held_logits = [_predict(m, inputs_held, len(y_held), forward, device) for m in results]
     best, scored = choose(held_logits, y_held)
@@ -198,30 +235,57 @@ def _grid_train(build, inputs_fit, y_fit, inputs_held, y_held, lrs, h, seed, dev
 @torch.no_grad()
 def _predict(model, inputs, n: int, forward, device) -> torch.Tensor:
     model.eval()
-    return torch.cat([forward(model, inputs(torch.arange(lo, min(lo + _ROWS, n), device=device)))
-                      for lo in range(0, n, _ROWS)]).float()
+    return torch.cat(
+        [forward(model, inputs(torch.arange(lo, min(lo + _ROWS, n), device=device))) for lo in range(0, n, _ROWS)]
+    ).float()
 
 
 def _base(store, sel, classes, started, device, seed, settings, head) -> dict:
-    return {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "head": head,
-            "store": str(store.path), "fingerprint": lin.store_fingerprint(store),
-            "n_train": len(sel.fit), "n_heldout": len(sel.hold), "n_val": len(sel.y_val), "n_classes": len(classes),
-            "seed": seed, "subset": sel.subset, "subset_sha": sel.subset_sha, "settings": settings,
-            "recipe": "sgd", "seconds": round(time.perf_counter() - started, 3), "device": str(device)}
+    return {
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "head": head,
+        "store": str(store.path),
+        "fingerprint": lin.store_fingerprint(store),
+        "n_train": len(sel.fit),
+        "n_heldout": len(sel.hold),
+        "n_val": len(sel.y_val),
+        "n_classes": len(classes),
+        "seed": seed,
+        "subset": sel.subset,
+        "subset_sha": sel.subset_sha,
+        "settings": settings,
+        "recipe": "sgd",
+        "seconds": round(time.perf_counter() - started, 3),
+        "device": str(device),
+    }
 
 
 def _architecture(model, h: HeadsConfig, dim: int, tokens: int) -> dict:
-    return {"dim": dim, "depth": h.depth, "num_heads": h.num_heads, "mlp_ratio": h.mlp_ratio,
-            "tokens": tokens, "parameters": count_parameters(model)}
+    return {
+        "dim": dim,
+        "depth": h.depth,
+        "num_heads": h.num_heads,
+        "mlp_ratio": h.mlp_ratio,
+        "tokens": tokens,
+        "parameters": count_parameters(model),
+    }
 
 
 # ------------------------------------------------------------------ attention
 
 
-def attention_probe(store: FeatureStore, block: int, t: int, pool: int | None = None, seed: int = 0,
-                    heads: HeadsConfig | None = None, settings: ProbeConfig | None = None,
-                    device: str | torch.device = "cpu", subset: str = "all",
-                    selection: lin.Selection | None = None) -> dict:
+def attention_probe(
+    store: FeatureStore,
+    block: int,
+    t: int,
+    pool: int | None = None,
+    seed: int = 0,
+    heads: HeadsConfig | None = None,
+    settings: ProbeConfig | None = None,
+    device: str | torch.device = "cpu",
+    subset: str = "all",
+    selection: lin.Selection | None = None,
+) -> dict:
     """Train the attention head on ``store``'s train split at (block, t, pool), score it on val.
 
     ``pool`` None: the largest the store holds up to ``heads.pool``. Returns the keys of
@@ -244,28 +308,55 @@ def attention_probe(store: FeatureStore, block: int, t: int, pool: int | None = 
     fit, hold = torch.from_numpy(sel.fit).to(device), torch.from_numpy(sel.hold).to(device)
     build = lambda: AttentionHead(c, sp, len(classes), dim, h.depth, h.num_heads, h.mlp_ratio)
     forward = lambda m, inputs: m(inputs)
-    model, best, scored = _grid_train(build, lambda i: x[fit[i]].float(), y[fit], lambda i: x[hold[i]].float(),
-                                      y[hold], h.attention_lr, h, seed, device, forward)
+    model, best, scored = _grid_train(
+        build,
+        lambda i: x[fit[i]].float(),
+        y[fit],
+        lambda i: x[hold[i]].float(),
+        y[hold],
+        h.attention_lr,
+        h,
+        seed,
+        device,
+        forward,
+    )
     del x
     xv = _maps(store, "val", block, t, pool, sel.usable_val, p, device)
     logits = _predict(model, lambda i: xv[i].float(), len(xv), forward, device)
     point = {"lr": h.attention_lr[best], "weight_decay": h.weight_decay}
-    return {**_base(store, sel, classes, started, device, seed, head_settings_hash("attention", h, p), "attention"),
-            "block": block, "t": t, "pool": pool, "stored_pool": key.pool, "dim": c * sp * sp,
-            "blocks": [block], "timesteps": [t],
-            "hyperparameters": {**point, **_architecture(model, h, dim, sp * sp)},
-            "architecture": _architecture(model, h, dim, sp * sp), "grid": scored,
-            "heldout_top1": scored[best]["heldout_top1"], **val_scores(logits, sel.y_val, classes),
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        **_base(store, sel, classes, started, device, seed, head_settings_hash("attention", h, p), "attention"),
+        "block": block,
+        "t": t,
+        "pool": pool,
+        "stored_pool": key.pool,
+        "dim": c * sp * sp,
+        "blocks": [block],
+        "timesteps": [t],
+        "hyperparameters": {**point, **_architecture(model, h, dim, sp * sp)},
+        "architecture": _architecture(model, h, dim, sp * sp),
+        "grid": scored,
+        "heldout_top1": scored[best]["heldout_top1"],
+        **val_scores(logits, sel.y_val, classes),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 # ------------------------------------------------------------------ DifFormer
 
 
-def fusion_probe(store: FeatureStore, blocks, timesteps, pool: int | None = None, seed: int = 0,
-                 heads: HeadsConfig | None = None, settings: ProbeConfig | None = None,
-                 device: str | torch.device = "cpu", subset: str = "all",
-                 selection: lin.Selection | None = None) -> dict:
+def fusion_probe(
+    store: FeatureStore,
+    blocks,
+    timesteps,
+    pool: int | None = None,
+    seed: int = 0,
+    heads: HeadsConfig | None = None,
+    settings: ProbeConfig | None = None,
+    device: str | torch.device = "cpu",
+    subset: str = "all",
+    selection: lin.Selection | None = None,
+) -> dict:
     """Train DifFormer on ``store``'s (blocks x timesteps) maps at ``pool``, score it on val.
 
     Every (block, t) must be held at ``pool`` (each block capped at its map size); the first
@@ -297,21 +388,40 @@ def fusion_probe(store: FeatureStore, blocks, timesteps, pool: int | None = None
     pick = lambda maps, rows: [[m[rows].float() for m in per_t] for per_t in maps]
     build = lambda: FusionHead(inputs, len(timesteps), len(classes), dim, h.depth, h.num_heads, h.mlp_ratio)
     forward = lambda m, xs: m(xs)
-    model, best, scored = _grid_train(build, lambda i: pick(x, fit[i]), y[fit], lambda i: pick(x, hold[i]),
-                                      y[hold], h.fusion_lr, h, seed, device, forward)
+    model, best, scored = _grid_train(
+        build,
+        lambda i: pick(x, fit[i]),
+        y[fit],
+        lambda i: pick(x, hold[i]),
+        y[hold],
+        h.fusion_lr,
+        h,
+        seed,
+        device,
+        forward,
+    )
     del x
     xv = load("val", sel.usable_val)
     logits = _predict(model, lambda i: pick(xv, i), len(sel.y_val), forward, device)
     tokens = sum(sp * sp for _, sp in inputs)
     point = {"lr": h.fusion_lr[best], "weight_decay": h.weight_decay}
     extra = {"blocks": blocks, "timesteps": timesteps}
-    return {**_base(store, sel, classes, started, device, seed, head_settings_hash("fusion", h, p, extra), "fusion"),
-            "block": None, "t": None, "pool": pool, "stored_pool": max(sp for _, sp in inputs),
-            "stored_pools": [sp for _, sp in inputs], "dim": sum(c * sp * sp for c, sp in inputs),
-            **extra, "hyperparameters": {**point, **_architecture(model, h, dim, tokens)},
-            "architecture": _architecture(model, h, dim, tokens), "grid": scored,
-            "heldout_top1": scored[best]["heldout_top1"], **val_scores(logits, sel.y_val, classes),
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        **_base(store, sel, classes, started, device, seed, head_settings_hash("fusion", h, p, extra), "fusion"),
+        "block": None,
+        "t": None,
+        "pool": pool,
+        "stored_pool": max(sp for _, sp in inputs),
+        "stored_pools": [sp for _, sp in inputs],
+        "dim": sum(c * sp * sp for c, sp in inputs),
+        **extra,
+        "hyperparameters": {**point, **_architecture(model, h, dim, tokens)},
+        "architecture": _architecture(model, h, dim, tokens),
+        "grid": scored,
+        "heldout_top1": scored[best]["heldout_top1"],
+        **val_scores(logits, sel.y_val, classes),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 # ------------------------------------------------------------------ the commands
@@ -320,8 +430,8 @@ def fusion_probe(store: FeatureStore, blocks, timesteps, pool: int | None = None
 def record(cfg: Config, result: dict, fit_ids, ledger: bool) -> dict:
     """Append ``result`` to the ledger beside the store and, for a label subset, the fitted ids
     (``fit_ids``) to ``subsets/<subset_sha>.txt``; add both paths to ``result``."""
-    from probe.ledger import append_row, ledger_path
-    from probe.subsets import write_subset
+    from diffprobe.probe.ledger import append_row, ledger_path
+    from diffprobe.probe.subsets import write_subset
 
     result["ledger"] = result["subset_file"] = None
     if ledger:
@@ -334,7 +444,7 @@ def record(cfg: Config, result: dict, fit_ids, ledger: bool) -> dict:
 
 
 def _prepare(cfg: Config, ledger: bool):
-    from probe.ledger import ledger_path, read_rows
+    from diffprobe.probe.ledger import ledger_path, read_rows
 
     if cfg.probe.threads:
         torch.set_num_threads(cfg.probe.threads)
@@ -344,8 +454,9 @@ def _prepare(cfg: Config, ledger: bool):
     return store
 
 
-def run_attention(cfg: Config, block: int, t: int, pool: int | None = None, ledger: bool = True,
-                  subset: str = "all") -> dict:
+def run_attention(
+    cfg: Config, block: int, t: int, pool: int | None = None, ledger: bool = True, subset: str = "all"
+) -> dict:
     """`probe attention`: `attention_probe` with ``cfg``'s settings, and the ledger row."""
     store = _prepare(cfg, ledger)
     p = cfg.probe
@@ -354,13 +465,22 @@ def run_attention(cfg: Config, block: int, t: int, pool: int | None = None, ledg
     return record(cfg, r, sel.fit_ids, ledger)
 
 
-def run_fusion(cfg: Config, blocks=None, timesteps=None, pool: int | None = None, ledger: bool = True,
-               subset: str = "all") -> dict:
+def run_fusion(
+    cfg: Config, blocks=None, timesteps=None, pool: int | None = None, ledger: bool = True, subset: str = "all"
+) -> dict:
     """`probe fusion`: `fusion_probe` with ``cfg``'s settings (blocks, timesteps default to [heads])."""
     store = _prepare(cfg, ledger)
     p = cfg.probe
     sel = lin.select(store, p.seed, p, subset)
-    r = fusion_probe(store, blocks or cfg.heads.fusion_blocks, timesteps or cfg.heads.fusion_timesteps, pool,
-                     p.seed, cfg.heads, p, p.device, selection=sel)
+    r = fusion_probe(
+        store,
+        blocks or cfg.heads.fusion_blocks,
+        timesteps or cfg.heads.fusion_timesteps,
+        pool,
+        p.seed,
+        cfg.heads,
+        p,
+        p.device,
+        selection=sel,
+    )
     return record(cfg, r, sel.fit_ids, ledger)
-

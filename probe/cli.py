@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from extract.cli import user_errors  # the one way CLIs report a user's mistake
-from store.config import load_config
-from store.ranges import parse_int_list
+from diffprobe.store.config import load_config
+from diffprobe.store.console import user_errors
+from diffprobe.store.ranges import parse_int_list
 
 probe_app = typer.Typer(
     help="Train heads on features cached by `extract run` (linear, attention, DifFormer) or online (DifFeed).",
@@ -48,13 +48,15 @@ LedgerOpt = typer.Option(None, "--ledger", help="Results ledger CSV (probe.ledge
 
 
 def _subset(label_fraction, shots, subset) -> str:
-    from probe.subsets import subset_spec
+    from diffprobe.probe.subsets import subset_spec
 
     return subset_spec(label_fraction, shots, subset)
 
 
 StoreOpt = typer.Option(None, "--store", help="Store path (overrides store.path).")
-ConfigOpt = typer.Option(None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults).")
+ConfigOpt = typer.Option(
+    None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults)."
+)
 RecipeOpt = typer.Option(None, "--recipe", help="sgd or lbfgs (probe.recipe).")
 SeedOpt = typer.Option(None, "--seed", min=0, help="Seed of held-out part, label subset, init, batches (probe.seed).")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps (probe.device).")
@@ -85,11 +87,19 @@ def linear(
 
     Hyperparameters are chosen on a seeded held-out part of train, never on val. One row is appended to the results ledger beside the store (probe.ledger).
     """
-    from probe import linear as lin
+    from diffprobe.probe import linear as lin
 
     with user_errors():
-        cfg = load_config(config, {"store.path": str(store) if store else None, "probe.recipe": recipe,
-                                   "probe.seed": seed, "probe.device": device, "probe.ledger": ledger})
+        cfg = load_config(
+            config,
+            {
+                "store.path": str(store) if store else None,
+                "probe.recipe": recipe,
+                "probe.seed": seed,
+                "probe.device": device,
+                "probe.ledger": ledger,
+            },
+        )
         r = lin.run(cfg, block, t, pool, subset=_subset(label_fraction, shots, subset))
     if as_json:
         print(json.dumps(r))
@@ -101,21 +111,24 @@ def linear(
     pool_note = "" if r["stored_pool"] == r["pool"] else f" (stored at pool {r['stored_pool']})"
     hp = ", ".join(f"{k} {v:g}" for k, v in r["hyperparameters"].items())
     for name, value in [
-        ("val top-1", _pct(r["top1"])), ("val top-5", _pct(r["top5"])),
+        ("val top-1", _pct(r["top1"])),
+        ("val top-5", _pct(r["top5"])),
         ("held-out top-1", f"{_pct(r['heldout_top1'])} (chose {hp} from {len(r['grid'])})"),
         ("features", f"{r['dim']} per image{pool_note}"),
         ("images", f"{r['n_train']} fitted, {r['n_heldout']} held out, {r['n_val']} val, {r['n_classes']} classes"),
         ("seed", str(r["seed"])),
         ("label subset", r["subset"] + ("" if r["subset_file"] is None else f" (ids: {r['subset_file']})")),
         ("time", f"{r['seconds']:.1f} s on {r['device']}"),
-        ("store", f"{r['store']} ({r['fingerprint']})"), ("ledger", str(r["ledger"])),
+        ("store", f"{r['store']} ({r['fingerprint']})"),
+        ("ledger", str(r["ledger"])),
     ]:
         table.add_row(name, escape(value))
     out.print(table)
     per_class = r["per_class"]
     if len(per_class) <= 20:
-        out.print("val top-1 per class: " + ", ".join(f"{escape(k)} {_pct(v)}" for k, v in per_class.items()),
-                  highlight=False)
+        out.print(
+            "val top-1 per class: " + ", ".join(f"{escape(k)} {_pct(v)}" for k, v in per_class.items()), highlight=False
+        )
     else:  # the full list is in --json and the ledger
         ranked = sorted((v, k) for k, v in per_class.items() if v is not None)
         out.print("worst classes: " + ", ".join(f"{escape(k)} {_pct(v)}" for v, k in ranked[:5]), highlight=False)
@@ -123,7 +136,9 @@ def linear(
 
 @probe_app.command()
 def sweep(
-    blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks, e.g. '1-37' or '19,24,30' (default: all held)."),
+    blocks: Optional[str] = typer.Option(
+        None, "--blocks", help="Blocks, e.g. '1-37' or '19,24,30' (default: all held)."
+    ),
     t: Optional[str] = typer.Option(None, "--t", help="Timesteps, e.g. '90,150' (default: all held)."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Pool sizes, e.g. '1,2' (default: all held)."),
     store: Optional[Path] = StoreOpt,
@@ -143,17 +158,35 @@ def sweep(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from extract.cli import err
-    from probe import sweep as sw
+    from diffprobe.probe import sweep as sw
+    from diffprobe.store.console import err
 
     with user_errors():
-        cfg = load_config(config, {"store.path": str(store) if store else None, "probe.recipe": recipe,
-                                   "probe.seed": seed, "probe.device": device, "probe.ledger": ledger})
-        lists = [None if v is None else parse_int_list(v, flag) for v, flag in
-                 ((blocks, "--blocks"), (t, "--t"), (pool, "--pool"))]
+        cfg = load_config(
+            config,
+            {
+                "store.path": str(store) if store else None,
+                "probe.recipe": recipe,
+                "probe.seed": seed,
+                "probe.device": device,
+                "probe.ledger": ledger,
+            },
+        )
+        lists = [
+            None if v is None else parse_int_list(v, flag)
+            for v, flag in ((blocks, "--blocks"), (t, "--t"), (pool, "--pool"))
+        ]
         spec = _subset(label_fraction, shots, subset)
-        bar = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
-                       TextColumn("{task.fields[cell]}"), TimeRemainingColumn(), console=err, disable=as_json)
+        bar = Progress(
+            TextColumn("[bold]sweep"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("cells"),
+            TextColumn("{task.fields[cell]}"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=as_json,
+        )
         task = bar.add_task("sweep", total=None, cell="")
 
         def on_plan(total, done):
@@ -178,10 +211,15 @@ def sweep(
     for name, value in [
         ("trained", f"{r['trained']} (skipped {r['skipped']} already in the ledger)"),
         ("best val top-1", f"{_pct(best['top1'])} at block {best['block']}, t {best['t']}, pool {best['pool']}"),
-        ("label subset", f"{r['subset']}, {r['n_train']} images fitted"
-                         + ("" if r["subset_file"] is None else f" (ids: {r['subset_file']})")),
-        ("seed", str(r["seed"])), ("time", f"{r['seconds']:.1f} s"),
-        ("store", f"{r['store']} ({r['fingerprint']})"), ("ledger", r["ledger"]),
+        (
+            "label subset",
+            f"{r['subset']}, {r['n_train']} images fitted"
+            + ("" if r["subset_file"] is None else f" (ids: {r['subset_file']})"),
+        ),
+        ("seed", str(r["seed"])),
+        ("time", f"{r['seconds']:.1f} s"),
+        ("store", f"{r['store']} ({r['fingerprint']})"),
+        ("ledger", r["ledger"]),
     ]:
         table.add_row(name, escape(value))
     out.print(table)
@@ -198,27 +236,43 @@ def _head_table(r: dict, title: str) -> None:
     table.add_column("")
     lrs = ", ".join(f"{g['lr']:g}: {_pct(g['heldout_top1'])}" for g in r["grid"])
     for name, value in [
-        ("val top-1", _pct(r["top1"])), ("val top-5", _pct(r["top5"])),
+        ("val top-1", _pct(r["top1"])),
+        ("val top-5", _pct(r["top5"])),
         ("held-out top-1", f"{_pct(r['heldout_top1'])} (chose lr {r['hyperparameters']['lr']:g}; {lrs})"),
-        ("head", f"D {a['dim']}, {a['depth']} blocks, {a['num_heads']} heads, MLP x{a['mlp_ratio']:g}, "
-                 f"{a['tokens']} tokens + CLS, {a['parameters']:,} trained parameters"),
+        (
+            "head",
+            f"D {a['dim']}, {a['depth']} blocks, {a['num_heads']} heads, MLP x{a['mlp_ratio']:g}, "
+            f"{a['tokens']} tokens + CLS, {a['parameters']:,} trained parameters",
+        ),
         ("images", f"{r['n_train']} fitted, {r['n_heldout']} held out, {r['n_val']} val, {r['n_classes']} classes"),
         ("seed", str(r["seed"])),
         ("label subset", r["subset"] + ("" if r["subset_file"] is None else f" (ids: {r['subset_file']})")),
         ("time", f"{r['seconds']:.1f} s on {r['device']}"),
-        ("store", f"{r['store']} ({r['fingerprint']})"), ("ledger", str(r["ledger"])),
+        ("store", f"{r['store']} ({r['fingerprint']})"),
+        ("ledger", str(r["ledger"])),
     ]:
         table.add_row(name, escape(value))
     out.print(table)
 
 
 def _heads_config(config, store, seed, device, ledger):
-    return load_config(config, {"store.path": str(store) if store else None, "probe.seed": seed,
-                                "probe.device": device, "probe.ledger": ledger})
+    return load_config(
+        config,
+        {
+            "store.path": str(store) if store else None,
+            "probe.seed": seed,
+            "probe.device": device,
+            "probe.ledger": ledger,
+        },
+    )
 
 
-HeadPoolOpt = typer.Option(None, "--pool", min=1, help="Pool size P: P*P tokens per block (default: the largest "
-                                                      "the store holds up to heads.pool).")
+HeadPoolOpt = typer.Option(
+    None,
+    "--pool",
+    min=1,
+    help="Pool size P: P*P tokens per block (default: the largest the store holds up to heads.pool).",
+)
 
 
 @probe_app.command()
@@ -241,7 +295,7 @@ def attention(
 
     Architecture and recipe: [heads] in pipeline.toml. The lr is chosen on the held-out part of train, never on val. One ledger row.
     """
-    from probe import attention as att
+    from diffprobe.probe import attention as att
 
     with user_errors():
         cfg = _heads_config(config, store, seed, device, ledger)
@@ -272,7 +326,7 @@ def fusion(
 
     A (block, t, pool) the store lacks is named with the `extract run` that adds it. One ledger row.
     """
-    from probe import attention as att
+    from diffprobe.probe import attention as att
 
     with user_errors():
         cfg = _heads_config(config, store, seed, device, ledger)
@@ -281,17 +335,24 @@ def fusion(
     if as_json:
         print(json.dumps(r))
         return
-    _head_table(r, f"DifFormer: blocks {','.join(map(str, r['blocks']))} x t {','.join(map(str, r['timesteps']))}, "
-                   f"pools {','.join(map(str, r['stored_pools']))}")
+    _head_table(
+        r,
+        f"DifFormer: blocks {','.join(map(str, r['blocks']))} x t {','.join(map(str, r['timesteps']))}, "
+        f"pools {','.join(map(str, r['stored_pools']))}",
+    )
 
 
 @probe_app.command()
 def feedback(
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Decoder blocks fed back (heads.feedback_blocks)."),
-    target: Optional[int] = typer.Option(None, "--target", min=1, help="Block read by the head (heads.feedback_target)."),
+    target: Optional[int] = typer.Option(
+        None, "--target", min=1, help="Block read by the head (heads.feedback_target)."
+    ),
     t: Optional[int] = typer.Option(None, "--t", min=0, help="Timestep t (heads.feedback_t)."),
     pool: Optional[int] = typer.Option(None, "--pool", min=1, help="Pool P of the target map (heads.pool)."),
-    store: Optional[Path] = typer.Option(None, "--store", help="Store path: the ledger is written beside it (store.path)."),
+    store: Optional[Path] = typer.Option(
+        None, "--store", help="Store path: the ledger is written beside it (store.path)."
+    ),
     config: Optional[Path] = ConfigOpt,
     seed: Optional[int] = SeedOpt,
     device: Optional[str] = DeviceOpt,
@@ -308,15 +369,20 @@ def feedback(
     """
     from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
-    from extract.cli import err
-    from probe import feedback as fb
+    from diffprobe.probe import feedback as fb
+    from diffprobe.store.console import err
 
     with user_errors():
         cfg = _heads_config(config, store, seed, device, ledger)
         decoder = None if blocks is None else parse_int_list(blocks, "--blocks")
         spec = _subset(label_fraction, shots, subset)
-        bar = Progress(TextColumn("[bold]DifFeed"), TextColumn("{task.completed} steps"), TimeElapsedColumn(),
-                       console=err, disable=as_json)
+        bar = Progress(
+            TextColumn("[bold]DifFeed"),
+            TextColumn("{task.completed} steps"),
+            TimeElapsedColumn(),
+            console=err,
+            disable=as_json,
+        )
         task = bar.add_task("feedback", total=None)
 
         def on_step(n):

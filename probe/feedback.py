@@ -1,6 +1,6 @@
 """DifFeed: decoder features fed back into the encoder of a second U-Net pass, online.
 
-    from probe.feedback import skip_pairs, DifFeed
+    from diffprobe.probe.feedback import skip_pairs, DifFeed
     skip_pairs(preset("adm-256-uncond"))      # {20: 18, 21: 17, 22: 16, 23: 15, 24: 14, ...}
     model = DifFeed(unet, table, pairs, feedback_blocks=[21, 24, 27, 30, 33, 36], target=24,
                     pool=16, n_classes=1000, heads=HeadsConfig())
@@ -35,7 +35,7 @@ import contextlib
 import hashlib
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
@@ -43,15 +43,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from extract.extraction import pool_features, resolve_device
-from extract.noise import batch_noise
-from extract.unet import BlockTable, ModelSpec, block_modules, build_model, capture
-from probe import linear as lin
-from probe.attention import (choose, count_parameters, head_settings_hash, record, seeded, train_sgd,
-                             val_scores)
-from probe.heads import AttentionHead, FeedbackLayer, auto_dim
-from store.config import Config, HeadsConfig, ProbeConfig
-from store.errors import BlockError, ConfigError, ImageError, StoreError
+from diffprobe.extract.extraction import pool_features
+from diffprobe.extract.noise import batch_noise
+from diffprobe.extract.unet import BlockTable, ModelSpec, block_modules, build_model, capture
+from diffprobe.probe import linear as lin
+from diffprobe.probe.attention import (
+    choose,
+    count_parameters,
+    head_settings_hash,
+    record,
+    seeded,
+    train_sgd,
+    val_scores,
+)
+from diffprobe.probe.heads import AttentionHead, FeedbackLayer, auto_dim
+from diffprobe.store.config import Config, HeadsConfig, ProbeConfig
+from diffprobe.store.device import resolve_device
+from diffprobe.store.errors import BlockError, ConfigError, ImageError, StoreError
 
 # ------------------------------------------------------------------ the skip connections
 
@@ -114,11 +122,15 @@ def check_blocks(pairs: dict[int, int], table: BlockTable, feedback_blocks, targ
         raise BlockError("heads.feedback_blocks: give at least one decoder block")
     for b in feedback_blocks:
         if b not in pairs:
-            raise BlockError(f"heads.feedback_blocks: block {b} ({table[b].module}) takes no skip connection; "
-                             f"the blocks that do are {min(pairs)}-{max(pairs)}")
+            raise BlockError(
+                f"heads.feedback_blocks: block {b} ({table[b].module}) takes no skip connection; "
+                f"the blocks that do are {min(pairs)}-{max(pairs)}"
+            )
         if pairs[b] >= target:
-            raise BlockError(f"heads.feedback_target: block {target} is not after encoder block {pairs[b]}, "
-                             f"where block {b} is fed back, so the feedback would not reach it")
+            raise BlockError(
+                f"heads.feedback_target: block {target} is not after encoder block {pairs[b]}, "
+                f"where block {b} is fed back, so the feedback would not reach it"
+            )
 
 
 # ------------------------------------------------------------------ the model
@@ -139,8 +151,17 @@ class DifFeed(nn.Module):
     are the two U-Net passes, exposed for tests and benchmarks.
     """
 
-    def __init__(self, unet: nn.Module, table: BlockTable, pairs: dict[int, int], feedback_blocks, target: int,
-                 pool: int, n_classes: int, heads: HeadsConfig | None = None):
+    def __init__(
+        self,
+        unet: nn.Module,
+        table: BlockTable,
+        pairs: dict[int, int],
+        feedback_blocks,
+        target: int,
+        pool: int,
+        n_classes: int,
+        heads: HeadsConfig | None = None,
+    ):
         super().__init__()
         h = heads or HeadsConfig()
         feedback_blocks = sorted(feedback_blocks)
@@ -148,8 +169,9 @@ class DifFeed(nn.Module):
         self._unet = [unet]  # a list hides it from parameters(), state_dict() and .to()
         self.feedback_blocks, self.target = feedback_blocks, target
         self.pairs = {b: pairs[b] for b in feedback_blocks}
-        self.feedback = nn.ModuleDict({str(b): FeedbackLayer(table[b].channels, table[pairs[b]].channels)
-                                       for b in feedback_blocks})
+        self.feedback = nn.ModuleDict(
+            {str(b): FeedbackLayer(table[b].channels, table[pairs[b]].channels) for b in feedback_blocks}
+        )
         self.pool = min(pool, table[target].spatial)
         c = table[target].channels
         self.dim = h.dim or auto_dim([c], h.num_heads)
@@ -172,6 +194,7 @@ class DifFeed(nn.Module):
         def hook(e):
             def fn(_module, _inputs, output):
                 return output + _resize(add[e], output.shape[-2:]).to(output.dtype)
+
             return fn
 
         handles = [modules[e - 1][1].register_forward_hook(hook(e)) for e in add]
@@ -204,8 +227,7 @@ def _autocast(device: torch.device, mode: str):
 class Images:
     """x_t batches of one split: images from an `extract.images.ImageSource`, the store's noise."""
 
-    def __init__(self, source, diffusion, split: str, rows: np.ndarray, t: int, noise_seed: int,
-                 device: torch.device):
+    def __init__(self, source, diffusion, split: str, rows: np.ndarray, t: int, noise_seed: int, device: torch.device):
         index = source.split(split)
         self.source, self.diffusion, self.split, self.t = source, diffusion, split, t
         self.ids = [index.ids[i] for i in rows]
@@ -230,7 +252,7 @@ class Images:
     def batches(self, batch: int, gen: torch.Generator | None = None):
         order = torch.randperm(len(self), generator=gen) if gen is not None else torch.arange(len(self))
         for lo in range(0, len(self), batch):
-            idx = order[lo:lo + batch].tolist()
+            idx = order[lo : lo + batch].tolist()
             yield idx, self.x_t(idx)
 
 
@@ -244,11 +266,27 @@ def predict(model: DifFeed, data: Images, batch: int, autocast) -> torch.Tensor:
     return torch.cat(out)
 
 
-def feedback_probe(unet: nn.Module, table: BlockTable, pairs: dict[int, int], diffusion, source, *,
-                   feedback_blocks=None, target: int | None = None, t: int | None = None, pool: int | None = None,
-                   seed: int = 0, heads: HeadsConfig | None = None, settings: ProbeConfig | None = None,
-                   device: str | torch.device = "cpu", subset: str = "all", noise_seed: int = 0,
-                   fingerprint: str = "", where: str = "", on_step=None) -> dict:
+def feedback_probe(
+    unet: nn.Module,
+    table: BlockTable,
+    pairs: dict[int, int],
+    diffusion,
+    source,
+    *,
+    feedback_blocks=None,
+    target: int | None = None,
+    t: int | None = None,
+    pool: int | None = None,
+    seed: int = 0,
+    heads: HeadsConfig | None = None,
+    settings: ProbeConfig | None = None,
+    device: str | torch.device = "cpu",
+    subset: str = "all",
+    noise_seed: int = 0,
+    fingerprint: str = "",
+    where: str = "",
+    on_step=None,
+) -> dict:
     """Train DifFeed's feedback layers and head on ``source``'s train split, score on val.
 
     ``unet`` is moved to ``device`` and frozen. Defaults come from ``heads`` (feedback_blocks,
@@ -257,7 +295,7 @@ def feedback_probe(unet: nn.Module, table: BlockTable, pairs: dict[int, int], di
     Returns the keys of `probe.attention.attention_probe`, with ``head`` "feedback", ``blocks``
     the decoder blocks fed back, ``pairs`` {decoder: encoder} and ``target``.
     """
-    from probe.subsets import choose_subset, subset_sha
+    from diffprobe.probe.subsets import choose_subset, subset_sha
 
     started = time.perf_counter()
     h, p = heads or HeadsConfig(), settings or ProbeConfig()
@@ -274,8 +312,10 @@ def feedback_probe(unet: nn.Module, table: BlockTable, pairs: dict[int, int], di
     ids, labels = np.asarray(train.ids), np.asarray(train.labels)
     held = lin.holdout_mask(ids, labels, p.holdout_fraction, seed)
     if not held.any():
-        raise StoreError(f"{where or 'train'}: too few images per class to hold {p.holdout_fraction:g} out "
-                         f"for choosing hyperparameters ({len(ids)} images, {len(classes)} classes)")
+        raise StoreError(
+            f"{where or 'train'}: too few images per class to hold {p.holdout_fraction:g} out "
+            f"for choosing hyperparameters ({len(ids)} images, {len(classes)} classes)"
+        )
     fit = np.flatnonzero(choose_subset(subset, ids, labels, ~held, seed, classes, source=where or "the images"))
     hold = np.flatnonzero(held)
 
@@ -313,36 +353,76 @@ def feedback_probe(unet: nn.Module, table: BlockTable, pairs: dict[int, int], di
     data_val = Images(source, diffusion, "val", np.arange(len(val)), t, noise_seed, device)
     logits = predict(model, data_val, h.feedback_batch_size, autocast)
     c = table[target].channels
-    arch = {"dim": model.dim, "depth": h.depth, "num_heads": h.num_heads, "mlp_ratio": h.mlp_ratio,
-            "tokens": model.pool ** 2, "parameters": count_parameters(model),
-            "feedback_parameters": count_parameters(model.feedback)}
+    arch = {
+        "dim": model.dim,
+        "depth": h.depth,
+        "num_heads": h.num_heads,
+        "mlp_ratio": h.mlp_ratio,
+        "tokens": model.pool**2,
+        "parameters": count_parameters(model),
+        "feedback_parameters": count_parameters(model.feedback),
+    }
     extra = {"blocks": blocks, "target": target, "t": t, "pool": pool}
-    return {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "head": "feedback",
-            "store": where, "fingerprint": fingerprint,
-            "n_train": len(fit), "n_heldout": len(hold), "n_val": len(val), "n_classes": len(classes),
-            "block": target, "t": t, "pool": pool, "stored_pool": model.pool, "dim": c * model.pool ** 2,
-            "blocks": blocks, "timesteps": [t], "target": target, "pairs": {str(k): v for k, v in model.pairs.items()},
-            "recipe": "sgd", "hyperparameters": {"lr": h.feedback_lr[best], "weight_decay": h.weight_decay, **arch,
-                                                 "pairs": {str(k): v for k, v in model.pairs.items()}},
-            "architecture": arch, "grid": scored, "seed": seed, "subset": subset,
-            "subset_sha": subset_sha(ids[fit]), "fit_ids": ids[fit],
-            "settings": head_settings_hash("feedback", h, p, {**extra, "noise_seed": noise_seed}),
-            "heldout_top1": scored[best]["heldout_top1"], **val_scores(logits, np.asarray(val.labels), classes),
-            "seconds": round(time.perf_counter() - started, 3), "device": str(device),
-            "autocast": h.feedback_autocast, "steps": step[0]}
+    return {
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "head": "feedback",
+        "store": where,
+        "fingerprint": fingerprint,
+        "n_train": len(fit),
+        "n_heldout": len(hold),
+        "n_val": len(val),
+        "n_classes": len(classes),
+        "block": target,
+        "t": t,
+        "pool": pool,
+        "stored_pool": model.pool,
+        "dim": c * model.pool**2,
+        "blocks": blocks,
+        "timesteps": [t],
+        "target": target,
+        "pairs": {str(k): v for k, v in model.pairs.items()},
+        "recipe": "sgd",
+        "hyperparameters": {
+            "lr": h.feedback_lr[best],
+            "weight_decay": h.weight_decay,
+            **arch,
+            "pairs": {str(k): v for k, v in model.pairs.items()},
+        },
+        "architecture": arch,
+        "grid": scored,
+        "seed": seed,
+        "subset": subset,
+        "subset_sha": subset_sha(ids[fit]),
+        "fit_ids": ids[fit],
+        "settings": head_settings_hash("feedback", h, p, {**extra, "noise_seed": noise_seed}),
+        "heldout_top1": scored[best]["heldout_top1"],
+        **val_scores(logits, np.asarray(val.labels), classes),
+        "seconds": round(time.perf_counter() - started, 3),
+        "device": str(device),
+        "autocast": h.feedback_autocast,
+        "steps": step[0],
+    }
 
 
-def run(cfg: Config, feedback_blocks=None, target: int | None = None, t: int | None = None,
-        pool: int | None = None, ledger: bool = True, subset: str = "all", on_step=None) -> dict:
+def run(
+    cfg: Config,
+    feedback_blocks=None,
+    target: int | None = None,
+    t: int | None = None,
+    pool: int | None = None,
+    ledger: bool = True,
+    subset: str = "all",
+    on_step=None,
+) -> dict:
     """`probe feedback`: the U-Net and images of ``cfg`` (as `extract run` would use them), trained
     with ``cfg.heads``/``cfg.probe``; one ledger row beside ``cfg.store.path``.
 
     The row's fingerprint is the one a store extracted with ``cfg`` on this kind of device carries
     (`probe.linear.store_fingerprint`), so feedback rows sit beside that store's linear rows.
     """
-    from extract import job as jobs
-    from extract.unet import load_checkpoint
-    from probe.ledger import ledger_path, read_rows
+    from diffprobe.extract import job as jobs
+    from diffprobe.extract.unet import load_checkpoint
+    from diffprobe.probe.ledger import ledger_path, read_rows
 
     p = cfg.probe
     if p.threads:
@@ -355,9 +435,24 @@ def run(cfg: Config, feedback_blocks=None, target: int | None = None, t: int | N
     sha = load_checkpoint(unet, job.checkpoint)
     fp = jobs.fingerprints(job, sha, device, torch.get_num_threads())  # the U-Net runs here at this count
     fingerprint = hashlib.sha256(json.dumps(fp, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-    result = feedback_probe(unet, job.table, skip_pairs(job.spec), job.diffusion, job.source,
-                            feedback_blocks=feedback_blocks, target=target, t=t, pool=pool, seed=p.seed,
-                            heads=cfg.heads, settings=p, device=device, subset=subset,
-                            noise_seed=cfg.extract.noise_seed, fingerprint=fingerprint,
-                            where=f"online:{cfg.model.preset}", on_step=on_step)
+    result = feedback_probe(
+        unet,
+        job.table,
+        skip_pairs(job.spec),
+        job.diffusion,
+        job.source,
+        feedback_blocks=feedback_blocks,
+        target=target,
+        t=t,
+        pool=pool,
+        seed=p.seed,
+        heads=cfg.heads,
+        settings=p,
+        device=device,
+        subset=subset,
+        noise_seed=cfg.extract.noise_seed,
+        fingerprint=fingerprint,
+        where=f"online:{cfg.model.preset}",
+        on_step=on_step,
+    )
     return record(cfg, result, result.pop("fit_ids"), ledger)

@@ -93,8 +93,16 @@ class Transformer(nn.Module):
 class AttentionHead(nn.Module):
     """Attention pooling of one block's P x P map: (N, C, P, P) -> (N, n_classes) logits."""
 
-    def __init__(self, channels: int, pool: int, n_classes: int, dim: int = 0, depth: int = 2,
-                 num_heads: int = 8, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        channels: int,
+        pool: int,
+        n_classes: int,
+        dim: int = 0,
+        depth: int = 2,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         dim = dim or auto_dim([channels], num_heads)
         self.embed = TokenEmbed(channels, pool, dim)
@@ -116,8 +124,16 @@ class FusionHead(nn.Module):
     ``xs[i][j]``, the map of timestep i and block j, (N, C_j, P_j, P_j).
     """
 
-    def __init__(self, inputs: list[tuple[int, int]], n_timesteps: int, n_classes: int, dim: int = 0,
-                 depth: int = 2, num_heads: int = 8, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        inputs: list[tuple[int, int]],
+        n_timesteps: int,
+        n_classes: int,
+        dim: int = 0,
+        depth: int = 2,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         dim = dim or auto_dim([c for c, _ in inputs], num_heads)
         self.n_timesteps = n_timesteps
@@ -139,5 +155,4 @@ class FeedbackLayer(nn.Sequential):
     """DifFeed's feedback: (N, C_decoder, H, W) -> (N, C_encoder, H, W), Conv1x1 -> BatchNorm -> ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size=1), nn.BatchNorm2d(out_channels),
-                         nn.ReLU())
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size=1), nn.BatchNorm2d(out_channels), nn.ReLU())

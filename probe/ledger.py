@@ -1,6 +1,6 @@
 """The results ledger: one CSV row per probe, in a file beside the store.
 
-    from probe.ledger import append_row, read_rows
+    from diffprobe.probe.ledger import append_row, read_rows
     append_row(path, result)       # result: the dict `probe.linear.linear_probe` returns
     rows = read_rows(path)         # list of dicts, numbers parsed
 
@@ -61,11 +61,37 @@ import io
 import json
 from pathlib import Path
 
-from store.errors import DiffprobeError
+from diffprobe.store.errors import DiffprobeError
 
-COLUMNS = ("timestamp", "store", "fingerprint", "n_train", "n_heldout", "n_val", "n_classes", "block", "t",
-           "pool", "stored_pool", "dim", "recipe", "hyperparameters", "seed", "subset", "subset_sha", "settings",
-           "heldout_top1", "top1", "top5", "seconds", "device", "per_class", "head", "blocks", "timesteps")
+COLUMNS = (
+    "timestamp",
+    "store",
+    "fingerprint",
+    "n_train",
+    "n_heldout",
+    "n_val",
+    "n_classes",
+    "block",
+    "t",
+    "pool",
+    "stored_pool",
+    "dim",
+    "recipe",
+    "hyperparameters",
+    "seed",
+    "subset",
+    "subset_sha",
+    "settings",
+    "heldout_top1",
+    "top1",
+    "top5",
+    "seconds",
+    "device",
+    "per_class",
+    "head",
+    "blocks",
+    "timesteps",
+)
 COLUMNS_V2 = COLUMNS[:-3]  # before the head columns: read, and extended with linear rows only
 _INTS = {"n_train", "n_heldout", "n_val", "n_classes", "block", "t", "pool", "stored_pool", "dim", "seed"}
 _FLOATS = {"heldout_top1", "top1", "top5", "seconds"}
@@ -102,8 +128,9 @@ def _header(path: Path, header: str) -> tuple[str, ...]:
     for columns in (COLUMNS, COLUMNS_V2):
         if names == list(columns):
             return columns
-    raise LedgerError(f"{path}: not a diffprobe ledger of these columns (header {header[:80]!r}); "
-                      f"set probe.ledger to another file")
+    raise LedgerError(
+        f"{path}: not a diffprobe ledger of these columns (header {header[:80]!r}); set probe.ledger to another file"
+    )
 
 
 def append_row(path: str | Path, result: dict) -> dict:
@@ -121,8 +148,10 @@ def append_row(path: str | Path, result: dict) -> dict:
                 csv.writer(f).writerow(COLUMNS)
             if columns is COLUMNS_V2:
                 if row["head"] != "linear":
-                    raise LedgerError(f"{path}: a ledger written before the head columns takes linear-probe "
-                                      f"rows only; set probe.ledger to another file for {row['head']} rows")
+                    raise LedgerError(
+                        f"{path}: a ledger written before the head columns takes linear-probe "
+                        f"rows only; set probe.ledger to another file for {row['head']} rows"
+                    )
                 row = {c: row[c] for c in COLUMNS_V2}
             csv.DictWriter(f, columns).writerow(row)
     except OSError as e:
@@ -138,8 +167,9 @@ def read_rows(path: str | Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames and list(reader.fieldnames) not in (list(COLUMNS), list(COLUMNS_V2)):
-            raise LedgerError(f"{path}: not a diffprobe ledger of these columns (an older one?); "
-                              f"set probe.ledger to another file")
+            raise LedgerError(
+                f"{path}: not a diffprobe ledger of these columns (an older one?); set probe.ledger to another file"
+            )
         rows = list(reader)
     for row in rows:
         if "head" not in row:  # a version-2 ledger: linear probes only

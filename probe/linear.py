@@ -1,7 +1,7 @@
 """The linear probe: a linear classifier on one cached feature set (block, t, pool).
 
-    from store import open_store
-    from probe.linear import linear_probe
+    from diffprobe.store import open_store
+    from diffprobe.probe.linear import linear_probe
     r = linear_probe(open_store("runs/digits-tiny.zarr"), block=24, t=90, pool=2, recipe="sgd")
     r["top1"], r["top5"], r["per_class"], r["hyperparameters"]
 
@@ -71,16 +71,16 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from extract.extraction import resolve_device
-from store.config import Config, ProbeConfig
-from store.errors import ConfigError, StoreError
-from store.feature_store import FeatureKey, FeatureStore, open_store
+from diffprobe.store.config import Config, ProbeConfig
+from diffprobe.store.device import resolve_device
+from diffprobe.store.errors import ConfigError, StoreError
+from diffprobe.store.feature_store import FeatureKey, FeatureStore, open_store
 
 RECIPES = ("sgd", "lbfgs")
 _TEMP_BYTES = 32 << 20  # float32/float64 temporaries of statistics and scoring: chunks of at most this
@@ -103,8 +103,10 @@ def store_fingerprint(store: FeatureStore) -> str:
 def _labelled(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, ids, usable) of ``split``: ``usable`` drops skipped images; errors name the problem."""
     if split not in store.splits:
-        raise StoreError(f"{store.path}: no split {split!r}; the linear probe needs 'train' and 'val' "
-                         f"and the store holds {', '.join(store.splits)}")
+        raise StoreError(
+            f"{store.path}: no split {split!r}; the linear probe needs 'train' and 'val' "
+            f"and the store holds {', '.join(store.splits)}"
+        )
     n_classes = len(store.class_names)
     try:
         labels = store.labels(split)
@@ -113,12 +115,14 @@ def _labelled(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, 
     if labels is None or n_classes == 0 or (len(labels) and labels.min() < 0):
         raise StoreError(f"{store.path}: split {split!r} has no labels; a linear probe needs labelled images")
     if len(labels) and labels.max() >= n_classes:
-        raise StoreError(f"{store.path}: split {split!r} has label {int(labels.max())} but the store names "
-                         f"{n_classes} classes")
+        raise StoreError(
+            f"{store.path}: split {split!r} has label {int(labels.max())} but the store names {n_classes} classes"
+        )
     usable = ~store.skipped(split).astype(bool)
     if not usable.any():
-        raise StoreError(f"{store.path}: split {split!r} is empty ({len(labels)} images, all skipped); "
-                         f"nothing to probe")
+        raise StoreError(
+            f"{store.path}: split {split!r} is empty ({len(labels)} images, all skipped); nothing to probe"
+        )
     return labels, store.ids(split), usable
 
 
@@ -128,8 +132,10 @@ def _features(store: FeatureStore, split: str, block: int, t: int, pool: int, us
     x = x.reshape(len(x), -1)
     x = x if usable.all() else x[usable]
     if not all_finite(x):
-        raise StoreError(f"{store.path}: block {block}, t {t}, pool {pool} in split {split!r} holds "
-                         f"non-finite values in images that are not marked skipped")
+        raise StoreError(
+            f"{store.path}: block {block}, t {t}, pool {pool} in split {split!r} holds "
+            f"non-finite values in images that are not marked skipped"
+        )
     return x
 
 
@@ -140,7 +146,7 @@ def all_finite(x: np.ndarray) -> bool:
     if x.dtype != np.float16:
         return bool(np.isfinite(x).all())
     bits = x.view(np.uint16)
-    return not any(((bits[lo:lo + 2048] & 0x7C00) == 0x7C00).any() for lo in range(0, len(bits), 2048))
+    return not any(((bits[lo : lo + 2048] & 0x7C00) == 0x7C00).any() for lo in range(0, len(bits), 2048))
 
 
 def holdout_mask(ids, labels, fraction: float, seed: int) -> np.ndarray:
@@ -151,8 +157,10 @@ def holdout_mask(ids, labels, fraction: float, seed: int) -> np.ndarray:
     (seed, id, label) alone, so reordering or extending the split does not reshuffle it.
     """
     ids, labels = np.asarray(ids), np.asarray(labels)
-    keys = np.array([int.from_bytes(hashlib.blake2b(f"{seed}\0{i}".encode(), digest_size=8).digest(), "big")
-                     for i in ids], dtype=np.uint64)
+    keys = np.array(
+        [int.from_bytes(hashlib.blake2b(f"{seed}\0{i}".encode(), digest_size=8).digest(), "big") for i in ids],
+        dtype=np.uint64,
+    )
     mask = np.zeros(len(ids), dtype=bool)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
@@ -169,7 +177,7 @@ def feature_stats(x: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.nda
     ss = np.zeros(x.shape[1], np.float64)
     step = _chunk_rows(x.shape[1])
     for lo in range(0, len(rows), step):
-        chunk = x[rows[lo:lo + step]].astype(np.float64)
+        chunk = x[rows[lo : lo + step]].astype(np.float64)
         s += chunk.sum(0)
         ss += np.square(chunk).sum(0)
     return _finish_stats(s, ss, len(rows))
@@ -246,8 +254,20 @@ class _Streamed:
     With ``mean`` None, only `stats` may be used.
     """
 
-    def __init__(self, store: FeatureStore, split: str, block: int, t: int, pool: int, rows: np.ndarray,
-                 usable: np.ndarray, mean, std, device: torch.device, p: ProbeConfig):
+    def __init__(
+        self,
+        store: FeatureStore,
+        split: str,
+        block: int,
+        t: int,
+        pool: int,
+        rows: np.ndarray,
+        usable: np.ndarray,
+        mean,
+        std,
+        device: torch.device,
+        p: ProbeConfig,
+    ):
         self.arr = store.feature_array(split, block, t, pool)
         self.where = f"{store.path}: block {block}, t {t}, pool {pool} in split {split!r}"
         self._dim = int(np.prod(self.arr.shape[1:]))
@@ -304,7 +324,7 @@ class _Streamed:
         for i in range(len(self.blocks)):
             x16 = self.load(i)[0]
             for lo in range(0, len(x16), step):
-                yield self.standardise(x16[lo:lo + step])
+                yield self.standardise(x16[lo : lo + step])
 
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
         """`feature_stats` of the used rows, one block at a time."""
@@ -314,7 +334,7 @@ class _Streamed:
         for i in range(len(self.blocks)):
             x = self.raw(i)
             for lo in range(0, len(x), step):
-                chunk = x[lo:lo + step].astype(np.float64)
+                chunk = x[lo : lo + step].astype(np.float64)
                 s += chunk.sum(0)
                 ss += np.square(chunk).sum(0)
         return _finish_stats(s, ss, len(self.rows_))
@@ -338,8 +358,9 @@ def _generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
     return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(order)
 
 
-def train_sgd(data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], p: ProbeConfig,
-              seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def train_sgd(
+    data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], p: ProbeConfig, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Train the heads of ``grid`` ([{"lr", "weight_decay"}]) on each of ``data``'s F feature
     sets in one pass: W (F, H, D, K), b (F, H, K).
 
@@ -375,7 +396,7 @@ def _sgd_batches(data, y: torch.Tensor, batch: int, gen: torch.Generator):
     if isinstance(data, _Standardised):
         order = torch.randperm(n, generator=gen).to(device)
         for lo in range(0, n, batch):
-            idx = order[lo:lo + batch]
+            idx = order[lo : lo + batch]
             yield data.rows(idx), y[idx]
         return
     # the batches of (carry ++ this block's rows in a seeded order), cut every `batch` rows; the
@@ -395,14 +416,16 @@ def _sgd_batches(data, y: torch.Tensor, batch: int, gen: torch.Generator):
             yield xb, y[ib]
         a = max(full - c, 0)
         rest_x, rest_i = data.standardise(x16[perm[a:]]), idx[a:]
-        carry_x, carry_i = ((rest_x, rest_i) if full >= c else
-                            (torch.cat([carry_x, rest_x], dim=1), torch.cat([carry_i, rest_i])))
+        carry_x, carry_i = (
+            (rest_x, rest_i) if full >= c else (torch.cat([carry_x, rest_x], dim=1), torch.cat([carry_i, rest_i]))
+        )
     if carry_i.numel():
         yield carry_x, y[carry_i]
 
 
-def train_lbfgs(data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], p: ProbeConfig,
-                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def train_lbfgs(
+    data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], p: ProbeConfig, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit one head per ``grid`` point ([{"l2"}]), strongest l2 first, warm-started, on ``data``'s
     one feature set (full-batch: sets gain nothing from sharing a pass): W (1, H, D, K), b (1, H, K).
     Deterministic: it starts from zero; ``seed`` is unused."""
@@ -415,8 +438,15 @@ def train_lbfgs(data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], 
     out = [None] * len(grid)
     for i in sorted(range(len(grid)), key=lambda i: -grid[i]["l2"]):
         l2 = grid[i]["l2"]
-        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=p.lbfgs_max_iter, history_size=20,
-                                line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-10)
+        opt = torch.optim.LBFGS(
+            [w, b],
+            lr=1,
+            max_iter=p.lbfgs_max_iter,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-6,
+            tolerance_change=1e-10,
+        )
 
         def closure():
             opt.zero_grad()
@@ -430,8 +460,8 @@ def train_lbfgs(data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], 
             for j in range(len(data.blocks)):
                 x16, pos = data.load(j)
                 for lo in range(0, len(x16), step):
-                    xb = data.standardise(x16[lo:lo + step])[0]
-                    yb = y[torch.from_numpy(pos[lo:lo + step]).to(device)]
+                    xb = data.standardise(x16[lo : lo + step])[0]
+                    yb = y[torch.from_numpy(pos[lo : lo + step]).to(device)]
                     part = F.cross_entropy(xb @ w + b, yb, reduction="sum") / len(y)
                     part.backward()
                     total += part.detach()
@@ -474,8 +504,7 @@ def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
 
 def per_class_accuracy(pred: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict:
     """Top-1 per class name (None for a class with no images)."""
-    return {name: (float((pred[y == c] == c).mean()) if (y == c).any() else None)
-            for c, name in enumerate(class_names)}
+    return {name: (float((pred[y == c] == c).mean()) if (y == c).any() else None) for c, name in enumerate(class_names)}
 
 
 # ------------------------------------------------------------------ the probe
@@ -488,20 +517,20 @@ class Selection:
     Row indices ``fit`` and ``hold`` index train's usable (not skipped) images.
     """
 
-    usable: np.ndarray       # train: not skipped
-    y: np.ndarray            # labels of the usable train images
-    fit: np.ndarray          # usable rows the head is fitted on (the subset, if any)
-    hold: np.ndarray         # usable rows held out to choose hyperparameters
+    usable: np.ndarray  # train: not skipped
+    y: np.ndarray  # labels of the usable train images
+    fit: np.ndarray  # usable rows the head is fitted on (the subset, if any)
+    hold: np.ndarray  # usable rows held out to choose hyperparameters
     usable_val: np.ndarray
     y_val: np.ndarray
-    subset: str              # the spec: "all", "fraction:F", "shots:K", "file:PATH"
-    subset_sha: str          # sha256 of the sorted fitted ids
+    subset: str  # the spec: "all", "fraction:F", "shots:K", "file:PATH"
+    subset_sha: str  # sha256 of the sorted fitted ids
     fit_ids: np.ndarray
 
 
 def select(store: FeatureStore, seed: int = 0, settings: ProbeConfig | None = None, subset: str = "all") -> Selection:
     """The held-out part, the fitted part (``subset`` of what is left: probe/subsets.py) and val."""
-    from probe.subsets import choose_subset, subset_sha
+    from diffprobe.probe.subsets import choose_subset, subset_sha
 
     p = settings or ProbeConfig()
     y_all, ids, usable = _labelled(store, "train")
@@ -509,12 +538,23 @@ def select(store: FeatureStore, seed: int = 0, settings: ProbeConfig | None = No
     y_tr, ids = y_all[usable], ids[usable]
     held = holdout_mask(ids, y_tr, p.holdout_fraction, seed)
     if not held.any():
-        raise StoreError(f"{store.path}: train has too few images per class to hold {p.holdout_fraction:g} out "
-                         f"for choosing hyperparameters ({len(y_tr)} images, {len(store.class_names)} classes)")
+        raise StoreError(
+            f"{store.path}: train has too few images per class to hold {p.holdout_fraction:g} out "
+            f"for choosing hyperparameters ({len(y_tr)} images, {len(store.class_names)} classes)"
+        )
     chosen = choose_subset(subset, ids, y_tr, ~held, seed, store.class_names, source=str(store.path))
     fit = np.flatnonzero(chosen)
-    return Selection(usable=usable, y=y_tr, fit=fit, hold=np.flatnonzero(held), usable_val=usable_val,
-                     y_val=y_val_all[usable_val], subset=subset, subset_sha=subset_sha(ids[fit]), fit_ids=ids[fit])
+    return Selection(
+        usable=usable,
+        y=y_tr,
+        fit=fit,
+        hold=np.flatnonzero(held),
+        usable_val=usable_val,
+        y_val=y_val_all[usable_val],
+        subset=subset,
+        subset_sha=subset_sha(ids[fit]),
+        fit_ids=ids[fit],
+    )
 
 
 def settings_hash(recipe: str, p: ProbeConfig) -> str:
@@ -524,9 +564,18 @@ def settings_hash(recipe: str, p: ProbeConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def linear_probe(store: FeatureStore, block: int, t: int, pool: int = 2, recipe: str = "sgd", seed: int = 0,
-                 settings: ProbeConfig | None = None, device: str | torch.device = "cpu", subset: str = "all",
-                 selection: Selection | None = None) -> dict:
+def linear_probe(
+    store: FeatureStore,
+    block: int,
+    t: int,
+    pool: int = 2,
+    recipe: str = "sgd",
+    seed: int = 0,
+    settings: ProbeConfig | None = None,
+    device: str | torch.device = "cpu",
+    subset: str = "all",
+    selection: Selection | None = None,
+) -> dict:
     """Train a linear head on ``store``'s train split at (block, t, pool), score it on val.
 
     Hyperparameters come from ``settings`` (default: pipeline.toml's defaults); ``recipe`` and
@@ -542,9 +591,17 @@ def linear_probe(store: FeatureStore, block: int, t: int, pool: int = 2, recipe:
     return linear_probes(store, [(block, t, pool)], recipe, seed, settings, device, subset, selection)[0]
 
 
-def linear_probes(store: FeatureStore, cells, recipe: str = "sgd", seed: int = 0,
-                  settings: ProbeConfig | None = None, device: str | torch.device = "cpu", subset: str = "all",
-                  selection: Selection | None = None, on_result=None) -> list[dict]:
+def linear_probes(
+    store: FeatureStore,
+    cells,
+    recipe: str = "sgd",
+    seed: int = 0,
+    settings: ProbeConfig | None = None,
+    device: str | torch.device = "cpu",
+    subset: str = "all",
+    selection: Selection | None = None,
+    on_result=None,
+) -> list[dict]:
     """`linear_probe` for each (block, t, pool) of ``cells``, with ``sgd`` training several
     feature sets in one pass: those of the same width whose train splits fit ``probe.memory_mb``
     together (`passes`). A head trained beside other feature sets equals the head trained alone
@@ -558,8 +615,9 @@ def linear_probes(store: FeatureStore, cells, recipe: str = "sgd", seed: int = 0
     out: list[dict | None] = [None] * len(cells)
     for group in passes(store, keys, recipe, p):
         started = time.perf_counter()
-        results = _probe_pass(store, [keys[i] for i in group], [cells[i] for i in group], recipe, grid, seed, p,
-                              device, sel)
+        results = _probe_pass(
+            store, [keys[i] for i in group], [cells[i] for i in group], recipe, grid, seed, p, device, sel
+        )
         share = round((time.perf_counter() - started) / len(group), 3)
         for i, r in zip(group, results):
             r["seconds"] = share
@@ -590,8 +648,17 @@ def passes(store: FeatureStore, keys: list[FeatureKey], recipe: str, p: ProbeCon
     return groups
 
 
-def _probe_pass(store: FeatureStore, keys: list[FeatureKey], cells: list, recipe: str, grid: list[dict],
-                seed: int, p: ProbeConfig, device: torch.device, sel: Selection) -> list[dict]:
+def _probe_pass(
+    store: FeatureStore,
+    keys: list[FeatureKey],
+    cells: list,
+    recipe: str,
+    grid: list[dict],
+    seed: int,
+    p: ProbeConfig,
+    device: torch.device,
+    sel: Selection,
+) -> list[dict]:
     """Train and score one head per key in one pass (several keys: in memory, the same width)."""
     classes = store.class_names
     fit, hold, y_tr = sel.fit, sel.hold, sel.y
@@ -599,8 +666,9 @@ def _probe_pass(store: FeatureStore, keys: list[FeatureKey], cells: list, recipe
     if streamed:  # the same protocol, reading the store block by block (see `_Streamed`)
         key = keys[0]
         rows = np.flatnonzero(sel.usable)  # usable row -> store row
-        part = lambda r, m=None, sd=None: _Streamed(store, "train", key.block, key.t, key.pool, rows[r],
-                                                    sel.usable, m, sd, device, p)
+        part = lambda r, m=None, sd=None: _Streamed(
+            store, "train", key.block, key.t, key.pool, rows[r], sel.usable, m, sd, device, p
+        )
         mean, std = part(fit).stats()
         data, data_held = part(fit, mean, std), part(hold, mean, std)
         means, stds = mean[None], std[None]
@@ -630,8 +698,14 @@ def _probe_pass(store: FeatureStore, keys: list[FeatureKey], cells: list, recipe
     logits = _logits(data_held, w, b)  # (F, H, N, K)
     scored, best = [], []
     for f in range(len(keys)):
-        s = [{**point, "heldout_top1": topk_accuracy(logits[f, i], y_held, 1),
-              "heldout_loss": float(F.cross_entropy(logits[f, i], y_held))} for i, point in enumerate(grid)]
+        s = [
+            {
+                **point,
+                "heldout_top1": topk_accuracy(logits[f, i], y_held, 1),
+                "heldout_loss": float(F.cross_entropy(logits[f, i], y_held)),
+            }
+            for i, point in enumerate(grid)
+        ]
         scored.append(s)
         best.append(max(range(len(grid)), key=lambda i: (s[i]["heldout_top1"], -s[i]["heldout_loss"])))
     del data_held, logits
@@ -640,10 +714,28 @@ def _probe_pass(store: FeatureStore, keys: list[FeatureKey], cells: list, recipe
 
     y_val = sel.y_val
     if streamed or not fits_in_memory(store, "val", keys[0].block, keys[0].t, keys[0].pool, p):
-        val_logits = torch.cat([
-            _logits(_Streamed(store, "val", key.block, key.t, key.pool, np.flatnonzero(sel.usable_val),
-                              sel.usable_val, means[f], stds[f], device, p), w_best[f:f + 1], b_best[f:f + 1])
-            for f, key in enumerate(keys)])
+        val_logits = torch.cat(
+            [
+                _logits(
+                    _Streamed(
+                        store,
+                        "val",
+                        key.block,
+                        key.t,
+                        key.pool,
+                        np.flatnonzero(sel.usable_val),
+                        sel.usable_val,
+                        means[f],
+                        stds[f],
+                        device,
+                        p,
+                    ),
+                    w_best[f : f + 1],
+                    b_best[f : f + 1],
+                )
+                for f, key in enumerate(keys)
+            ]
+        )
         streamed = True
     else:
         x_val = np.stack([_features(store, "val", key.block, key.t, key.pool, sel.usable_val) for key in keys])
@@ -651,21 +743,40 @@ def _probe_pass(store: FeatureStore, keys: list[FeatureKey], cells: list, recipe
     y_val_t = torch.from_numpy(y_val).to(device)
 
     common = {
-        "store": str(store.path), "fingerprint": store_fingerprint(store),
-        "n_train": len(fit), "n_heldout": len(hold), "n_val": len(y_val), "n_classes": len(classes),
-        "recipe": recipe, "seed": seed, "subset": sel.subset, "subset_sha": sel.subset_sha,
-        "settings": settings_hash(recipe, p), "device": str(device), "streamed": streamed,
+        "store": str(store.path),
+        "fingerprint": store_fingerprint(store),
+        "n_train": len(fit),
+        "n_heldout": len(hold),
+        "n_val": len(y_val),
+        "n_classes": len(classes),
+        "recipe": recipe,
+        "seed": seed,
+        "subset": sel.subset,
+        "subset_sha": sel.subset_sha,
+        "settings": settings_hash(recipe, p),
+        "device": str(device),
+        "streamed": streamed,
     }
     results = []
     for f, (key, (block, t, pool)) in enumerate(zip(keys, cells)):
         vl = val_logits[f, 0]
-        results.append({
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), **common,
-            "block": block, "t": t, "pool": pool, "stored_pool": key.pool, "dim": int(w.shape[2]),
-            "hyperparameters": grid[best[f]], "grid": scored[f], "heldout_top1": scored[f][best[f]]["heldout_top1"],
-            "top1": topk_accuracy(vl, y_val_t, 1), "top5": topk_accuracy(vl, y_val_t, 5),
-            "per_class": per_class_accuracy(vl.argmax(-1).cpu().numpy(), y_val, classes),
-        })
+        results.append(
+            {
+                "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+                **common,
+                "block": block,
+                "t": t,
+                "pool": pool,
+                "stored_pool": key.pool,
+                "dim": int(w.shape[2]),
+                "hyperparameters": grid[best[f]],
+                "grid": scored[f],
+                "heldout_top1": scored[f][best[f]]["heldout_top1"],
+                "top1": topk_accuracy(vl, y_val_t, 1),
+                "top5": topk_accuracy(vl, y_val_t, 5),
+                "per_class": per_class_accuracy(vl.argmax(-1).cpu().numpy(), y_val, classes),
+            }
+        )
     return results
 
 
@@ -676,8 +787,8 @@ def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, sub
     ``ledger`` (its path, or None with ``ledger=False``) and ``subset_file`` (the chosen ids,
     written beside the ledger unless ``subset`` is "all" or ``ledger=False``; else None).
     """
-    from probe.ledger import append_row, ledger_path, read_rows
-    from probe.subsets import write_subset
+    from diffprobe.probe.ledger import append_row, ledger_path, read_rows
+    from diffprobe.probe.subsets import write_subset
 
     p = cfg.probe
     if p.threads:
@@ -686,8 +797,9 @@ def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, sub
     if ledger:
         read_rows(ledger_path(cfg.store.path, p.ledger))  # refuse a foreign ledger before training
     sel = select(store, p.seed, p, subset)
-    result = linear_probe(store, block, t, pool, recipe=p.recipe, seed=p.seed, settings=p, device=p.device,
-                          selection=sel)
+    result = linear_probe(
+        store, block, t, pool, recipe=p.recipe, seed=p.seed, settings=p, device=p.device, selection=sel
+    )
     result["ledger"] = result["subset_file"] = None
     if ledger:
         path = ledger_path(cfg.store.path, p.ledger)

@@ -1,6 +1,6 @@
 """Sweep plots: the paper's Figure 4/5 for any model and data set, as PNG files.
 
-    from probe.plots import sweep_plots
+    from diffprobe.probe.plots import sweep_plots
     sweep_plots([{"block": 24, "t": 90, "pool": 2, "top1": 0.97}, ...], "runs/sweep-x", "digits · sgd")
 
 Per pool p: ``heatmap-pool{p}.png`` (val top-1 over block (x) x t (y), colour bar, values
@@ -29,8 +29,15 @@ def _lines(ax, fig, xs, series: dict, cmap, name: str):
     for k in keys:
         y = np.asarray(series[k], dtype=float)
         ok = ~np.isnan(y)
-        ax.plot(np.asarray(xs)[ok], 100 * y[ok], marker="o", markersize=3, linewidth=1.2,
-                color=cmap(norm(k)), label=f"{name} {k}")
+        ax.plot(
+            np.asarray(xs)[ok],
+            100 * y[ok],
+            marker="o",
+            markersize=3,
+            linewidth=1.2,
+            color=cmap(norm(k)),
+            label=f"{name} {k}",
+        )
     if len(keys) > _LEGEND_MAX:
         fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=name)
     else:
@@ -70,8 +77,9 @@ def sweep_plots(points: list[dict], folder: str | Path, label: str) -> list[Path
             for (i, j), v in np.ndenumerate(acc):
                 if not np.isnan(v):
                     dark = hi > lo and (v - lo) / (hi - lo) < 0.5
-                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
-                            color="white" if dark else "black")
+                    ax.text(
+                        j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="white" if dark else "black"
+                    )
         written.append(_save(fig, folder / f"heatmap-pool{pool}.png"))
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -101,8 +109,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def cka_heatmap(matrix: np.ndarray, rows: list, cols: list, row_name: str, col_name: str, title: str,
-                path: str | Path) -> Path:
+def cka_heatmap(
+    matrix: np.ndarray, rows: list, cols: list, row_name: str, col_name: str, title: str, path: str | Path
+) -> Path:
     """One CKA matrix as a PNG: rows (y) x cols (x) labelled, colour bar 0..1 (wider if an
     unbiased estimate leaves it), values in the cells when there are at most 120."""
     import matplotlib
@@ -125,6 +134,13 @@ def cka_heatmap(matrix: np.ndarray, rows: list, cols: list, row_name: str, col_n
     fig.colorbar(im, ax=ax, label="CKA")
     if m.size <= _ANNOTATE_MAX:
         for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if (v - lo) / (hi - lo) < 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if (v - lo) / (hi - lo) < 0.5 else "black",
+            )
     return _save(fig, path)

@@ -1,6 +1,6 @@
 """Label fractions: which train images a probe may fit on (`--label-fraction`, `--shots`, `--subset`).
 
-    from probe.subsets import subset_spec, choose_subset
+    from diffprobe.probe.subsets import subset_spec, choose_subset
     spec = subset_spec(label_fraction=0.01)                  # "fraction:0.01"
     chosen = choose_subset(spec, ids, labels, eligible, seed=0, class_names=names, source="store")
 
@@ -35,23 +35,29 @@ from pathlib import Path
 
 import numpy as np
 
-from store.errors import ConfigError, DiffprobeError
+from diffprobe.store.errors import ConfigError, DiffprobeError
 
 
 class SubsetError(DiffprobeError):
     """A label fraction, shot count or id list that cannot be drawn from the train split."""
 
 
-def subset_spec(label_fraction: float | None = None, shots: int | None = None,
-                subset: str | Path | None = None) -> str:
+def subset_spec(label_fraction: float | None = None, shots: int | None = None, subset: str | Path | None = None) -> str:
     """The spec string of at most one of the three options (``"all"`` for none)."""
-    given = [name for name, v in (("--label-fraction", label_fraction), ("--shots", shots), ("--subset", subset))
-             if v is not None]
+    given = [
+        name
+        for name, v in (("--label-fraction", label_fraction), ("--shots", shots), ("--subset", subset))
+        if v is not None
+    ]
     if len(given) > 1:
         raise ConfigError(f"{given[0]} and {given[1]}: give at most one way of choosing a label subset")
     if label_fraction is not None:
-        if isinstance(label_fraction, bool) or not isinstance(label_fraction, (int, float)) \
-                or not math.isfinite(label_fraction) or not 0 < label_fraction <= 1:
+        if (
+            isinstance(label_fraction, bool)
+            or not isinstance(label_fraction, (int, float))
+            or not math.isfinite(label_fraction)
+            or not 0 < label_fraction <= 1
+        ):
             raise ConfigError(f"--label-fraction: {label_fraction!r} is out of range; allowed: 0 < F <= 1")
         return f"fraction:{float(label_fraction):g}"
     if shots is not None:
@@ -67,8 +73,10 @@ def subset_spec(label_fraction: float | None = None, shots: int | None = None,
 
 
 def _keys(ids, seed: int) -> np.ndarray:
-    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}\0subset\0{i}".encode(), digest_size=8).digest(), "big")
-                     for i in ids], dtype=np.uint64)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(f"{seed}\0subset\0{i}".encode(), digest_size=8).digest(), "big") for i in ids],
+        dtype=np.uint64,
+    )
 
 
 def read_id_file(path: str | Path) -> list[str]:
@@ -102,8 +110,9 @@ def _match_file(path: str, ids: np.ndarray, source: str) -> np.ndarray:
     return mask
 
 
-def choose_subset(spec: str, ids, labels, eligible, seed: int, class_names: list[str],
-                  source: str = "the store") -> np.ndarray:
+def choose_subset(
+    spec: str, ids, labels, eligible, seed: int, class_names: list[str], source: str = "the store"
+) -> np.ndarray:
     """Bool over ``ids``: the images of ``spec`` among ``eligible`` (the fitted part).
 
     ``labels`` index ``class_names``. Errors (one line) name the class a fraction leaves empty
@@ -116,8 +125,9 @@ def choose_subset(spec: str, ids, labels, eligible, seed: int, class_names: list
     if kind == "file":
         chosen = _match_file(arg, ids, source) & eligible
         if not chosen.any():
-            raise SubsetError(f"--subset: none of the ids in {arg} is in the fitted part of train "
-                              f"(they are all held out or skipped)")
+            raise SubsetError(
+                f"--subset: none of the ids in {arg} is in the fitted part of train (they are all held out or skipped)"
+            )
         return chosen
     if kind not in ("fraction", "shots"):
         raise ConfigError(f"subset: unknown spec {spec!r}; allowed: all, fraction:F, shots:K, file:PATH")
@@ -129,13 +139,16 @@ def choose_subset(spec: str, ids, labels, eligible, seed: int, class_names: list
         if kind == "fraction":
             k = max(int(round(float(arg) * n)), 1) if n else 0
             if k == 0:
-                raise SubsetError(f"--label-fraction {arg}: class {name!r} has no train images left to fit on "
-                                  f"(after holding out and skipping), so it would get none")
+                raise SubsetError(
+                    f"--label-fraction {arg}: class {name!r} has no train images left to fit on "
+                    f"(after holding out and skipping), so it would get none"
+                )
         else:
             k = int(arg)
             if k > n:
-                raise SubsetError(f"--shots {k}: class {name!r} has only {n} train images to fit on "
-                                  f"(after holding out and skipping)")
+                raise SubsetError(
+                    f"--shots {k}: class {name!r} has only {n} train images to fit on (after holding out and skipping)"
+                )
         chosen[members[np.argsort(keys[members], kind="stable")[:k]]] = True
     return chosen
 

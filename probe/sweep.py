@@ -1,6 +1,6 @@
 """`probe sweep`: one linear probe per (block, t, pool) the store holds, resumable, with heatmaps.
 
-    from probe.sweep import plan, sweep, run
+    from diffprobe.probe.sweep import plan, sweep, run
     cells = plan(store, blocks=(19, 24), ts=None, pools=(2,))      # None: everything held
     out = sweep(store, cells, recipe="sgd", ledger=path)          # trains what the ledger lacks
     out = run(cfg, blocks=None, ts=None, pools=None)               # `probe sweep`: + ledger, plots
@@ -25,28 +25,32 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from probe import linear as lin
-from probe.ledger import append_row, ledger_path, read_rows
-from store.config import Config, ProbeConfig
-from store.errors import StoreError
-from store.feature_store import FeatureKey, FeatureStore, open_store
+from diffprobe.probe import linear as lin
+from diffprobe.probe.ledger import append_row, ledger_path, read_rows
+from diffprobe.store.config import Config, ProbeConfig
+from diffprobe.store.errors import StoreError
+from diffprobe.store.feature_store import FeatureKey, FeatureStore, open_store
 
 
 def held_keys(store: FeatureStore) -> set[FeatureKey]:
     """Feature arrays complete in both train and val."""
     for split in ("train", "val"):
         if split not in store.splits:
-            raise StoreError(f"{store.path}: no split {split!r}; a sweep needs 'train' and 'val' and the store "
-                             f"holds {', '.join(store.splits)}")
+            raise StoreError(
+                f"{store.path}: no split {split!r}; a sweep needs 'train' and 'val' and the store "
+                f"holds {', '.join(store.splits)}"
+            )
     held = set(store.keys("train")) & set(store.keys("val"))
     if not held:
-        raise StoreError(f"{store.path}: no feature array is complete in both train and val "
-                         f"(train holds {store.describe_holdings('train')})")
+        raise StoreError(
+            f"{store.path}: no feature array is complete in both train and val "
+            f"(train holds {store.describe_holdings('train')})"
+        )
     return held
 
 
@@ -84,35 +88,62 @@ def plan(store: FeatureStore, blocks=None, ts=None, pools=None) -> tuple[list[Fe
 
 def _missing(store: FeatureStore, key: FeatureKey | None, what: str):
     where = "train and val" if key is None or key not in set(store.keys("train")) else "val"
-    raise StoreError(f"{store.path}: no complete features for {what} in {where}; "
-                     f"it holds {store.describe_holdings('train')}")
+    raise StoreError(
+        f"{store.path}: no complete features for {what} in {where}; it holds {store.describe_holdings('train')}"
+    )
 
 
 def _cell_of(row: dict) -> FeatureKey:
     return FeatureKey(row["t"], row["block"], row["stored_pool"])
 
 
-def done_cells(ledger: Path | None, fingerprint: str, recipe: str, seed: int, sel: lin.Selection,
-               settings: str) -> dict[FeatureKey, dict]:
+def done_cells(
+    ledger: Path | None, fingerprint: str, recipe: str, seed: int, sel: lin.Selection, settings: str
+) -> dict[FeatureKey, dict]:
     """Ledger rows of the same store, recipe, seed, subset and settings, by cell (the last one wins)."""
     if ledger is None:
         return {}
-    same = {"fingerprint": fingerprint, "recipe": recipe, "seed": seed, "subset": sel.subset,
-            "subset_sha": sel.subset_sha, "settings": settings}
-    return {_cell_of(r): r for r in read_rows(ledger)
-            if r.get("head", "linear") == "linear" and all(r[k] == v for k, v in same.items())}
+    same = {
+        "fingerprint": fingerprint,
+        "recipe": recipe,
+        "seed": seed,
+        "subset": sel.subset,
+        "subset_sha": sel.subset_sha,
+        "settings": settings,
+    }
+    return {
+        _cell_of(r): r
+        for r in read_rows(ledger)
+        if r.get("head", "linear") == "linear" and all(r[k] == v for k, v in same.items())
+    }
 
 
 def _summary(r: dict, trained: bool) -> dict:
-    return {"block": r["block"], "t": r["t"], "pool": r["stored_pool"], "top1": r["top1"], "top5": r["top5"],
-            "heldout_top1": r["heldout_top1"], "hyperparameters": r["hyperparameters"],
-            "seconds": r["seconds"], "trained": trained}
+    return {
+        "block": r["block"],
+        "t": r["t"],
+        "pool": r["stored_pool"],
+        "top1": r["top1"],
+        "top5": r["top5"],
+        "heldout_top1": r["heldout_top1"],
+        "hyperparameters": r["hyperparameters"],
+        "seconds": r["seconds"],
+        "trained": trained,
+    }
 
 
-def sweep(store: FeatureStore, cells: list[FeatureKey], recipe: str = "sgd", seed: int = 0,
-          settings: ProbeConfig | None = None, device: str | torch.device = "cpu", subset: str = "all",
-          ledger: str | Path | None = None, on_cell: Callable[[FeatureKey, bool], None] | None = None,
-          selection: "lin.Selection | None" = None) -> dict:
+def sweep(
+    store: FeatureStore,
+    cells: list[FeatureKey],
+    recipe: str = "sgd",
+    seed: int = 0,
+    settings: ProbeConfig | None = None,
+    device: str | torch.device = "cpu",
+    subset: str = "all",
+    ledger: str | Path | None = None,
+    on_cell: Callable[[FeatureKey, bool], None] | None = None,
+    selection: lin.Selection | None = None,
+) -> dict:
     """Probe every cell not already in ``ledger`` (None: train them all, record nothing).
 
     ``on_cell(cell, trained)`` is called after each cell. Returns ``cells`` (one summary per
@@ -138,12 +169,28 @@ def sweep(store: FeatureStore, cells: list[FeatureKey], recipe: str = "sgd", see
         if on_cell:
             on_cell(FeatureKey(r["t"], r["block"], r["stored_pool"]), True)
 
-    results = lin.linear_probes(store, [(k.block, k.t, k.pool) for k in todo], recipe=recipe, seed=seed,
-                                settings=p, device=device, selection=sel, on_result=record)
-    found = {**{k: _summary(r, trained=False) for k, r in done.items()},
-             **{k: _summary(r, trained=True) for k, r in zip(todo, results)}}
-    return {"cells": [found[k] for k in cells], "trained": len(todo), "skipped": len(cells) - len(todo),
-            "selection": sel, "fingerprint": fingerprint, "settings": settings_id}
+    results = lin.linear_probes(
+        store,
+        [(k.block, k.t, k.pool) for k in todo],
+        recipe=recipe,
+        seed=seed,
+        settings=p,
+        device=device,
+        selection=sel,
+        on_result=record,
+    )
+    found = {
+        **{k: _summary(r, trained=False) for k, r in done.items()},
+        **{k: _summary(r, trained=True) for k, r in zip(todo, results)},
+    }
+    return {
+        "cells": [found[k] for k in cells],
+        "trained": len(todo),
+        "skipped": len(cells) - len(todo),
+        "selection": sel,
+        "fingerprint": fingerprint,
+        "settings": settings_id,
+    }
 
 
 def plot_folder(ledger: Path, fingerprint: str, recipe: str, seed: int, subset_sha: str, settings: str) -> Path:
@@ -151,9 +198,16 @@ def plot_folder(ledger: Path, fingerprint: str, recipe: str, seed: int, subset_s
     return ledger.parent / f"sweep-{fingerprint}-{recipe}-{run_id}"
 
 
-def run(cfg: Config, blocks=None, ts=None, pools=None, subset: str = "all", plots: bool = True,
-        on_plan: Callable[[int, int], None] | None = None,
-        on_cell: Callable[[FeatureKey, bool], None] | None = None) -> dict:
+def run(
+    cfg: Config,
+    blocks=None,
+    ts=None,
+    pools=None,
+    subset: str = "all",
+    plots: bool = True,
+    on_plan: Callable[[int, int], None] | None = None,
+    on_cell: Callable[[FeatureKey, bool], None] | None = None,
+) -> dict:
     """`probe sweep`: plan, sweep into ``cfg.probe.ledger``, write the subset's ids and the plots.
 
     ``on_plan(cells, already_done)`` is called once the plan is made (a progress bar's total).
@@ -161,7 +215,7 @@ def run(cfg: Config, blocks=None, ts=None, pools=None, subset: str = "all", plot
     ``subset``, ``subset_sha``, ``ledger``, ``subset_file``, ``plots`` ({"folder", "files"}),
     ``best`` (the cell of the highest val top-1) and ``seconds``.
     """
-    from probe.subsets import write_subset
+    from diffprobe.probe.subsets import write_subset
 
     started = time.perf_counter()
     p = cfg.probe
@@ -175,22 +229,42 @@ def run(cfg: Config, blocks=None, ts=None, pools=None, subset: str = "all", plot
     if on_plan:
         done = done_cells(ledger, lin.store_fingerprint(store), p.recipe, p.seed, sel, lin.settings_hash(p.recipe, p))
         on_plan(len(cells), sum(c in done for c in cells))
-    result = sweep(store, cells, recipe=p.recipe, seed=p.seed, settings=p, device=p.device, subset=subset,
-                   ledger=ledger, on_cell=on_cell, selection=sel)
+    result = sweep(
+        store,
+        cells,
+        recipe=p.recipe,
+        seed=p.seed,
+        settings=p,
+        device=p.device,
+        subset=subset,
+        ledger=ledger,
+        on_cell=on_cell,
+        selection=sel,
+    )
     sel = result.pop("selection")
     subset_file = str(write_subset(ledger.parent, sel.fit_ids, sel.subset_sha)) if subset != "all" else None
 
     files: list[str] = []
     folder = plot_folder(ledger, result["fingerprint"], p.recipe, p.seed, sel.subset_sha, result["settings"])
     if plots:
-        from probe.plots import sweep_plots
+        from diffprobe.probe.plots import sweep_plots
 
         top1 = {FeatureKey(c["t"], c["block"], c["pool"]): c["top1"] for c in result["cells"]}
         points = [{"block": g["block"], "t": g["t"], "pool": g["pool"], "top1": top1[g["key"]]} for g in grid]
         label = f"{store.path.name} · {p.recipe}" + ("" if subset == "all" else f" · {subset}")
         files = [str(f) for f in sweep_plots(points, folder, label)]
     best = max(result["cells"], key=lambda c: c["top1"])
-    return {"store": str(store.path), **result, "recipe": p.recipe, "seed": p.seed, "subset": subset,
-            "subset_sha": sel.subset_sha, "n_train": len(sel.fit), "ledger": str(ledger), "subset_file": subset_file,
-            "plots": {"folder": str(folder) if plots else None, "files": files}, "best": best,
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "store": str(store.path),
+        **result,
+        "recipe": p.recipe,
+        "seed": p.seed,
+        "subset": subset,
+        "subset_sha": sel.subset_sha,
+        "n_train": len(sel.fit),
+        "ledger": str(ledger),
+        "subset_file": subset_file,
+        "plots": {"folder": str(folder) if plots else None, "files": files},
+        "best": best,
+        "seconds": round(time.perf_counter() - started, 3),
+    }

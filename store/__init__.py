@@ -1,8 +1,8 @@
 """diffprobe's ground floor: config (pipeline.toml), errors, and the Zarr feature store.
 
-    from store import open_store
-    s = open_store("runs/digits-tiny.zarr")
-    s.features("train", block=24, t=90, pool=2)
+from diffprobe.store import open_store
+s = open_store("runs/digits-tiny.zarr")
+s.features("train", block=24, t=90, pool=2)
 """
 
 from .errors import DiffprobeError

@@ -31,6 +31,7 @@ def _int(lo=None, hi=None):
             raise ConfigError(f"{key}: expected an integer, got {v!r}")
         _range(v, key, lo, hi)
         return v
+
     return parse
 
 
@@ -40,6 +41,7 @@ def _float(lo=None, hi=None):
             raise ConfigError(f"{key}: expected a number, got {v!r}")
         _range(v, key, lo, hi)
         return float(v)
+
     return parse
 
 
@@ -54,6 +56,7 @@ def _choice(*options):
         if v not in options:
             raise ConfigError(f"{key}: {v!r} is not allowed; allowed: {', '.join(map(repr, options))}")
         return v
+
     return parse
 
 
@@ -76,6 +79,7 @@ def _int_list(lo=None, hi=None):
         for x in values:
             _range(x, key, lo, hi)
         return values
+
     return parse
 
 
@@ -91,6 +95,7 @@ def _float_list(lo=None, hi=None):
         if not isinstance(v, (list, tuple)) or not v:
             raise ConfigError(f"{key}: expected a non-empty list of numbers, got {v!r}")
         return tuple(_float(lo, hi)(x, key) for x in v)
+
     return parse
 
 
@@ -150,7 +155,11 @@ class ExtractConfig:
     threads: int = _key(0, _int(0, 1024), "torch CPU threads (0 = torch's default)")
     workers: int = _key(0, _int(0, 4096), "worker processes of a local dask cluster (0 = this process alone)")
     scheduler: str = _key("", _str, "address of an existing dask.distributed scheduler ('' = none)")
-    threads_per_worker: int = _key(0, _int(0, 1024), "torch CPU threads of each dask worker (0 = cores / workers on a local cluster, torch's default on a remote one)")
+    threads_per_worker: int = _key(
+        0,
+        _int(0, 1024),
+        "torch CPU threads of each dask worker (0 = cores / workers on a local cluster, torch's default on a remote one)",
+    )
     cluster: str = _key("local", _choice("local", "dask-cuda"), "kind of local cluster for `workers`")
 
 
@@ -178,44 +187,69 @@ class ProbeConfig:
     sgd_gamma: float = _key(0.1, _float(0.0, 1.0), "sgd: StepLR factor")
     lbfgs_l2: tuple[float, ...] = _key((1e-4, 1e-3, 1e-2, 1e-1), _float_list(0.0, 1e6), "lbfgs: L2 grid")
     lbfgs_max_iter: int = _key(100, _int(1, 100000), "lbfgs: iterations per grid point")
-    memory_mb: float = _key(2048.0, _float(1e-4, 1e9), "most feature memory the probe holds at once (MB, at 4 bytes per value); a split above it is streamed from the store")
+    memory_mb: float = _key(
+        2048.0,
+        _float(1e-4, 1e9),
+        "most feature memory the probe holds at once (MB, at 4 bytes per value); a split above it is streamed from the store",
+    )
 
 
 @dataclass(frozen=True)
 class HeadsConfig:
     depth: int = _key(2, _int(1, 64), "transformer blocks L of the attention, fusion and feedback heads")
-    dim: int = _key(0, _int(0, 65536), "token width D (0 = auto: the largest channel count of the head's input blocks, rounded up to a multiple of num_heads)")
+    dim: int = _key(
+        0,
+        _int(0, 65536),
+        "token width D (0 = auto: the largest channel count of the head's input blocks, rounded up to a multiple of num_heads)",
+    )
     num_heads: int = _key(8, _int(1, 256), "attention heads per transformer block")
     mlp_ratio: float = _key(4.0, _float(0.25, 64.0), "MLP hidden width / D")
-    pool: int = _key(16, _int(1, 1024), "largest pool P of the token map (P*P tokens per block; capped at the block's map and at what the store holds)")
+    pool: int = _key(
+        16,
+        _int(1, 1024),
+        "largest pool P of the token map (P*P tokens per block; capped at the block's map and at what the store holds)",
+    )
     epochs: int = _key(28, _int(1, 10000), "epochs of every head")
     batch_size: int = _key(128, _int(1, 1 << 20), "attention/fusion: images per SGD step")
     step_size: int = _key(7, _int(1, 10000), "StepLR step (epochs)")
     gamma: float = _key(0.1, _float(0.0, 1.0), "StepLR factor")
     weight_decay: float = _key(0.0, _float(0.0, 1.0), "SGD weight decay")
-    attention_lr: tuple[float, ...] = _key((0.05,), _float_list(1e-8, 100.0), "attention: learning-rate grid (the best on the held-out part is kept)")
+    attention_lr: tuple[float, ...] = _key(
+        (0.05,), _float_list(1e-8, 100.0), "attention: learning-rate grid (the best on the held-out part is kept)"
+    )
     fusion_lr: tuple[float, ...] = _key((0.05,), _float_list(1e-8, 100.0), "fusion: learning-rate grid")
     feedback_lr: tuple[float, ...] = _key((0.01,), _float_list(1e-8, 100.0), "feedback: learning-rate grid")
     fusion_blocks: tuple[int, ...] = _key((19, 24, 30), _int_list(1, 1000), "DifFormer blocks")
     fusion_timesteps: tuple[int, ...] = _key((90, 150, 300), _int_list(0, 100000), "DifFormer timesteps")
-    feedback_blocks: tuple[int, ...] = _key((21, 24, 27, 30, 33, 36), _int_list(1, 1000), "DifFeed decoder blocks fed back")
+    feedback_blocks: tuple[int, ...] = _key(
+        (21, 24, 27, 30, 33, 36), _int_list(1, 1000), "DifFeed decoder blocks fed back"
+    )
     feedback_target: int = _key(24, _int(1, 1000), "DifFeed block whose second-pass output feeds the head")
     feedback_t: int = _key(150, _int(0, 100000), "DifFeed timestep")
     feedback_batch_size: int = _key(32, _int(1, 1 << 20), "DifFeed images per step (two U-Net passes each)")
-    feedback_autocast: str = _key("auto", _choice("auto", "none", "bf16", "fp16"), "DifFeed autocast: auto = bf16 on CUDA, none elsewhere")
+    feedback_autocast: str = _key(
+        "auto", _choice("auto", "none", "bf16", "fp16"), "DifFeed autocast: auto = bf16 on CUDA, none elsewhere"
+    )
 
 
 @dataclass(frozen=True)
 class AnalyzeConfig:
     split: str = _key("val", _str, "split the analyses read")
-    estimator: str = _key("linear", _choice("linear", "linear-unbiased", "rbf", "rbf-unbiased", "minibatch"),
-                          "CKA estimator (probe.cka.ESTIMATORS)")
+    estimator: str = _key(
+        "linear",
+        _choice("linear", "linear-unbiased", "rbf", "rbf-unbiased", "minibatch"),
+        "CKA estimator (probe.cka.ESTIMATORS)",
+    )
     rbf_fraction: float = _key(0.5, _float(1e-6, 1e6), "RBF bandwidth as a fraction of the median pairwise distance")
     minibatch_size: int = _key(256, _int(4, 1 << 20), "images per minibatch of the minibatch estimator")
-    bootstrap: int = _key(0, _int(0, 100000), "bootstrap replicates (half-samples of the images) for 95% intervals (0 = none)")
+    bootstrap: int = _key(
+        0, _int(0, 100000), "bootstrap replicates (half-samples of the images) for 95% intervals (0 = none)"
+    )
     permutations: int = _key(0, _int(0, 100000), "shuffled-pairing replicates for the no-alignment baseline (0 = none)")
     seed: int = _key(0, _int(0, 2**63 - 1), "seed of bootstrap, permutations and minibatch order")
-    precision: str = _key("float32", _choice("float32", "float64"), "dtype of feature-space chunk products (sums are float64)")
+    precision: str = _key(
+        "float32", _choice("float32", "float64"), "dtype of feature-space chunk products (sums are float64)"
+    )
     memory_mb: float = _key(2048.0, _float(1.0, 1e9), "most memory CKA accumulators may hold (MB)")
 
 
@@ -233,12 +267,13 @@ class Config:
         out = {}
         for sec in dataclasses.fields(self):
             values = dataclasses.asdict(getattr(self, sec.name))
-            out[sec.name] = {k: (dict(v) if k == "arch" else list(v) if isinstance(v, tuple) else v)
-                             for k, v in values.items()}
+            out[sec.name] = {
+                k: (dict(v) if k == "arch" else list(v) if isinstance(v, tuple) else v) for k, v in values.items()
+            }
         return out
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> "Config":
+    def from_dict(cls, raw: dict, source: str = "config") -> Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a table, got {raw!r}")
         sections = {f.name: f.type for f in dataclasses.fields(cls)}

@@ -58,7 +58,7 @@ class FeatureKey:
         return f"t{self.t}_b{self.block}_p{self.pool}"
 
     @classmethod
-    def parse(cls, name: str) -> "FeatureKey":
+    def parse(cls, name: str) -> FeatureKey:
         m = _NAME.match(name)
         if not m:
             raise StoreError(f"not a feature array name: {name!r}")
@@ -89,7 +89,9 @@ class FeatureStore:
         self._root = zarr.open_group(str(self.path), mode=mode)
         attrs = self._root.attrs.asdict()
         if attrs.get("schema") == "diffprobe-features" and not attrs.get("initialized"):
-            raise StoreError(f"{self.path}: the store's creation was cut off; run `extract run --store {self.path}` again")
+            raise StoreError(
+                f"{self.path}: the store's creation was cut off; run `extract run --store {self.path}` again"
+            )
         if attrs.get("schema") != "diffprobe-features" or attrs.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path}: not a diffprobe feature store of schema version {SCHEMA_VERSION} "
@@ -166,12 +168,16 @@ class FeatureStore:
         key = self.stored_key(block, t, pool)
         g = self._split(split)
         if "features" not in g or key.name not in g["features"]:
-            raise StoreError(f"{self.path}: no features for block {block}, t {t}, pool {pool} in split "
-                             f"{split!r}; it holds {self.describe_holdings(split)}")
+            raise StoreError(
+                f"{self.path}: no features for block {block}, t {t}, pool {pool} in split "
+                f"{split!r}; it holds {self.describe_holdings(split)}"
+            )
         done = self.chunks_done(split, key)
         if done != self.n_chunks(split):
-            raise StoreError(f"{self.path}: block {block}, t {t}, pool {pool} in split {split!r} is incomplete "
-                             f"({done}/{self.n_chunks(split)} chunks); run `extract run --store {self.path}` to finish it")
+            raise StoreError(
+                f"{self.path}: block {block}, t {t}, pool {pool} in split {split!r} is incomplete "
+                f"({done}/{self.n_chunks(split)} chunks); run `extract run --store {self.path}` to finish it"
+            )
         return g["features"][key.name]
 
     def feature_array(self, split: str, block: int, t: int, pool: int):
@@ -201,19 +207,26 @@ class FeatureStore:
         keys = self.keys(split)
         if not keys:
             return "no complete feature arrays"
-        return (f"blocks {format_int_list(k.block for k in keys)} at t {format_int_list(k.t for k in keys)}, "
-                f"pools {format_int_list(k.pool for k in keys)}")
+        return (
+            f"blocks {format_int_list(k.block for k in keys)} at t {format_int_list(k.t for k in keys)}, "
+            f"pools {format_int_list(k.pool for k in keys)}"
+        )
 
     def status(self) -> dict:
         """Per split: images, chunks and each array's completed chunks."""
         out = {"path": str(self.path), "fingerprints": self.fingerprints, "splits": {}}
         for split in self.splits:
             n = self.n_chunks(split)
-            arrays = {k.name: {"t": k.t, "block": k.block, "pool": k.pool, "chunks_done": int(m.sum()), "chunks": n}
-                      for k, m in sorted(self.done_masks(split).items())}
+            arrays = {
+                k.name: {"t": k.t, "block": k.block, "pool": k.pool, "chunks_done": int(m.sum()), "chunks": n}
+                for k, m in sorted(self.done_masks(split).items())
+            }
             out["splits"][split] = {
-                "images": self.n_images(split), "skipped": int(self.skipped(split).sum()), "chunks": n,
-                "arrays": arrays, "complete_arrays": sum(a["chunks_done"] == n for a in arrays.values()),
+                "images": self.n_images(split),
+                "skipped": int(self.skipped(split).sum()),
+                "chunks": n,
+                "arrays": arrays,
+                "complete_arrays": sum(a["chunks_done"] == n for a in arrays.values()),
             }
         return out
 
@@ -259,7 +272,7 @@ class StoreWriter(FeatureStore):
         super().__init__(path, mode="r+")
 
     @classmethod
-    def attach(cls, path: str | Path, owner: str) -> "StoreWriter":
+    def attach(cls, path: str | Path, owner: str) -> StoreWriter:
         """Chunk writing (``write_chunk``, ``write_skipped``) for a worker of the run whose lock
         text is ``owner``, without taking the lock (the run's client holds it).
 
@@ -281,13 +294,23 @@ class StoreWriter(FeatureStore):
         except OSError as e:
             raise StoreError(f"{self.path}: cannot read the store's lock ({e.strerror or e})") from None
         if holder != self.owner:
-            raise StoreLocked(f"{self.path}: the run that sent this task ({self.owner}) no longer holds the store "
-                              f"(now: {holder or 'nobody'}); not writing")
+            raise StoreLocked(
+                f"{self.path}: the run that sent this task ({self.owner}) no longer holds the store "
+                f"(now: {holder or 'nobody'}); not writing"
+            )
 
     @classmethod
-    def create(cls, path: str | Path, *, fingerprints: dict, provenance: dict, blocks: list[dict],
-               class_names: list[str], splits: dict[str, tuple[list[str], np.ndarray]],
-               chunk_images: int) -> "StoreWriter":
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        fingerprints: dict,
+        provenance: dict,
+        blocks: list[dict],
+        class_names: list[str],
+        splits: dict[str, tuple[list[str], np.ndarray]],
+        chunk_images: int,
+    ) -> StoreWriter:
         path = Path(path)
         for split, (ids, _) in splits.items():
             if len(ids) == 0:
@@ -334,7 +357,9 @@ class StoreWriter(FeatureStore):
         for section in FINGERPRINT_SECTIONS:
             d = _diff(stored.get(section), fingerprints.get(section), section)
             if d:
-                raise FingerprintMismatch(f"{self.path}: refusing to extend a store made with a different {section}: {d}")
+                raise FingerprintMismatch(
+                    f"{self.path}: refusing to extend a store made with a different {section}: {d}"
+                )
 
     def record_run(self, provenance: dict) -> None:
         """Append one run's provenance to the store's history (``attrs["runs"]``)."""
@@ -347,9 +372,17 @@ class StoreWriter(FeatureStore):
         have = set(features.array_keys())
         n, chunk = self.n_images(split), self.chunk_images(split)
         missing = [(k, c) for k, c in shapes.items() if k.name not in have]
-        _parallel(lambda kc: features.create_array(
-            kc[0].name, shape=(n, kc[1], kc[0].pool, kc[0].pool), chunks=(chunk, kc[1], kc[0].pool, kc[0].pool),
-            dtype=dtype, fill_value=float("nan"), **_codecs(codec)), missing)
+        _parallel(
+            lambda kc: features.create_array(
+                kc[0].name,
+                shape=(n, kc[1], kc[0].pool, kc[0].pool),
+                chunks=(chunk, kc[1], kc[0].pool, kc[0].pool),
+                dtype=dtype,
+                fill_value=float("nan"),
+                **_codecs(codec),
+            ),
+            missing,
+        )
         columns = list(g.attrs.get("done_columns", []))
         new = [k.name for k in shapes if k.name not in columns]
         if new:  # widen the record array first, then name the columns: a new column reads as 0
@@ -394,8 +427,10 @@ def _read_root_attrs(path: Path) -> dict | None:
     if attrs.get("schema") != "diffprobe-features":
         return None
     if attrs.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(f"{path}: a diffprobe store of schema version {attrs.get('schema_version')!r}; "
-                         f"this diffprobe writes version {SCHEMA_VERSION}")
+        raise StoreError(
+            f"{path}: a diffprobe store of schema version {attrs.get('schema_version')!r}; "
+            f"this diffprobe writes version {SCHEMA_VERSION}"
+        )
     return attrs
 
 
@@ -407,8 +442,11 @@ def _initialise(path, fingerprints, provenance, blocks, class_names, splits, chu
         elif child.is_dir() and (child / "zarr.json").is_file():
             shutil.rmtree(child)
     # overwrite=False: mode "w" would also delete the .lock this process holds
-    root = zarr.create_group(str(path), overwrite=False, attributes={
-        "schema": "diffprobe-features", "schema_version": SCHEMA_VERSION, "initialized": False})
+    root = zarr.create_group(
+        str(path),
+        overwrite=False,
+        attributes={"schema": "diffprobe-features", "schema_version": SCHEMA_VERSION, "initialized": False},
+    )
     for split, (ids, labels) in splits.items():
         n = len(ids)
         g = root.create_group(split, attributes={"n_images": n, "chunk_images": chunk_images})
@@ -418,12 +456,23 @@ def _initialise(path, fingerprints, provenance, blocks, class_names, splits, chu
         g.create_array("skipped", shape=(n,), chunks=chunks, dtype="bool", fill_value=False)
         g.create_group("features")
         # one row of records per image chunk, so writers of different chunks touch different files
-        g.create_array("done", shape=(_n_chunks(n, chunk_images), 0), chunks=(1, 1024), dtype="uint8",
-                       fill_value=0, compressors=None)
-    root.attrs.update({
-        "fingerprints": fingerprints, "provenance": provenance, "blocks": blocks,
-        "class_names": list(class_names), "splits": list(splits),
-    })
+        g.create_array(
+            "done",
+            shape=(_n_chunks(n, chunk_images), 0),
+            chunks=(1, 1024),
+            dtype="uint8",
+            fill_value=0,
+            compressors=None,
+        )
+    root.attrs.update(
+        {
+            "fingerprints": fingerprints,
+            "provenance": provenance,
+            "blocks": blocks,
+            "class_names": list(class_names),
+            "splits": list(splits),
+        }
+    )
     root.attrs["initialized"] = True  # last: a store cut off before this is redone from scratch
 
 
@@ -444,8 +493,9 @@ def _acquire_lock(path: Path):
     except BlockingIOError:
         holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise StoreLocked(f"{path}: another `extract run` is writing this store ({holder}); "
-                          f"wait for it to finish or stop it") from None
+        raise StoreLocked(
+            f"{path}: another `extract run` is writing this store ({holder}); wait for it to finish or stop it"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, run {secrets.token_hex(4)}".encode(), 0)
     return fd

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from store.config import load_config
+from diffprobe.store.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from probe import cka as ck
-from probe.analyze_cli import analyze_app
-from store.config import load_config
-from store.feature_store import FeatureKey, StoreWriter, open_store
+from diffprobe.analyze import cka as ck
+from diffprobe.analyze.cli import analyze_app
+from diffprobe.store.config import load_config
+from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
 
 from .conftest import REPO
 
@@ -31,13 +31,14 @@ def direct_gram(x, kernel="linear", fraction=0.5):
         return x @ x.T
     d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
     sigma = fraction * np.median(d[np.triu_indices(len(x), 1)])
-    return np.exp(-d ** 2 / (2 * sigma ** 2))
+    return np.exp(-(d**2) / (2 * sigma**2))
 
 
 def direct_cka(k, l, unbiased):
     """Kornblith et al.'s formulation: explicit centring matrix, or the unbiased centring of the Gram."""
     n = len(k)
     if unbiased:
+
         def center(g):
             g = g.copy()
             np.fill_diagonal(g, 0)
@@ -51,6 +52,7 @@ def direct_cka(k, l, unbiased):
 
         def center(g):
             return h @ g @ h
+
     kc, lc = center(k), center(l)
     return float((kc * lc).sum() / np.sqrt((kc * kc).sum() * (lc * lc).sum()))
 
@@ -82,8 +84,9 @@ def pair(seed=0, n=80, dx=12, dy=9, noise=1.0, data_seed=None):
 def test_cka_of_x_with_itself_is_one(estimator):
     x, _ = pair()
     assert ck.cka(x, x, estimator) == pytest.approx(1.0, abs=1e-9)
-    r = ck.cka_matrix([ck.array_source(x, 1), ck.array_source(x + 1.0, 2)], None, len(x),
-                      ck.CkaOptions(estimator=estimator))
+    r = ck.cka_matrix(
+        [ck.array_source(x, 1), ck.array_source(x + 1.0, 2)], None, len(x), ck.CkaOptions(estimator=estimator)
+    )
     assert np.allclose(r["matrix"], 1.0, atol=1e-9)
 
 
@@ -101,8 +104,10 @@ def test_invariant_to_orthogonal_maps_and_isotropic_scaling_but_not_anisotropic(
     assert abs(ck.cka(x * stretch, y, estimator) - base) > 1e-2
 
 
-@pytest.mark.parametrize("estimator,form", [(e, f) for e in LINEAR for f in ("feature", "gram")]
-                         + [("rbf", "gram"), ("rbf-unbiased", "gram")])  # RBF has only the Gram form
+@pytest.mark.parametrize(
+    "estimator,form",
+    [(e, f) for e in LINEAR for f in ("feature", "gram")] + [("rbf", "gram"), ("rbf-unbiased", "gram")],
+)  # RBF has only the Gram form
 @pytest.mark.parametrize("precision", ["float64", "float32"])
 def test_agrees_with_a_direct_gram_matrix_implementation(estimator, form, precision):
     kernel, unbiased = estimator.split("-")[0], estimator.endswith("unbiased")
@@ -137,8 +142,10 @@ def test_feature_and_gram_forms_agree_on_a_matrix_and_with_each_pair_alone():
 def test_minibatch_converges_to_the_full_unbiased_value():
     x, y = pair(4, n=1200)
     full = ck.cka(x, y, "linear-unbiased", precision="float64")
-    err = {m: np.mean([abs(ck.cka(x, y, "minibatch", minibatch_size=m, seed=s) - full) for s in range(5)])
-           for m in (16, 256, 1200)}
+    err = {
+        m: np.mean([abs(ck.cka(x, y, "minibatch", minibatch_size=m, seed=s) - full) for s in range(5)])
+        for m in (16, 256, 1200)
+    }
     assert err[1200] < 1e-10  # one batch of every image is the full estimator
     assert err[256] < err[16] < 0.01
 
@@ -151,9 +158,13 @@ def test_constant_features_never_give_nan(estimator):
     half = x.copy()
     half[:, :4] = 1.0  # some constant columns: an ordinary representation
     for form in ("feature", "gram") if estimator in LINEAR else ("auto",):
-        r = ck.cka_matrix([ck.array_source(a, lab, name=f"block {lab}") for lab, a in
-                           ((1, x), (2, const), (3, zero), (4, half))], None, len(x),
-                          ck.CkaOptions(estimator=estimator), form=form)
+        r = ck.cka_matrix(
+            [ck.array_source(a, lab, name=f"block {lab}") for lab, a in ((1, x), (2, const), (3, zero), (4, half))],
+            None,
+            len(x),
+            ck.CkaOptions(estimator=estimator),
+            form=form,
+        )
         m = np.asarray(r["matrix"])
         assert np.isfinite(m).all()
         assert (m[1] == 0).all() and (m[:, 2] == 0).all() and m[0, 0] == 1 and 0 < m[0, 3] < 1
@@ -183,8 +194,9 @@ def test_bootstrap_and_permutation_baseline():
         fresh.append(ck.cka(xs, ys))
     width = hi[0, 1] - lo[0, 1]
     assert 0.5 < width / (np.quantile(fresh, 0.975) - np.quantile(fresh, 0.025)) < 2.0
-    mb = ck.cka_matrix(srcs, None, len(x), ck.CkaOptions(estimator="minibatch", minibatch_size=16, bootstrap=40,
-                                                         permutations=5))
+    mb = ck.cka_matrix(
+        srcs, None, len(x), ck.CkaOptions(estimator="minibatch", minibatch_size=16, bootstrap=40, permutations=5)
+    )
     assert np.isfinite(mb["ci_low"]).all() and mb["n_batches"] == 8
 
 
@@ -205,12 +217,19 @@ def write_cka_store(path, arrays: dict, n: int, *, ids=None, skipped=(), chunk=1
     blocks = [{"number": b, "module": f"m{b}", "channels": C, "spatial": P} for b in range(1, 38)]
     ids = [f"img/{i:04d}" for i in range(n)] if ids is None else ids
     fingerprints = {"model": {"synthetic": str(path)}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
-    with StoreWriter.create(path, fingerprints=fingerprints, provenance={}, blocks=blocks, class_names=["a", "b"],
-                            splits={"val": (ids, np.arange(n) % 2)}, chunk_images=chunk) as w:
+    with StoreWriter.create(
+        path,
+        fingerprints=fingerprints,
+        provenance={},
+        blocks=blocks,
+        class_names=["a", "b"],
+        splits={"val": (ids, np.arange(n) % 2)},
+        chunk_images=chunk,
+    ) as w:
         keys = {FeatureKey(t, b, P): x for (b, t), x in arrays.items()}
         w.ensure_arrays("val", {k: C for k in keys}, "float16", "none")
         for c in range(-(-n // chunk)):
-            w.write_chunk("val", c, {k: x[c * chunk:(c + 1) * chunk] for k, x in keys.items()})
+            w.write_chunk("val", c, {k: x[c * chunk : (c + 1) * chunk] for k, x in keys.items()})
         w.write_skipped("val", np.asarray(skipped, dtype=int))
     return path
 
@@ -258,11 +277,12 @@ def test_out_of_core_equals_in_memory_and_reads_each_array_once(stores, monkeypa
         def read(lo, hi):
             calls.setdefault(name, []).append((lo, hi))
             return src.read(lo, hi)
+
         return ck.Source(src.label, src.name, src.dim, read, src.chunk)
 
     monkeypatch.setattr(ck, "store_source", counting)
     for est in ALL:
-        for form in (("feature", "gram") if est in LINEAR else ("auto",)):
+        for form in ("feature", "gram") if est in LINEAR else ("auto",):
             calls.clear()
             s = open_store(stores["a"])
             p = ck.plan(s, "val", t=(90,))
@@ -271,8 +291,13 @@ def test_out_of_core_equals_in_memory_and_reads_each_array_once(stores, monkeypa
             for name, spans in calls.items():  # every image of every array read exactly once
                 assert sorted(spans) == spans and sum(h - lo for lo, h in spans) == N - 1, (est, form, name)
             assert len(calls) == len(blocks)
-            mem = ck.cka_matrix([ck.array_source(feats[(b, 90)][keep].astype(np.float64), b) for b in blocks], None,
-                                N - 1, ck.CkaOptions(estimator=est, minibatch_size=32), form=form)
+            mem = ck.cka_matrix(
+                [ck.array_source(feats[(b, 90)][keep].astype(np.float64), b) for b in blocks],
+                None,
+                N - 1,
+                ck.CkaOptions(estimator=est, minibatch_size=32),
+                form=form,
+            )
             assert np.allclose(r["matrix"], mem["matrix"], atol=1e-6), (est, form)
     # no skipped image: every window is a contiguous slice of the store
     p = ck.plan(open_store(stores["b"]), "val", t=(30,), blocks=(3, 30))
@@ -321,30 +346,50 @@ def test_against_matches_image_ids_and_refuses_other_images(stores):
 
 
 def test_cli_json(stores):
-    res = runner.invoke(analyze_app, ["cka", "--t", "90", "--store", str(stores["a"]), "--blocks", "3,24",
-                                      "--estimator", "linear-unbiased", "--bootstrap", "20", "--permutations", "5",
-                                      "--json"])
+    res = runner.invoke(
+        analyze_app,
+        [
+            "cka",
+            "--t",
+            "90",
+            "--store",
+            str(stores["a"]),
+            "--blocks",
+            "3,24",
+            "--estimator",
+            "linear-unbiased",
+            "--bootstrap",
+            "20",
+            "--permutations",
+            "5",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     assert {"rows", "cols", "matrix", "estimator", "ci_low", "ci_high", "perm_mean", "files"} <= set(r)
     assert r["rows"] == [3, 24] and r["estimator"] == "linear-unbiased" and len(r["ci_low"]) == 2
-    want = ck.cka(stores["feats"][(3, 90)][np.arange(N) != 5], stores["feats"][(24, 90)][np.arange(N) != 5],
-                  "linear-unbiased")
+    want = ck.cka(
+        stores["feats"][(3, 90)][np.arange(N) != 5], stores["feats"][(24, 90)][np.arange(N) != 5], "linear-unbiased"
+    )
     assert r["matrix"][0][1] == pytest.approx(want, abs=1e-6)
     res = runner.invoke(analyze_app, ["cka", "--block", "19", "--store", str(stores["a"])])
     assert res.exit_code == 0 and "t x t at block 19" in res.stdout and "heatmap and CSV" in res.stdout
 
 
-@pytest.mark.parametrize("args,pattern", [
-    (["--t", "91"], r"--t 91: .* holds t 30,90 in split 'val'"),
-    (["--t", "90", "--blocks", "24,25"], r"--blocks: block 25 at t 90, pool 2 is not in .*holds blocks 3,19,24,30"),
-    (["--t", "90", "--blocks", "40"], r"block 40 does not exist: this model has blocks 1-37"),
-    (["--t", "90", "--pool", "4"], r"--pool 4: .* holds pools 2 in split 'val'"),
-    (["--block", "20"], r"--block 20: .* holds blocks 3,19,24,30"),
-    (["--t", "30,90"], r"--t: give one timestep"),
-    (["--t", "90", "--split", "train"], r"no split 'train'; the store holds val"),
-    (["--t", "90", "--estimator", "cosine"], r"analyze.estimator: 'cosine' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--t", "91"], r"--t 91: .* holds t 30,90 in split 'val'"),
+        (["--t", "90", "--blocks", "24,25"], r"--blocks: block 25 at t 90, pool 2 is not in .*holds blocks 3,19,24,30"),
+        (["--t", "90", "--blocks", "40"], r"block 40 does not exist: this model has blocks 1-37"),
+        (["--t", "90", "--pool", "4"], r"--pool 4: .* holds pools 2 in split 'val'"),
+        (["--block", "20"], r"--block 20: .* holds blocks 3,19,24,30"),
+        (["--t", "30,90"], r"--t: give one timestep"),
+        (["--t", "90", "--split", "train"], r"no split 'train'; the store holds val"),
+        (["--t", "90", "--estimator", "cosine"], r"analyze.estimator: 'cosine' is not allowed"),
+    ],
+)
 def test_cli_errors_are_one_line_exit_2(stores, args, pattern):
     res = runner.invoke(analyze_app, ["cka", "--store", str(stores["a"]), *args])
     assert res.exit_code == 2, res.output

@@ -5,9 +5,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from extract.cli import app
-from probe.analyze_cli import analyze_app
-from probe.cli import probe_app
+from diffprobe.analyze.cli import analyze_app
+from diffprobe.extract.cli import app
+from diffprobe.probe.cli import probe_app
 
 from .conftest import REPO
 
@@ -16,8 +16,10 @@ runner = CliRunner()
 
 def _toml(tmp_path, extra=""):
     p = tmp_path / "small.toml"
-    p.write_text("[data]\nmax_per_class = 2\n[extract]\nblocks = \"8,24\"\ntimesteps = [90]\nforward_batch = 8\n"
-                 f"device = \"cpu\"\n[store]\nchunk_images = 8\npath = \"{tmp_path / 's.zarr'}\"\n" + extra)
+    p.write_text(
+        '[data]\nmax_per_class = 2\n[extract]\nblocks = "8,24"\ntimesteps = [90]\nforward_batch = 8\n'
+        f'device = "cpu"\n[store]\nchunk_images = 8\npath = "{tmp_path / "s.zarr"}"\n' + extra
+    )
     return p
 
 
@@ -57,16 +59,19 @@ def test_run_status_and_resume(tmp_path):
     assert "4/4 arrays complete" in r.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["run", "--blocks", "24,40"], "block 40 does not exist: this model has blocks 1-37"),
-    (["run", "--blocks", "a-b"], "extract.blocks: cannot read 'a-b'"),
-    (["run", "--t", "1000"], "extract.timesteps: t 1000 is out of range; this diffusion has t 0-999"),
-    (["run", "--pool", "0"], "extract.pools: 0 is out of range"),
-    (["run", "--batch-size", "0"], "extract.batch_size: 0 is out of range"),
-    (["plan", "--device", "gpu"], "No such option"),
-    (["run", "--device", "gpu"], "extract.device: 'gpu' is not a device"),
-    (["status", "--store", "/nonexistent/x.zarr"], "no diffprobe store here"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--blocks", "24,40"], "block 40 does not exist: this model has blocks 1-37"),
+        (["run", "--blocks", "a-b"], "extract.blocks: cannot read 'a-b'"),
+        (["run", "--t", "1000"], "extract.timesteps: t 1000 is out of range; this diffusion has t 0-999"),
+        (["run", "--pool", "0"], "extract.pools: 0 is out of range"),
+        (["run", "--batch-size", "0"], "extract.batch_size: 0 is out of range"),
+        (["plan", "--device", "gpu"], "No such option"),
+        (["run", "--device", "gpu"], "extract.device: 'gpu' is not a device"),
+        (["status", "--store", "/nonexistent/x.zarr"], "no diffprobe store here"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     r = runner.invoke(app, [*args, "--config", str(_toml(tmp_path))] if args[0] != "status" else args)
     assert r.exit_code == 2, r.output
@@ -76,11 +81,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 
 
 def test_bad_config_file_exit_2(tmp_path):
-    bad = _toml(tmp_path, "[model]\nchekpoint = \"x.pt\"\n")
+    bad = _toml(tmp_path, '[model]\nchekpoint = "x.pt"\n')
     r = runner.invoke(app, ["run", "--config", str(bad)])
     assert r.exit_code == 2
     assert "model.chekpoint: unknown key" in r.output and "allowed: preset, checkpoint, arch" in r.output
-    bad = _toml(tmp_path, "[model]\ncheckpoint = \"/nope/x.pt\"\n")
+    bad = _toml(tmp_path, '[model]\ncheckpoint = "/nope/x.pt"\n')
     r = runner.invoke(app, ["run", "--config", str(bad)])
     assert r.exit_code == 2 and "model.checkpoint: no such file '/nope/x.pt'" in r.output
     assert not (tmp_path / "s.zarr").exists()
@@ -93,15 +98,18 @@ def test_messages_with_brackets_print_intact(tmp_path):
     assert r.exit_code == 2 and "extract: expected a [extract] table" in r.output
 
 
-@pytest.mark.parametrize("arch,message", [
-    ("num_channels = 16", "model.arch: the flags of preset 'tiny'"),
-    ("noise_schedule = \"cos\"", "do not build a guided-diffusion U-Net"),
-    ("image_size = 48", "do not build a guided-diffusion U-Net"),
-    ("channel_mult = \"1,2\"", "model.arch.channel_mult: '1,2' is not a valid tuple of positive integers"),
-    ("widht = 3", "model.arch.widht: unknown flag"),
-])
+@pytest.mark.parametrize(
+    "arch,message",
+    [
+        ("num_channels = 16", "model.arch: the flags of preset 'tiny'"),
+        ('noise_schedule = "cos"', "do not build a guided-diffusion U-Net"),
+        ("image_size = 48", "do not build a guided-diffusion U-Net"),
+        ('channel_mult = "1,2"', "model.arch.channel_mult: '1,2' is not a valid tuple of positive integers"),
+        ("widht = 3", "model.arch.widht: unknown flag"),
+    ],
+)
 def test_bad_arch_flags_are_one_line_errors(tmp_path, arch, message):
-    cfg = _toml(tmp_path, f"[model]\ncheckpoint = \"x.pt\"\n[model.arch]\n{arch}\n")
+    cfg = _toml(tmp_path, f'[model]\ncheckpoint = "x.pt"\n[model.arch]\n{arch}\n')
     r = runner.invoke(app, ["plan", "--config", str(cfg)])
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output

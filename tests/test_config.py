@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from store.config import Config, load_config
-from store.errors import ConfigError
+from diffprobe.store.config import Config, load_config
+from diffprobe.store.errors import ConfigError
 
 from .conftest import REPO
 
@@ -13,7 +13,9 @@ def test_pipeline_toml_documents_exactly_the_defaults():
     assert load_config(REPO / "pipeline.toml") == Config()
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(type(section.default)):
-            assert f"{f.name} =" in text or f"[{section.name}.{f.name}]" in text, f"{section.name}.{f.name} undocumented"
+            assert f"{f.name} =" in text or f"[{section.name}.{f.name}]" in text, (
+                f"{section.name}.{f.name} undocumented"
+            )
 
 
 def test_config_is_frozen_and_typed():
@@ -23,21 +25,24 @@ def test_config_is_frozen_and_typed():
         cfg.extract.batch_size = 3
 
 
-@pytest.mark.parametrize("toml,pattern", [
-    ("[extract]\nbatchsize = 3\n", r"^extract\.batchsize: unknown key .* allowed: blocks"),
-    ("[extrct]\n", r"^extrct: unknown section"),
-    ("[extract]\nbatch_size = \"big\"\n", r"^extract\.batch_size: expected an integer, got 'big'"),
-    ("[extract]\nbatch_size = 0\n", r"^extract\.batch_size: 0 is out of range; allowed: in 1\.\.65536"),
-    ("[extract]\npools = [1, 0]\n", r"^extract\.pools: 0 is out of range"),
-    ("[extract]\nautocast = \"fp8\"\n", r"^extract\.autocast: 'fp8' is not allowed; allowed: 'none', 'bf16', 'fp16'"),
-    ("[extract]\ndevice = \"gpu\"\n", r"^extract\.device: 'gpu' is not a device"),
-    ("[data]\nval_fraction = 1.5\n", r"^data\.val_fraction: 1\.5 is out of range"),
-    ("[model]\npreset = \"sd15\"\n", r"^model\.preset: 'sd15' is not allowed; allowed: 'tiny', 'adm-256-uncond'"),
-    ("[store]\ncodec = \"gzip\"\n", r"^store\.codec: 'gzip' is not allowed"),
-    ("[data]\nsplits = []\n", r"^data\.splits: expected a non-empty list"),
-    ("extract = 3\n", r"^extract: expected a \[extract\] table"),
-    ("[extract\n", r"not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "toml,pattern",
+    [
+        ("[extract]\nbatchsize = 3\n", r"^extract\.batchsize: unknown key .* allowed: blocks"),
+        ("[extrct]\n", r"^extrct: unknown section"),
+        ('[extract]\nbatch_size = "big"\n', r"^extract\.batch_size: expected an integer, got 'big'"),
+        ("[extract]\nbatch_size = 0\n", r"^extract\.batch_size: 0 is out of range; allowed: in 1\.\.65536"),
+        ("[extract]\npools = [1, 0]\n", r"^extract\.pools: 0 is out of range"),
+        ('[extract]\nautocast = "fp8"\n', r"^extract\.autocast: 'fp8' is not allowed; allowed: 'none', 'bf16', 'fp16'"),
+        ('[extract]\ndevice = "gpu"\n', r"^extract\.device: 'gpu' is not a device"),
+        ("[data]\nval_fraction = 1.5\n", r"^data\.val_fraction: 1\.5 is out of range"),
+        ('[model]\npreset = "sd15"\n', r"^model\.preset: 'sd15' is not allowed; allowed: 'tiny', 'adm-256-uncond'"),
+        ('[store]\ncodec = "gzip"\n', r"^store\.codec: 'gzip' is not allowed"),
+        ("[data]\nsplits = []\n", r"^data\.splits: expected a non-empty list"),
+        ("extract = 3\n", r"^extract: expected a \[extract\] table"),
+        ("[extract\n", r"not valid TOML"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path, toml, pattern):
     p = tmp_path / "bad.toml"
     p.write_text(toml)

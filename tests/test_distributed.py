@@ -20,9 +20,9 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from extract import job as jobs
-from extract.cli import app
-from extract.extraction import ChunkWork, extract_chunk
+from diffprobe.extract import job as jobs
+from diffprobe.extract.cli import app
+from diffprobe.extract.extraction import ChunkWork, extract_chunk
 
 from .conftest import small_config
 
@@ -33,8 +33,17 @@ N_CHUNKS = 10  # 20 train + 20 val images in chunks of 4
 
 
 def _cfg(tmp_path, name, **over):
-    return small_config(tmp_path, name, **{"data.max_per_class": 2, "store.chunk_images": 4, "extract.threads": 1,
-                                           "extract.threads_per_worker": 1, **over})
+    return small_config(
+        tmp_path,
+        name,
+        **{
+            "data.max_per_class": 2,
+            "store.chunk_images": 4,
+            "extract.threads": 1,
+            "extract.threads_per_worker": 1,
+            **over,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +95,14 @@ def cluster():
     environ = {"OMP_NUM_THREADS": 1, "MALLOC_TRIM_THRESHOLD_": None}
     try:
         with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-            c = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                         dashboard_address=None, silence_logs=50)
+            c = distributed.LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                silence_logs=50,
+            )
         with c, distributed.Client(c, set_as_default=False) as client:
             yield c.scheduler_address, client
     finally:
@@ -99,8 +114,12 @@ def test_two_local_workers_write_the_single_process_store(reference, tmp_path):
     cfg = _cfg(tmp_path, "w2.zarr", **{"extract.workers": 2})
     images, chunks, lines = [], [], []
     environ = dict(os.environ)
-    result = jobs.run(cfg, progress=lambda n, computed: images.append((n, computed)),
-                      on_chunks=lambda done, total: chunks.append((done, total)), log=lines.append)
+    result = jobs.run(
+        cfg,
+        progress=lambda n, computed: images.append((n, computed)),
+        on_chunks=lambda done, total: chunks.append((done, total)),
+        log=lines.append,
+    )
     assert result["chunks_written"] == N_CHUNKS and result["chunks_already_done"] == 0 and result["workers"] == 2
     assert sum(n for n, _ in images) == 40 and all(c for _, c in images)
     assert chunks[0] == (0, N_CHUNKS) and chunks[-1] == (N_CHUNKS, N_CHUNKS) and len(chunks) == N_CHUNKS + 1
@@ -118,9 +137,11 @@ def test_scheduler_on_loopback_through_the_cli(cluster, reference, tmp_path):
     address, _ = cluster
     cfg = _cfg(tmp_path, "sched.zarr")
     toml = tmp_path / "s.toml"
-    toml.write_text("[data]\nmax_per_class = 2\n[extract]\nblocks = \"3,8,16,24\"\ntimesteps = [90]\nforward_batch = 8\n"
-                    f"batch_size = 8\ndevice = \"cpu\"\nthreads_per_worker = 1\n[store]\nchunk_images = 4\n"
-                    f"path = \"{cfg.store.path}\"\n")
+    toml.write_text(
+        '[data]\nmax_per_class = 2\n[extract]\nblocks = "3,8,16,24"\ntimesteps = [90]\nforward_batch = 8\n'
+        f'batch_size = 8\ndevice = "cpu"\nthreads_per_worker = 1\n[store]\nchunk_images = 4\n'
+        f'path = "{cfg.store.path}"\n'
+    )
     r = runner.invoke(app, ["run", "--config", str(toml), "--scheduler", address, "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
@@ -131,14 +152,15 @@ def test_scheduler_on_loopback_through_the_cli(cluster, reference, tmp_path):
 def test_a_worker_that_cannot_load_the_model_is_a_one_line_error(cluster, tmp_path):
     address, client = cluster
     toml = tmp_path / "b.toml"
-    toml.write_text(f"[model]\ncheckpoint = \"{tmp_path / 'nope.pt'}\"\n[store]\npath = \"{tmp_path / 'b.zarr'}\"\n")
+    toml.write_text(f'[model]\ncheckpoint = "{tmp_path / "nope.pt"}"\n[store]\npath = "{tmp_path / "b.zarr"}"\n')
     r = runner.invoke(app, ["run", "--config", str(toml), "--scheduler", address])
     assert r.exit_code == 2, r.output
     lines = r.output.strip().splitlines()
     assert lines[-1].startswith(f"error: model.checkpoint: no such file '{tmp_path / 'nope.pt'}'"), r.output
     assert "Traceback" not in r.output and not (tmp_path / "b.zarr").exists()
     assert not client.run(lambda dask_worker: [n for n in dask_worker.plugins if n.startswith("diffprobe")])[
-        next(iter(client.scheduler_info()["workers"]))]  # the failed plugin was taken back
+        next(iter(client.scheduler_info()["workers"]))
+    ]  # the failed plugin was taken back
 
 
 def test_a_worker_killed_mid_run_leaves_the_store_complete_and_identical(cluster, reference, tmp_path):
@@ -192,8 +214,12 @@ def test_a_chunk_written_twice_keeps_every_byte(reference, tmp_path):
             old = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
             time.sleep(0.01)
             work = ChunkWork("train", 1, 4, 8, arrays, "float16", (), True)
-            assert extract_chunk(model, job.diffusion, job.source, work, writer,
-                                 jobs.compute_settings(cfg, torch.device("cpu"))) == 0
+            assert (
+                extract_chunk(
+                    model, job.diffusion, job.source, work, writer, jobs.compute_settings(cfg, torch.device("cpu"))
+                )
+                == 0
+            )
     finally:
         torch.set_num_threads(before)
     for f, (data, mtime) in old.items():
@@ -208,23 +234,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--scheduler", "tcp://127.0.0.1:{port}"],
-     r"^error: extract\.scheduler: cannot reach a dask scheduler at tcp://127\.0\.0\.1:{port} \(connection refused\); "),
-    (["--scheduler", "no-port-here"], r"^error: extract\.scheduler: 'no-port-here' is not a scheduler address; "),
-    (["--scheduler", "tcp://127.0.0.1:{port}", "--workers", "2"],
-     r"^error: extract\.workers = 2 and extract\.scheduler = 'tcp://127\.0\.0\.1:{port}': give one of them"),
-    (["--workers", "2", "--device", "cuda:1"], r"^error: extract\.device: 'cuda:1' names one GPU, but extract\.workers = 2"),
-    pytest.param(["--workers", "2", "--device", "cuda"],
-                 r"^error: extract\.device: 'cuda' requested but this torch sees no CUDA device",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--scheduler", "tcp://127.0.0.1:{port}"],
+            r"^error: extract\.scheduler: cannot reach a dask scheduler at tcp://127\.0\.0\.1:{port} \(connection refused\); ",
+        ),
+        (["--scheduler", "no-port-here"], r"^error: extract\.scheduler: 'no-port-here' is not a scheduler address; "),
+        (
+            ["--scheduler", "tcp://127.0.0.1:{port}", "--workers", "2"],
+            r"^error: extract\.workers = 2 and extract\.scheduler = 'tcp://127\.0\.0\.1:{port}': give one of them",
+        ),
+        (
+            ["--workers", "2", "--device", "cuda:1"],
+            r"^error: extract\.device: 'cuda:1' names one GPU, but extract\.workers = 2",
+        ),
+        pytest.param(
+            ["--workers", "2", "--device", "cuda"],
+            r"^error: extract\.device: 'cuda' requested but this torch sees no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+    ],
+)
 def test_cluster_errors_are_one_line_exit_2(tmp_path, args, message):
     import re
 
     port = _free_port()
     cfg = tmp_path / "e.toml"
-    cfg.write_text(f"[store]\npath = \"{tmp_path / 'e.zarr'}\"\n")
+    cfg.write_text(f'[store]\npath = "{tmp_path / "e.zarr"}"\n')
     r = runner.invoke(app, ["run", "--config", str(cfg), *[a.format(port=port) for a in args]])
     assert r.exit_code == 2, r.output
     assert len(r.output.strip().splitlines()) == 1 and re.match(message.format(port=port), r.output.strip()), r.output
@@ -237,13 +275,24 @@ def test_scheduler_lost_mid_run_is_one_line_and_a_rerun_resumes(reference, tmp_p
     import subprocess
     import sys
 
-    from extract.distributed import ClusterError
+    from diffprobe.extract.distributed import ClusterError
 
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                                  "--port", str(port), "--no-dashboard"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheduler = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-dashboard",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     stop = threading.Event()
 
     def worker():
@@ -251,6 +300,7 @@ def test_scheduler_lost_mid_run_is_one_line_and_a_rerun_resumes(reference, tmp_p
             async with distributed.Worker(address, nthreads=1, host="127.0.0.1", silence_logs=50):
                 while not stop.is_set():
                     await asyncio.sleep(0.05)
+
         asyncio.run(main())
 
     before = torch.get_num_threads()
@@ -302,14 +352,20 @@ def _catch(failure, fn, *args):
 
 
 def test_workers_write_only_while_their_run_holds_the_store(reference, tmp_path):
-    from store.errors import StoreLocked
-    from store.feature_store import FeatureKey, StoreWriter, open_store
+    from diffprobe.store.errors import StoreLocked
+    from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
 
     path = tmp_path / "owned.zarr"
     shutil.copytree(reference.store.path, path)
     s = open_store(path)
-    kw = dict(fingerprints=s.fingerprints, provenance={}, blocks=s.attrs["blocks"], class_names=s.class_names,
-              splits={sp: (list(s.ids(sp)), s.labels(sp)) for sp in s.splits}, chunk_images=4)
+    kw = dict(
+        fingerprints=s.fingerprints,
+        provenance={},
+        blocks=s.attrs["blocks"],
+        class_names=s.class_names,
+        splits={sp: (list(s.ids(sp)), s.labels(sp)) for sp in s.splits},
+        chunk_images=4,
+    )
     key = FeatureKey(90, 3, 1)
     data = {key: s.features("train", 3, 90, 1)[:4]}
     with StoreWriter.create(path, **kw) as client:
@@ -327,7 +383,7 @@ def test_workers_write_only_while_their_run_holds_the_store(reference, tmp_path)
 
 
 def test_threads_and_gpus_per_local_worker(monkeypatch):
-    from extract.distributed import _gpu_ids, local_threads
+    from diffprobe.extract.distributed import _gpu_ids, local_threads
 
     cores = len(os.sched_getaffinity(0))
     assert local_threads(1, 0) == cores and local_threads(2, 0) == max(1, cores // 2) and local_threads(2, 3) == 3

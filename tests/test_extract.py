@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from extract import job as jobs
-from extract.noise import image_noise
-from extract.unet import build_diffusion, build_model, load_checkpoint
-from store.errors import FingerprintMismatch, ImageError, StoreError, StoreLocked
-from store.feature_store import StoreWriter, open_store
+from diffprobe.extract import job as jobs
+from diffprobe.extract.noise import image_noise
+from diffprobe.extract.unet import build_diffusion, build_model, load_checkpoint
+from diffprobe.store.errors import FingerprintMismatch, ImageError, StoreError, StoreLocked
+from diffprobe.store.feature_store import StoreWriter, open_store
 
 from .conftest import REPO, small_config
 
@@ -53,9 +53,15 @@ def test_features_equal_an_independent_plain_forward(reference):
     noise = torch.stack([image_noise(0, i, 90, (3, 32, 32)) for i in ids])
     x_t = diffusion.q_sample(x0, torch.full((5,), 90), noise)
     outs = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, b=b: outs.__setitem__(b, o))
-             for b, m in [(3, model.input_blocks[2]), (8, model.input_blocks[7]), (16, model.input_blocks[15]),
-                          (24, model.output_blocks[4])]]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o, b=b: outs.__setitem__(b, o))
+        for b, m in [
+            (3, model.input_blocks[2]),
+            (8, model.input_blocks[7]),
+            (16, model.input_blocks[15]),
+            (24, model.output_blocks[4]),
+        ]
+    ]
     with torch.no_grad():
         model(x_t, torch.full((5,), 90))  # the full, uncaptured forward
     for h in hooks:
@@ -91,8 +97,9 @@ def test_resume_computes_only_what_is_missing(tmp_path):
     s = open_store(cfg.store.path)
     assert {(k.block, k.t) for k in s.keys("train")} == {(8, 90), (24, 90), (8, 300), (24, 300)}
     # a later run with another chunk size adopts the store's chunking
-    other_chunks = small_config(tmp_path, **{"extract.blocks": "8,24", "extract.timesteps": [90, 300],
-                                             "store.chunk_images": 5})
+    other_chunks = small_config(
+        tmp_path, **{"extract.blocks": "8,24", "extract.timesteps": [90, 300], "store.chunk_images": 5}
+    )
     assert jobs.run(other_chunks)["chunks_already_done"] == 8
     # the new arrays equal a fresh run that asked for them from the start
     fresh = small_config(tmp_path, name="fresh.zarr", **{"extract.blocks": "8,24", "extract.timesteps": [90, 300]})
@@ -100,12 +107,15 @@ def test_resume_computes_only_what_is_missing(tmp_path):
     _assert_same_store(cfg.store.path, fresh.store.path)
 
 
-@pytest.mark.parametrize("override,what", [
-    ({"extract.noise_seed": 1}, "noise: noise.seed: store has 0, this run has 1"),
-    ({"data.max_per_class": 2}, "dataset"),
-    ({"extract.forward_batch": 4}, "compute"),
-    ({"model.checkpoint": "OTHER"}, "model: model.checkpoint_sha256"),
-])
+@pytest.mark.parametrize(
+    "override,what",
+    [
+        ({"extract.noise_seed": 1}, "noise: noise.seed: store has 0, this run has 1"),
+        ({"data.max_per_class": 2}, "dataset"),
+        ({"extract.forward_batch": 4}, "compute"),
+        ({"model.checkpoint": "OTHER"}, "model: model.checkpoint_sha256"),
+    ],
+)
 def test_fingerprint_mismatch_is_refused(reference, tmp_path, override, what):
     if override.get("model.checkpoint") == "OTHER":
         model = build_model(jobs.prepare(reference).spec)
@@ -131,8 +141,14 @@ def _snapshot(path):
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(reference, tmp_path):
     s = open_store(reference.store.path)
-    kw = dict(fingerprints=s.fingerprints, provenance={}, blocks=s.attrs["blocks"], class_names=s.class_names,
-              splits={sp: (list(s.ids(sp)), s.labels(sp)) for sp in s.splits}, chunk_images=8)
+    kw = dict(
+        fingerprints=s.fingerprints,
+        provenance={},
+        blocks=s.attrs["blocks"],
+        class_names=s.class_names,
+        splits={sp: (list(s.ids(sp)), s.labels(sp)) for sp in s.splits},
+        chunk_images=8,
+    )
     with StoreWriter.create(reference.store.path, **kw):
         with pytest.raises(StoreLocked, match="another `extract run` is writing this store"):
             StoreWriter.create(reference.store.path, **kw)
@@ -146,8 +162,11 @@ def test_store_api_and_its_errors(reference):
     assert not s.skipped("train").any()
     lazy = s.features("train", 24, 90, 2, dask=True)
     assert lazy.shape == (30, 128, 2, 2) and np.array_equal(lazy.compute(), s.features("train", 24, 90, 2))
-    with pytest.raises(StoreError, match=r"no features for block 24, t 91, pool 2 in split 'train'; it holds "
-                                         r"blocks 3,8,16,24 at t 90, pools 1-2"):
+    with pytest.raises(
+        StoreError,
+        match=r"no features for block 24, t 91, pool 2 in split 'train'; it holds "
+        r"blocks 3,8,16,24 at t 90, pools 1-2",
+    ):
         s.features("train", 24, 91, 2)
     with pytest.raises(StoreError, match="no split 'test'"):
         s.labels("test")
@@ -167,6 +186,7 @@ def test_incomplete_arrays_are_refused_by_readers(tmp_path):
     cfg = small_config(tmp_path, **{"extract.blocks": "8"})
     jobs.run(cfg)
     import zarr
+
     group = zarr.open_group(f"{cfg.store.path}/train", mode="r+")
     group["done"][1, group.attrs["done_columns"].index("t90_b8_p1")] = 0  # as if killed before chunk 1's record
     with pytest.raises(StoreError, match=r"block 8, t 90, pool 1 in split 'train' is incomplete \(3/4 chunks\)"):
@@ -184,6 +204,7 @@ def test_refuses_a_directory_that_is_not_a_store(tmp_path):
 
 def _imagefolder(tmp_path, corrupt: bool):
     from PIL import Image
+
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for c in ("cat", "dog"):
@@ -227,8 +248,10 @@ def test_an_image_read_before_must_not_fail_later(tmp_path):
 
 def test_corrupt_image_skipped_on_request_is_recorded(tmp_path):
     root, bad = _imagefolder(tmp_path, corrupt=True)
-    cfg = small_config(tmp_path, **{"data.source": "imagefolder", "data.root": str(root), "data.max_per_class": 0,
-                                    "data.on_corrupt": "skip"})
+    cfg = small_config(
+        tmp_path,
+        **{"data.source": "imagefolder", "data.root": str(root), "data.max_per_class": 0, "data.on_corrupt": "skip"},
+    )
     assert jobs.run(cfg)["images_skipped"] == 1
     s = open_store(cfg.store.path)
     assert s.class_names == ["cat", "dog"]
@@ -243,10 +266,15 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
     cfg = small_config(tmp_path, **{"store.chunk_images": 2, "extract.forward_batch": 8})
     toml = tmp_path / "kill.toml"
     toml.write_text(
-        "[data]\nmax_per_class = 3\n[extract]\nblocks = \"3,8,16,24\"\ntimesteps = [90]\nforward_batch = 8\n"
-        f"batch_size = 8\ndevice = \"cpu\"\nthreads = 2\n[store]\nchunk_images = 2\npath = \"{cfg.store.path}\"\n")
-    proc = subprocess.Popen([sys.executable, "-m", "extract.cli", "run", "--config", str(toml), "--json"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        '[data]\nmax_per_class = 3\n[extract]\nblocks = "3,8,16,24"\ntimesteps = [90]\nforward_batch = 8\n'
+        f'batch_size = 8\ndevice = "cpu"\nthreads = 2\n[store]\nchunk_images = 2\npath = "{cfg.store.path}"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extract.cli", "run", "--config", str(toml), "--json"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     done_dir = os.path.join(cfg.store.path, "train", "done", "c")  # one folder per image chunk with records
     deadline = time.time() + 120
     while time.time() < deadline and not (os.path.isdir(done_dir) and len(os.listdir(done_dir)) >= 3):

@@ -8,16 +8,24 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from extract import job as jobs
-from extract.extraction import pool_features
-from extract.unet import TINY_CHECKPOINT, block_modules, block_table, build_model, capture, load_checkpoint, preset
-from probe import feedback as fb
-from probe.cli import probe_app
-from probe.feedback import DifFeed, skip_pairs
-from probe.ledger import read_rows
-from probe.linear import store_fingerprint
-from store.errors import BlockError
-from store.feature_store import open_store
+from diffprobe.extract import job as jobs
+from diffprobe.extract.extraction import pool_features
+from diffprobe.extract.unet import (
+    TINY_CHECKPOINT,
+    block_modules,
+    block_table,
+    build_model,
+    capture,
+    load_checkpoint,
+    preset,
+)
+from diffprobe.probe import feedback as fb
+from diffprobe.probe.cli import probe_app
+from diffprobe.probe.feedback import DifFeed, skip_pairs
+from diffprobe.probe.ledger import read_rows
+from diffprobe.probe.linear import store_fingerprint
+from diffprobe.store.errors import BlockError
+from diffprobe.store.feature_store import open_store
 
 from .conftest import small_config
 from .test_heads import embed_params, transformer_params
@@ -56,15 +64,26 @@ def test_adm256_pairing_is_the_skip_connections():
         logits = model(torch.empty(2, 3, 256, 256), torch.zeros(2, dtype=torch.long))
     assert tuple(logits.shape) == (2, 1000) and model.pool == 16
     expected = sum(table[d].channels * table[e].channels + 3 * table[e].channels for d, e in paper.items())
-    assert sum(p.numel() for p in model.feedback.parameters()) == expected == 2 * (1024 * 1024 + 512 * 512 + 256 * 256
-                                                                                  + 3 * (1024 + 512 + 256))
-    assert sum(p.numel() for p in model.head.parameters()) == (embed_params(1024, 16, 1024)
-                                                               + transformer_params(1024, 2) + 1024 * 1000 + 1000)
+    assert (
+        sum(p.numel() for p in model.feedback.parameters())
+        == expected
+        == 2 * (1024 * 1024 + 512 * 512 + 256 * 256 + 3 * (1024 + 512 + 256))
+    )
+    assert sum(p.numel() for p in model.head.parameters()) == (
+        embed_params(1024, 16, 1024) + transformer_params(1024, 2) + 1024 * 1000 + 1000
+    )
 
 
 def test_pairing_follows_another_topology():
-    spec = preset("tiny", image_size=16, num_res_blocks=1, channel_mult=(1, 2, 2), attention_resolutions=(4,),
-                  num_channels=32, num_head_channels=32)
+    spec = preset(
+        "tiny",
+        image_size=16,
+        num_res_blocks=1,
+        channel_mult=(1, 2, 2),
+        attention_resolutions=(4,),
+        num_channels=32,
+        num_head_channels=32,
+    )
     pairs = skip_pairs(spec)
     assert len(block_table(spec)) == 13 and len(pairs) == 6  # 6 input blocks, middle, 6 output blocks
     _skip_channels_agree(spec, pairs)
@@ -126,10 +145,21 @@ def test_bad_blocks_are_errors(tiny):
 
 
 def test_feedback_learns_on_the_embedded_default_and_shares_the_store_noise(tmp_path):
-    over = {"data.max_per_class": 10, "extract.blocks": "24", "extract.timesteps": [150], "extract.pools": [2],
-            "store.chunk_images": 64, "extract.forward_batch": 32, "extract.batch_size": 64,
-            "heads.epochs": 5, "heads.step_size": 4, "heads.feedback_batch_size": 16, "heads.feedback_lr": [0.05],
-            "probe.device": "cpu", "probe.ledger": str(tmp_path / "ledger.csv")}
+    over = {
+        "data.max_per_class": 10,
+        "extract.blocks": "24",
+        "extract.timesteps": [150],
+        "extract.pools": [2],
+        "store.chunk_images": 64,
+        "extract.forward_batch": 32,
+        "extract.batch_size": 64,
+        "heads.epochs": 5,
+        "heads.step_size": 4,
+        "heads.feedback_batch_size": 16,
+        "heads.feedback_lr": [0.05],
+        "probe.device": "cpu",
+        "probe.ledger": str(tmp_path / "ledger.csv"),
+    }
     cfg = small_config(tmp_path, **over)
     jobs.run(cfg)
     store = open_store(cfg.store.path)
@@ -138,8 +168,10 @@ def test_feedback_learns_on_the_embedded_default_and_shares_the_store_noise(tmp_
     assert r["pairs"] == {"21": 17, "24": 14, "27": 11, "30": 8, "33": 5, "36": 2} and r["target"] == 24
     assert r["n_train"] + r["n_heldout"] == len(store.labels("train")) and r["n_val"] == len(store.labels("val"))
     table = block_table(preset("tiny"))  # Conv1x1 (weight + bias) + BatchNorm (weight + bias) per pair
-    feedback = sum(table[d].channels * table[e].channels + 3 * table[e].channels for d, e in
-                   {21: 17, 24: 14, 27: 11, 30: 8, 33: 5, 36: 2}.items())
+    feedback = sum(
+        table[d].channels * table[e].channels + 3 * table[e].channels
+        for d, e in {21: 17, 24: 14, 27: 11, 30: 8, 33: 5, 36: 2}.items()
+    )
     head = embed_params(128, 2, 128) + transformer_params(128, 2) + 128 * 10 + 10
     assert r["architecture"]["feedback_parameters"] == feedback
     assert r["architecture"]["parameters"] == feedback + head and r["architecture"]["tokens"] == 4

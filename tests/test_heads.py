@@ -9,16 +9,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from extract import job as jobs
-from extract.unet import block_table, preset
-from probe.attention import attention_probe, fusion_probe
-from probe.cli import probe_app
-from probe.heads import AttentionHead, FusionHead, auto_dim
-from probe.ledger import COLUMNS_V2, LedgerError, append_row, read_rows, to_row
-from probe.linear import linear_probe
-from store.config import HeadsConfig
-from store.errors import StoreError
-from store.feature_store import open_store
+from diffprobe.extract import job as jobs
+from diffprobe.extract.unet import block_table, preset
+from diffprobe.probe.attention import attention_probe, fusion_probe
+from diffprobe.probe.cli import probe_app
+from diffprobe.probe.heads import AttentionHead, FusionHead, auto_dim
+from diffprobe.probe.ledger import COLUMNS_V2, LedgerError, append_row, read_rows, to_row
+from diffprobe.probe.linear import linear_probe
+from diffprobe.store.config import HeadsConfig
+from diffprobe.store.errors import StoreError
+from diffprobe.store.feature_store import open_store
 
 from .conftest import small_config
 
@@ -74,8 +74,7 @@ def test_paper_configurations_on_adm256_block_table():
         assert tuple(fusion.tokens(xs[0]).shape) == (2, 64 + 256 + 256, 1024)
         assert tuple(fusion(xs).shape) == (2, k)
     assert seen == [64 + 256 + 256 + 1] * 3  # one shared transformer, once per t
-    expected = (sum(embed_params(c, p, 1024) for c, p in inputs) + transformer_params(1024, 2)
-                + 3 * 1024 * k + k)
+    expected = sum(embed_params(c, p, 1024) for c, p in inputs) + transformer_params(1024, 2) + 3 * 1024 * k + k
     assert _count(fusion) == expected
 
 
@@ -93,10 +92,18 @@ def test_auto_dim_follows_the_model_and_explicit_sizes_are_kept():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """The embedded default (digits x tiny U-Net), 12 images per class per split, blocks 19/24/30."""
-    cfg = small_config(tmp_path_factory.mktemp("heads"), **{
-        "data.max_per_class": 12, "extract.blocks": "19,24,30", "extract.timesteps": [90, 150],
-        "extract.pools": [1, 2, 4], "extract.forward_batch": 32, "extract.batch_size": 64,
-        "store.chunk_images": 64})
+    cfg = small_config(
+        tmp_path_factory.mktemp("heads"),
+        **{
+            "data.max_per_class": 12,
+            "extract.blocks": "19,24,30",
+            "extract.timesteps": [90, 150],
+            "extract.pools": [1, 2, 4],
+            "extract.forward_batch": 32,
+            "extract.batch_size": 64,
+            "store.chunk_images": 64,
+        },
+    )
     jobs.run(cfg)
     return open_store(cfg.store.path)
 
@@ -138,16 +145,20 @@ def test_fusion_learns_with_its_token_counts(store):
     assert r["stored_pools"] == [1, 2, 4] and r["architecture"]["tokens"] == 1 + 4 + 16
     assert r["block"] is None and r["blocks"] == [19, 24, 30] and r["timesteps"] == [90, 150]
     inputs = [(128, 1), (128, 2), (64, 4)]
-    assert r["architecture"]["parameters"] == (sum(embed_params(c, p, 128) for c, p in inputs)
-                                               + transformer_params(128, 2) + 2 * 128 * 10 + 10)
+    assert r["architecture"]["parameters"] == (
+        sum(embed_params(c, p, 128) for c, p in inputs) + transformer_params(128, 2) + 2 * 128 * 10 + 10
+    )
     assert r["top1"] > 0.5, r["top1"]
     _check_scores(r, store)
 
 
 def test_missing_features_name_the_cell_and_the_extract_run(store):
     # block 24 is 2x2, so pool 8 is its stored pool 2; block 30 (8x8) was stored at pools 1, 2, 4 only
-    with pytest.raises(StoreError, match=r"no complete features for block 30, t 90, pool 8; add them with "
-                                         r"`extract run --store \S+ --blocks 30 --t 90 --pool 8`"):
+    with pytest.raises(
+        StoreError,
+        match=r"no complete features for block 30, t 90, pool 8; add them with "
+        r"`extract run --store \S+ --blocks 30 --t 90 --pool 8`",
+    ):
         fusion_probe(store, [24, 30], [90], pool=8, heads=FAST)
     with pytest.raises(StoreError, match=r"block 19, t 300, pool 1 \(and 1 more\).*--blocks 19,24 --t 300"):
         fusion_probe(store, [19, 24], [300], heads=FAST)
@@ -181,8 +192,25 @@ def test_cli_attention_json_and_ledger(store, tmp_path):
     cfg = tmp_path / "p.toml"
     cfg.write_text("[heads]\nepochs = 2\nbatch_size = 32\n")
     ledger = tmp_path / "l.csv"
-    res = runner.invoke(probe_app, ["attention", "--block", "24", "--t", "90", "--store", str(store.path),
-                                    "--config", str(cfg), "--ledger", str(ledger), "--shots", "5", "--json"])
+    res = runner.invoke(
+        probe_app,
+        [
+            "attention",
+            "--block",
+            "24",
+            "--t",
+            "90",
+            "--store",
+            str(store.path),
+            "--config",
+            str(cfg),
+            "--ledger",
+            str(ledger),
+            "--shots",
+            "5",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     for key in ("top1", "top5", "block", "t", "pool", "recipe", "subset", "subset_sha", "architecture"):
@@ -193,11 +221,14 @@ def test_cli_attention_json_and_ledger(store, tmp_path):
     assert row["hyperparameters"]["tokens"] == 4
 
 
-@pytest.mark.parametrize("args,message", [
-    (["fusion", "--blocks", "19,24", "--t", "90,600"], "extract run --store"),
-    (["attention", "--block", "99", "--t", "90"], "block 99 does not exist"),
-    (["fusion", "--blocks", "19,x"], "--blocks: cannot read"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["fusion", "--blocks", "19,24", "--t", "90,600"], "extract run --store"),
+        (["attention", "--block", "99", "--t", "90"], "block 99 does not exist"),
+        (["fusion", "--blocks", "19,x"], "--blocks: cannot read"),
+    ],
+)
 def test_cli_errors_are_one_line_and_exit_2(store, tmp_path, args, message):
     res = runner.invoke(probe_app, args + ["--store", str(store.path), "--ledger", str(tmp_path / "l.csv")])
     assert res.exit_code == 2, res.output

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.images import DigitsSource, ImageFolderSource, preprocess
-from store.errors import ImageError
+from diffprobe.extract.images import DigitsSource, ImageFolderSource, preprocess
+from diffprobe.store.errors import ImageError
 
 
 def test_digits_split_is_stratified_seeded_and_disjoint():
@@ -49,10 +49,16 @@ def _folder(tmp_path, layout):
 
 
 def test_imagefolder_classes_follow_sorted_folder_names(tmp_path):
-    root = _folder(tmp_path, {
-        "train/n02/a.JPEG": (40, 30), "train/n01/b.png": (50, 50), "train/n01/c.jpg": (30, 60),
-        "val/n02/d.JPEG": (32, 32), "val/n01/e.png": (64, 48),
-    })
+    root = _folder(
+        tmp_path,
+        {
+            "train/n02/a.JPEG": (40, 30),
+            "train/n01/b.png": (50, 50),
+            "train/n01/c.jpg": (30, 60),
+            "val/n02/d.JPEG": (32, 32),
+            "val/n01/e.png": (64, 48),
+        },
+    )
     (root / "train/n01/notes.txt").write_text("not an image")
     s = ImageFolderSource(root, 32)
     assert s.class_names == ("n01", "n02")

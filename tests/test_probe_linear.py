@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from extract import job as jobs
-from probe.cli import probe_app
-from probe.ledger import COLUMNS, LedgerError, append_row, read_rows
-from probe.linear import holdout_mask, linear_probe
-from store.config import ProbeConfig
-from store.feature_store import FeatureKey, StoreWriter, open_store
+from diffprobe.extract import job as jobs
+from diffprobe.probe.cli import probe_app
+from diffprobe.probe.ledger import COLUMNS, LedgerError, append_row, read_rows
+from diffprobe.probe.linear import holdout_mask, linear_probe
+from diffprobe.store.config import ProbeConfig
+from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
 
 from .conftest import small_config
 
@@ -31,21 +31,27 @@ def _planted(n: int, seed: int, strength: float = 8.0):
     return x.reshape(n, C, P, P).astype(np.float16), y
 
 
-def write_store(path, train, val, *, class_names=None, skipped_train=(), skipped_val=(), block=24, t=90,
-                chunk=64):
+def write_store(path, train, val, *, class_names=None, skipped_train=(), skipped_val=(), block=24, t=90, chunk=64):
     """A store of one feature array (t, block, pool 2) written through store/'s writer API."""
     blocks = [{"number": b, "module": f"m{b}", "channels": C, "spatial": P} for b in range(1, 38)]
-    splits = {name: ([f"{name}/{i:05d}" for i in range(len(y))], y) for name, (_, y) in
-              (("train", train), ("val", val))}
+    splits = {
+        name: ([f"{name}/{i:05d}" for i in range(len(y))], y) for name, (_, y) in (("train", train), ("val", val))
+    }
     fingerprints = {"model": {"synthetic": True}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
     key = FeatureKey(t, block, P)
-    with StoreWriter.create(path, fingerprints=fingerprints, provenance={}, blocks=blocks,
-                            class_names=[str(c) for c in range(K)] if class_names is None else class_names,
-                            splits=splits, chunk_images=chunk) as w:
+    with StoreWriter.create(
+        path,
+        fingerprints=fingerprints,
+        provenance={},
+        blocks=blocks,
+        class_names=[str(c) for c in range(K)] if class_names is None else class_names,
+        splits=splits,
+        chunk_images=chunk,
+    ) as w:
         for name, (x, _) in (("train", train), ("val", val)):
             w.ensure_arrays(name, {key: C}, "float16", "none")
             for c in range(-(-len(x) // chunk)):
-                w.write_chunk(name, c, {key: x[c * chunk:(c + 1) * chunk]})
+                w.write_chunk(name, c, {key: x[c * chunk : (c + 1) * chunk]})
         w.write_skipped("train", np.asarray(skipped_train, dtype=int))
         w.write_skipped("val", np.asarray(skipped_val, dtype=int))
     return path
@@ -81,8 +87,7 @@ def test_same_seed_same_result_and_grid_heads_equal_lone_heads(planted):
     a, b = (linear_probe(s, 24, 90, 2, recipe="sgd", seed=3) for _ in range(2))
     drop = ("timestamp", "seconds")
     assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
-    alone = linear_probe(s, 24, 90, 2, recipe="sgd", seed=3,
-                         settings=dataclasses.replace(ProbeConfig(), sgd_lr=(0.1,)))
+    alone = linear_probe(s, 24, 90, 2, recipe="sgd", seed=3, settings=dataclasses.replace(ProbeConfig(), sgd_lr=(0.1,)))
     in_grid = next(g for g in a["grid"] if g["lr"] == 0.1)
     assert alone["grid"][0]["heldout_loss"] == pytest.approx(in_grid["heldout_loss"], rel=1e-4)
 
@@ -103,9 +108,18 @@ def test_holdout_is_stratified_reproducible_order_free_and_disjoint_from_val(pla
 def test_sgd_and_lbfgs_agree_on_the_embedded_default(tmp_path):
     # the embedded default's own block 24, t 90, pool 2 features (every digit; per-(image, t)
     # noise makes them the same bits as in the full default store), extracted alone: ~10 s
-    cfg = small_config(tmp_path, **{"data.max_per_class": 0, "extract.blocks": "24", "extract.timesteps": [90],
-                                    "extract.pools": [2], "extract.forward_batch": 32, "extract.batch_size": 64,
-                                    "store.chunk_images": 512})
+    cfg = small_config(
+        tmp_path,
+        **{
+            "data.max_per_class": 0,
+            "extract.blocks": "24",
+            "extract.timesteps": [90],
+            "extract.pools": [2],
+            "extract.forward_batch": 32,
+            "extract.batch_size": 64,
+            "store.chunk_images": 512,
+        },
+    )
     jobs.run(cfg)
     s = open_store(cfg.store.path)
     sgd, lbfgs = (linear_probe(s, 24, 90, 2, recipe=r) for r in ("sgd", "lbfgs"))
@@ -115,8 +129,10 @@ def test_sgd_and_lbfgs_agree_on_the_embedded_default(tmp_path):
 
 
 def test_cli_json_table_and_ledger(planted):
-    r = runner.invoke(probe_app, ["linear", "--block", "24", "--t", "90", "--store", str(planted),
-                                  "--recipe", "lbfgs", "--seed", "1", "--json"])
+    r = runner.invoke(
+        probe_app,
+        ["linear", "--block", "24", "--t", "90", "--store", str(planted), "--recipe", "lbfgs", "--seed", "1", "--json"],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)  # exactly one JSON object
     assert {out[k] for k in ("block", "t", "pool", "recipe")} == {24, 90, 2, "lbfgs"}
@@ -125,8 +141,10 @@ def test_cli_json_table_and_ledger(planted):
     assert r.exit_code == 0, r.output
     assert "val top-1" in r.stdout and "stored at pool 2" in r.stdout and "per class" in r.stdout
     rows = read_rows(planted.parent / "probe-results.csv")
-    assert [(row["recipe"], row["seed"], row["pool"], row["stored_pool"]) for row in rows] == \
-        [("lbfgs", 1, 2, 2), ("sgd", 0, 4, 2)]
+    assert [(row["recipe"], row["seed"], row["pool"], row["stored_pool"]) for row in rows] == [
+        ("lbfgs", 1, 2, 2),
+        ("sgd", 0, 4, 2),
+    ]
     assert rows[0]["top1"] == pytest.approx(out["top1"]) and rows[0]["n_val"] == 200
     assert rows[0]["fingerprint"] == out["fingerprint"] and len(rows[0]["fingerprint"]) == 16
     assert rows[0]["hyperparameters"] == out["hyperparameters"] and len(rows[0]["per_class"]) == K
@@ -146,20 +164,25 @@ def broken(tmp_path_factory):
     x, y = _planted(40, 1)
     return {
         "empty": write_store(tmp / "empty.zarr", (x, y), (x, y), skipped_val=range(40)),
-        "unlabelled": write_store(tmp / "unlabelled.zarr", (x, np.full(40, -1)), (x, np.full(40, -1)),
-                                  class_names=[]),
+        "unlabelled": write_store(tmp / "unlabelled.zarr", (x, np.full(40, -1)), (x, np.full(40, -1)), class_names=[]),
     }
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--store", "/nonexistent/x.zarr"], "no diffprobe store here"),
-    (["--block", "19"], "no features for block 19, t 90, pool 2 in split 'train'; it holds blocks 24 at t 90, pools 2"),
-    (["--t", "150"], "no features for block 24, t 150, pool 2"),
-    (["--block", "40"], "block 40 does not exist: this model has blocks 1-37"),
-    (["--recipe", "adam"], "probe.recipe: 'adam' is not allowed; allowed: 'sgd', 'lbfgs'"),
-    (["--store", "empty"], "split 'val' is empty (40 images, all skipped)"),
-    (["--store", "unlabelled"], "split 'train' has no labels"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--store", "/nonexistent/x.zarr"], "no diffprobe store here"),
+        (
+            ["--block", "19"],
+            "no features for block 19, t 90, pool 2 in split 'train'; it holds blocks 24 at t 90, pools 2",
+        ),
+        (["--t", "150"], "no features for block 24, t 150, pool 2"),
+        (["--block", "40"], "block 40 does not exist: this model has blocks 1-37"),
+        (["--recipe", "adam"], "probe.recipe: 'adam' is not allowed; allowed: 'sgd', 'lbfgs'"),
+        (["--store", "empty"], "split 'val' is empty (40 images, all skipped)"),
+        (["--store", "unlabelled"], "split 'train' has no labels"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(planted, broken, args, message):
     args = [broken.get(a, a) if i and args[i - 1] == "--store" else a for i, a in enumerate(args)]
     base = {"--block": "24", "--t": "90", "--store": str(planted)}
@@ -171,7 +194,7 @@ def test_bad_input_is_one_line_and_exit_2(planted, broken, args, message):
 
 
 def test_all_finite_matches_numpy_on_every_float16():
-    from probe.linear import all_finite
+    from diffprobe.probe.linear import all_finite
 
     every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)  # all 65536 bit patterns
     finite = np.isfinite(every)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from probe import linear as lin
-from probe.linear import _Streamed, feature_stats, linear_probe, select
-from store.config import ProbeConfig
-from store.feature_store import open_store
+from diffprobe.probe import linear as lin
+from diffprobe.probe.linear import _Streamed, feature_stats, linear_probe, select
+from diffprobe.store.config import ProbeConfig
+from diffprobe.store.feature_store import open_store
 
 from .test_probe_linear import C, P, _planted, write_store
 
@@ -30,8 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def store(tmp_path_factory):
     x, y = _planted(400, 1, strength=4.0)  # weaker signal than test_probe_linear's: not 100% accurate
     x[list(SKIPPED)] = np.nan  # skipped images hold NaN; they must never reach a head or the statistics
-    return open_store(write_store(tmp_path_factory.mktemp("stream") / "s.zarr", (x, y), _planted(200, 2, 4.0),
-                                  skipped_train=SKIPPED))
+    return open_store(
+        write_store(tmp_path_factory.mktemp("stream") / "s.zarr", (x, y), _planted(200, 2, 4.0), skipped_train=SKIPPED)
+    )
 
 
 @pytest.fixture
@@ -86,7 +87,9 @@ def test_streamed_sgd_learns_and_is_deterministic(store, reads, monkeypatch):
     monkeypatch.setattr(lin, "_features", lambda *a: pytest.fail("read a whole split while streaming"))
     p = dataclasses.replace(FAST, memory_mb=_mb(100))  # one 64-row chunk per block
     a, b = (linear_probe(store, 24, 90, 2, recipe="sgd", seed=1, settings=p) for _ in range(2))
-    assert a["streamed"] and max(reads) <= 100 and set(reads) <= {64, 16, 8}  # whole chunks (the last: 16 of train, 8 of val)
+    assert (
+        a["streamed"] and max(reads) <= 100 and set(reads) <= {64, 16, 8}
+    )  # whole chunks (the last: 16 of train, 8 of val)
     drop = ("timestamp", "seconds")
     assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
     assert a["top1"] >= whole["top1"] - 0.04, (a["top1"], whole["top1"])
@@ -95,7 +98,7 @@ def test_streamed_sgd_learns_and_is_deterministic(store, reads, monkeypatch):
 
 
 def test_non_finite_unskipped_features_are_an_error_when_streamed(tmp_path):
-    from store.errors import StoreError
+    from diffprobe.store.errors import StoreError
 
     x, y = _planted(100, 1)
     x[5] = np.inf

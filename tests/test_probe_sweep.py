@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from probe import linear as lin
-from probe import sweep as sw
-from probe.cli import probe_app
-from probe.ledger import read_rows
-from probe.subsets import SubsetError, choose_subset, subset_spec
-from store.config import ProbeConfig
-from store.errors import ConfigError, StoreError
-from store.feature_store import FeatureKey, StoreWriter, open_store
+from diffprobe.probe import linear as lin
+from diffprobe.probe import sweep as sw
+from diffprobe.probe.cli import probe_app
+from diffprobe.probe.ledger import read_rows
+from diffprobe.probe.subsets import SubsetError, choose_subset, subset_spec
+from diffprobe.store.config import ProbeConfig
+from diffprobe.store.errors import ConfigError, StoreError
+from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
 
 runner = CliRunner()
 K, C = 10, 8
@@ -39,11 +39,20 @@ def write_grid_store(path, n_train=300, n_val=100, keys=None, val_keys=None):
     val_keys = keys if val_keys is None else val_keys
     blocks = [{"number": b, "module": f"m{b}", "channels": C, "spatial": 2} for b in range(1, 38)]
     y_tr, y_val = np.arange(n_train) % K, np.arange(n_val) % K
-    splits = {"train": ([f"train/{i:05d}" for i in range(n_train)], y_tr),
-              "val": ([f"val/{i:05d}" for i in range(n_val)], y_val)}
+    splits = {
+        "train": ([f"train/{i:05d}" for i in range(n_train)], y_tr),
+        "val": ([f"val/{i:05d}" for i in range(n_val)], y_val),
+    }
     fps = {"model": {"synthetic": True}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
-    with StoreWriter.create(path, fingerprints=fps, provenance={}, blocks=blocks,
-                            class_names=[f"c{c}" for c in range(K)], splits=splits, chunk_images=512) as w:
+    with StoreWriter.create(
+        path,
+        fingerprints=fps,
+        provenance={},
+        blocks=blocks,
+        class_names=[f"c{c}" for c in range(K)],
+        splits=splits,
+        chunk_images=512,
+    ) as w:
         for split, n, seed, ks in (("train", n_train, 1, keys), ("val", n_val, 2, val_keys)):
             w.ensure_arrays(split, {k: C for k in ks}, "float16", "none")
             w.write_chunk(split, 0, {k: _features(n, seed, k, 1.5 + (k.block - 23) + k.t / 150)[0] for k in ks})
@@ -78,8 +87,9 @@ def test_sweep_trains_every_cell_once_resumes_and_plots(grid, tmp_path, monkeypa
     ledger = tmp_path / "ledger.csv"
     first = _sweep(grid, ledger)
     assert first["trained"] == len(first["cells"]) == len(calls) == 8 and first["skipped"] == 0
-    assert {(c["block"], c["t"], c["pool"]) for c in first["cells"]} == \
-        {(b, t, p) for b in BLOCKS for t in TS for p in POOLS}
+    assert {(c["block"], c["t"], c["pool"]) for c in first["cells"]} == {
+        (b, t, p) for b in BLOCKS for t in TS for p in POOLS
+    }
     best = first["best"]
     assert (best["block"], best["t"]) == (24, 150) and best["top1"] > 0.5  # the strongest planted signal
     assert len(first["plots"]["files"]) == 6  # heatmap, vs t, vs block, per pool
@@ -106,17 +116,37 @@ def test_sweep_trains_every_cell_once_resumes_and_plots(grid, tmp_path, monkeypa
 
 
 def test_sweep_table_output_names_the_plots(grid, tmp_path):
-    r = runner.invoke(probe_app, ["sweep", "--store", str(grid), "--ledger", str(tmp_path / "l.csv"),
-                                  "--blocks", "24", "--t", "90", "--pool", "2"])
+    r = runner.invoke(
+        probe_app,
+        [
+            "sweep",
+            "--store",
+            str(grid),
+            "--ledger",
+            str(tmp_path / "l.csv"),
+            "--blocks",
+            "24",
+            "--t",
+            "90",
+            "--pool",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "plots:" in r.stdout and "heatmap-pool2.png" in r.stdout and "best val top-1" in r.stdout
 
 
 def test_plan_capped_pools_and_ragged_stores(tmp_path):
     # block 24's map is 2x2 here; pool 4 is the pool-2 array: one cell, not two
-    store = open_store(write_grid_store(tmp_path / "g.zarr", n_train=40, n_val=20,
-                                        keys=[FeatureKey(90, 24, 2), FeatureKey(150, 24, 2), FeatureKey(90, 23, 2)],
-                                        val_keys=[FeatureKey(90, 24, 2), FeatureKey(90, 23, 2)]))
+    store = open_store(
+        write_grid_store(
+            tmp_path / "g.zarr",
+            n_train=40,
+            n_val=20,
+            keys=[FeatureKey(90, 24, 2), FeatureKey(150, 24, 2), FeatureKey(90, 23, 2)],
+            val_keys=[FeatureKey(90, 24, 2), FeatureKey(90, 23, 2)],
+        )
+    )
     cells, grid = sw.plan(store, pools=[2, 4])
     assert cells == [FeatureKey(90, 23, 2), FeatureKey(90, 24, 2)] and len(grid) == 4
     # by default, t 150 (train only) is not a cell; asked for, it is an error naming the holdings
@@ -126,24 +156,38 @@ def test_plan_capped_pools_and_ragged_stores(tmp_path):
     with pytest.raises(StoreError, match=r"no complete features for t 150 in train and val; it holds blocks 23-24"):
         sw.plan(store, ts=[150])
     # block 23 lacks t 150 (in val too): a block left to its default only combines with what is held
-    store = open_store(write_grid_store(tmp_path / "h.zarr", n_train=40, n_val=20,
-                                        keys=[FeatureKey(90, 24, 2), FeatureKey(150, 24, 2), FeatureKey(90, 23, 2)]))
+    store = open_store(
+        write_grid_store(
+            tmp_path / "h.zarr",
+            n_train=40,
+            n_val=20,
+            keys=[FeatureKey(90, 24, 2), FeatureKey(150, 24, 2), FeatureKey(90, 23, 2)],
+        )
+    )
     assert sw.plan(store, ts=[150])[0] == [FeatureKey(150, 24, 2)]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--blocks", "19"], "no complete features for block 19 in train and val; it holds blocks 23-24 "
-                         "at t 90,150, pools 1-2"),
-    (["--blocks", "24", "--t", "91", "--pool", "2"], "no complete features for block 24, t 91, pool 2 in train and val"),
-    (["--t", "91"], "no complete features for t 91 in train and val"),
-    (["--blocks", "40"], "block 40 does not exist: this model has blocks 1-37"),
-    (["--blocks", "x"], "--blocks: cannot read 'x'"),
-    (["--shots", "100"], "--shots 100: class 'c0' has only 27 train images to fit on"),
-    (["--label-fraction", "1.5"], "--label-fraction: 1.5 is out of range"),
-    (["--shots", "2", "--label-fraction", "0.1"], "--label-fraction and --shots: give at most one"),
-    (["--subset", "/nonexistent/ids.txt"], "--subset: no such file"),
-    (["--recipe", "adam"], "probe.recipe: 'adam' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--blocks", "19"],
+            "no complete features for block 19 in train and val; it holds blocks 23-24 at t 90,150, pools 1-2",
+        ),
+        (
+            ["--blocks", "24", "--t", "91", "--pool", "2"],
+            "no complete features for block 24, t 91, pool 2 in train and val",
+        ),
+        (["--t", "91"], "no complete features for t 91 in train and val"),
+        (["--blocks", "40"], "block 40 does not exist: this model has blocks 1-37"),
+        (["--blocks", "x"], "--blocks: cannot read 'x'"),
+        (["--shots", "100"], "--shots 100: class 'c0' has only 27 train images to fit on"),
+        (["--label-fraction", "1.5"], "--label-fraction: 1.5 is out of range"),
+        (["--shots", "2", "--label-fraction", "0.1"], "--label-fraction and --shots: give at most one"),
+        (["--subset", "/nonexistent/ids.txt"], "--subset: no such file"),
+        (["--recipe", "adam"], "probe.recipe: 'adam' is not allowed"),
+    ],
+)
 def test_sweep_errors_are_one_line_and_exit_2(grid, tmp_path, args, message):
     r = runner.invoke(probe_app, ["sweep", "--store", str(grid), "--ledger", str(tmp_path / "l.csv"), *args])
     assert r.exit_code == 2, r.output
@@ -197,7 +241,9 @@ def test_subset_file_and_label_fraction_through_probe_linear(grid, tmp_path):
     held = set(ids[lin.select(store, seed=0).hold])
     listed = [i for i in ids[:60] if i not in held][:40] + [next(iter(held))]  # a held-out id is left out
     f = tmp_path / "ids.txt"
-    f.write_text("# my subset\n" + "\n".join(i.rsplit("/", 1)[-1] if n % 2 else i for n, i in enumerate(listed)) + "\n\n")
+    f.write_text(
+        "# my subset\n" + "\n".join(i.rsplit("/", 1)[-1] if n % 2 else i for n, i in enumerate(listed)) + "\n\n"
+    )
     ledger = tmp_path / "ledger.csv"
     base = ["linear", "--block", "24", "--t", "150", "--store", str(grid), "--ledger", str(ledger), "--json"]
     r = runner.invoke(probe_app, [*base, "--subset", str(f)])
@@ -212,8 +258,10 @@ def test_subset_file_and_label_fraction_through_probe_linear(grid, tmp_path):
     frac = json.loads(r.stdout)
     assert frac["n_train"] == 30 and frac["subset"] == "fraction:0.1"
     rows = read_rows(ledger)
-    assert [(row["subset"], row["subset_sha"], row["n_train"]) for row in rows] == \
-        [(out["subset"], out["subset_sha"], 40), ("fraction:0.1", frac["subset_sha"], 30)]
+    assert [(row["subset"], row["subset_sha"], row["n_train"]) for row in rows] == [
+        (out["subset"], out["subset_sha"], 40),
+        ("fraction:0.1", frac["subset_sha"], 30),
+    ]
 
     # the ids saved reproduce the run: the same head, top-1 and sha
     r = runner.invoke(probe_app, [*base, "--subset", frac["subset_file"]])
@@ -247,5 +295,4 @@ def test_many_feature_sets_in_one_pass_equal_each_trained_alone(grid):
         assert r["hyperparameters"] == alone["hyperparameters"] and r["per_class"] == alone["per_class"]
         for a, b in zip(r["grid"], alone["grid"]):
             assert a["heldout_loss"] == pytest.approx(b["heldout_loss"], rel=1e-5, abs=1e-7)
-    assert [r["top1"] for r in lin.linear_probes(store, cells, settings=small, seed=5)] == \
-        [r["top1"] for r in together]
+    assert [r["top1"] for r in lin.linear_probes(store, cells, settings=small, seed=5)] == [r["top1"] for r in together]

@@ -1,17 +1,20 @@
 import pytest
 
-from store.errors import ConfigError
-from store.ranges import format_int_list, parse_int_list
+from diffprobe.store.errors import ConfigError
+from diffprobe.store.ranges import format_int_list, parse_int_list
 
 
-@pytest.mark.parametrize("text,want", [
-    ("19,24,30", (19, 24, 30)),
-    ("1-5", (1, 2, 3, 4, 5)),
-    ("1-3,24,2", (1, 2, 3, 24)),
-    (" 7 ", (7,)),
-    (5, (5,)),
-    ([90, "150-151"], (90, 150, 151)),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("19,24,30", (19, 24, 30)),
+        ("1-5", (1, 2, 3, 4, 5)),
+        ("1-3,24,2", (1, 2, 3, 24)),
+        (" 7 ", (7,)),
+        (5, (5,)),
+        ([90, "150-151"], (90, 150, 151)),
+    ],
+)
 def test_parse(text, want):
     assert parse_int_list(text, "k") == want
 

@@ -3,9 +3,18 @@ import json
 import pytest
 import torch
 
-from extract.unet import (TINY_CHECKPOINT, block_modules, block_table, build_diffusion, build_model, capture,
-                          file_sha256, load_checkpoint, preset)
-from store.errors import BlockError, CheckpointError
+from diffprobe.extract.unet import (
+    TINY_CHECKPOINT,
+    block_modules,
+    block_table,
+    build_diffusion,
+    build_model,
+    capture,
+    file_sha256,
+    load_checkpoint,
+    preset,
+)
+from diffprobe.store.errors import BlockError, CheckpointError
 
 
 def _design_md(ranges):
@@ -20,8 +29,21 @@ def _design_md(ranges):
 def test_adm256_block_table_matches_design_md():
     table = block_table(preset("adm-256-uncond"))  # meta device: no weights allocated
     channels = _design_md([(256, 1, 7), (512, 8, 13), (1024, 14, 25), (512, 26, 31), (256, 32, 37)])
-    spatial = _design_md([(256, 1, 3), (128, 4, 6), (64, 7, 9), (32, 10, 12), (16, 13, 15), (8, 16, 21),
-                          (16, 22, 24), (32, 25, 27), (64, 28, 30), (128, 31, 33), (256, 34, 37)])
+    spatial = _design_md(
+        [
+            (256, 1, 3),
+            (128, 4, 6),
+            (64, 7, 9),
+            (32, 10, 12),
+            (16, 13, 15),
+            (8, 16, 21),
+            (16, 22, 24),
+            (32, 25, 27),
+            (64, 28, 30),
+            (128, 31, 33),
+            (256, 34, 37),
+        ]
+    )
     assert len(table) == 37
     assert [b.channels for b in table.blocks] == channels
     assert [b.spatial for b in table.blocks] == spatial
@@ -106,6 +128,7 @@ def test_capture_stops_after_the_deepest_block(tiny):
 
 def test_capture_takes_numpy_block_numbers(tiny):
     import numpy as np
+
     out = capture(tiny, torch.randn(1, 3, 32, 32), torch.tensor([90]), np.array([19, 24]))
     assert sorted(out) == [19, 24]
 
@@ -139,8 +162,11 @@ def test_checkpoint_errors_name_the_key_and_shapes(tmp_path):
         load_checkpoint(model, _save(tmp_path, extra))
 
     wrong = dict(state, **{"input_blocks.0.0.weight": torch.zeros(64, 3, 3, 3)})
-    with pytest.raises(CheckpointError, match=r"shape mismatch at 'input_blocks\.0\.0\.weight': checkpoint "
-                                              r"\(64, 3, 3, 3\), model \(32, 3, 3, 3\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatch at 'input_blocks\.0\.0\.weight': checkpoint "
+        r"\(64, 3, 3, 3\), model \(32, 3, 3, 3\)",
+    ):
         load_checkpoint(model, _save(tmp_path, wrong))
 
     adm = build_model(preset("adm-256-uncond"), device="meta")
@@ -182,8 +208,8 @@ def test_shipped_checkpoint_matches_its_model_card():
 
 def test_shipped_model_learned_to_denoise(tiny):
     """On val digits, the trained network's noise MSE is far below the untrained network's."""
-    from extract.images import DigitsSource
-    from extract.train_tiny import eps_mse
+    from diffprobe.extract.images import DigitsSource
+    from diffprobe.extract.train_tiny import eps_mse
 
     source = DigitsSource(32)
     ids = list(source.split("val").ids[:64])

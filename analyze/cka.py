@@ -1,6 +1,6 @@
 """Centered kernel alignment (CKA) between cached representations, out of core.
 
-    from probe.cka import cka, cka_matrix, array_source, run
+    from diffprobe.analyze.cka import cka, cka_matrix, array_source, run
     cka(x, y, "linear-unbiased")                      # two in-memory (N, D) arrays -> float
     r = cka_matrix(rows, cols, n, CkaOptions())       # Sources (store arrays or arrays) -> matrix
     r = run(cfg, t=90)                                # `analyze cka --t 90`: block x block + PNG/CSV
@@ -50,22 +50,22 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from store.errors import BlockError, DiffprobeError, StoreError
+from diffprobe.store.errors import BlockError, DiffprobeError, StoreError
 
 ESTIMATORS = ("linear", "linear-unbiased", "rbf", "rbf-unbiased", "minibatch")
 PRECISIONS = ("float32", "float64")
 CI_LEVEL = 0.95
-_TILE = 1024          # feature-space products: row panels of this many columns (upper triangle only)
-_PANEL = 8192         # ... times at most this many columns per product call
-_GROUP_ROWS = 4096    # rows per product call (a multiple of the read chunk)
-_CONST_RTOL = 1e-10   # total variance below this fraction of the mean square: constant
+_TILE = 1024  # feature-space products: row panels of this many columns (upper triangle only)
+_PANEL = 8192  # ... times at most this many columns per product call
+_GROUP_ROWS = 4096  # rows per product call (a multiple of the read chunk)
+_CONST_RTOL = 1e-10  # total variance below this fraction of the mean square: constant
 
 
 class CkaError(DiffprobeError):
@@ -132,7 +132,7 @@ def store_source(store, split: str, block: int, t: int, pool: int, rows: np.ndar
     def read(lo: int, hi: int) -> np.ndarray:
         idx = rows[lo:hi]
         if len(idx) and np.all(np.diff(idx) == 1):  # the usual case: a contiguous run of the store
-            x = arr[idx[0]:idx[-1] + 1].compute(scheduler="synchronous")
+            x = arr[idx[0] : idx[-1] + 1].compute(scheduler="synchronous")
         else:
             order = np.argsort(idx, kind="stable")
             x = np.empty((len(idx), *arr.shape[1:]), dtype=arr.dtype)
@@ -220,8 +220,11 @@ def _windows(n: int, chunk: int, target: int) -> list[tuple[int, int]]:
 
 
 def _read_all(src: Source, n: int) -> np.ndarray:
-    return np.concatenate([src.read(lo, hi) for lo, hi in _windows(n, src.chunk, _GROUP_ROWS)]) if n else \
-        np.zeros((0, src.dim))
+    return (
+        np.concatenate([src.read(lo, hi) for lo, hi in _windows(n, src.chunk, _GROUP_ROWS)])
+        if n
+        else np.zeros((0, src.dim))
+    )
 
 
 def _constant(total_var: float, mean_square: float) -> bool:
@@ -246,7 +249,7 @@ def _gram_mode(union: list[Source], n: int, opts: CkaOptions, progress: _Progres
     spare = opts.memory_mb * 2**20 - 8.0 * len(union) * n * n
     step = int(min(8, max(1, spare // (24.0 * n * max(s.dim for s in union)))))
     for lo in range(0, len(union), step):
-        group = union[lo:lo + step]
+        group = union[lo : lo + step]
         xs = list(pool.map(lambda s: _read_all(s, n), group)) if len(group) > 1 else [_read_all(group[0], n)]
         for x in xs:
             x = x.astype(np.float64)
@@ -301,10 +304,10 @@ def _feature_pass(group: list[Source], n: int, opts: CkaOptions, progress: _Prog
         for j, x in enumerate(xs):
             # shifted in the products' precision, straight into z (float32: 4x less time than via
             # float64, ~10% of a 50,000 x 4,096 pair); row norms and sums accumulate in float64
-            b = z[:, off[j]:off[j + 1]]
+            b = z[:, off[j] : off[j + 1]]
             np.subtract(x, shift[j].astype(z.dtype), out=b)
             a[:, j] = np.einsum("ij,ij->i", b, b, dtype=np.float64)
-            s[off[j]:off[j + 1]] += b.sum(axis=0, dtype=np.float64)
+            s[off[j] : off[j + 1]] += b.sum(axis=0, dtype=np.float64)
         zt = torch.from_numpy(z)
         for p0, p1 in tiles:  # row panels of the upper triangle: few large GEMMs (measured 1.3x over square tiles)
             for q0 in range(p0, du, _PANEL):
@@ -319,23 +322,25 @@ def _feature_pass(group: list[Source], n: int, opts: CkaOptions, progress: _Prog
         g[p1:, p0:p1] = g[p0:p1, p1:].T
     h = np.zeros((k, k))
     for i in range(k):
-        si = s[off[i]:off[i + 1]]
+        si = s[off[i] : off[i + 1]]
         for j in range(i, k):
-            sj = s[off[j]:off[j + 1]]
-            m = g[off[i]:off[i + 1], off[j]:off[j + 1]]
+            sj = s[off[j] : off[j + 1]]
+            m = g[off[i] : off[i + 1], off[j] : off[j + 1]]
             ss = float(np.einsum("ij,ij->", m, m))
             smx = float(si @ m @ sj)
             if opts.unbiased:
                 tr = ss - q[i, j]
                 ki, kj = float(si @ si) - asum[i], float(sj @ sj) - asum[j]
-                dot = smx - float(si @ rmat[off[i]:off[i + 1], j]) - float(sj @ rmat[off[j]:off[j + 1], i]) + q[i, j]
+                dot = (
+                    smx - float(si @ rmat[off[i] : off[i + 1], j]) - float(sj @ rmat[off[j] : off[j + 1], i]) + q[i, j]
+                )
                 v = (tr + ki * kj / ((n - 1) * (n - 2)) - 2.0 * dot / (n - 2)) / (n * (n - 3))
             else:
                 v = (ss - 2.0 * smx / n + float(si @ si) * float(sj @ sj) / n**2) / (n - 1) ** 2
             h[i, j] = h[j, i] = v
     const = []
     for j in range(k):
-        sj = s[off[j]:off[j + 1]]
+        sj = s[off[j] : off[j + 1]]
         c = shift[j]
         tv = (asum[j] - float(sj @ sj) / n) / n  # trace of the covariance
         raw = (asum[j] + 2.0 * float(c @ sj) + n * float(c @ c)) / n  # mean squared norm of the features
@@ -382,8 +387,8 @@ def _minibatch_mode(union: list[Source], n: int, opts: CkaOptions, progress: _Pr
         last = w == len(windows) - 1
         nfull = len(xs[0]) // m
         for b in range(nfull):
-            batch_hsic([x[b * m:(b + 1) * m] for x in xs])
-        rest = [x[nfull * m:] for x in xs]
+            batch_hsic([x[b * m : (b + 1) * m] for x in xs])
+        rest = [x[nfull * m :] for x in xs]
         carry = None
         if len(rest[0]):
             if not last:
@@ -412,8 +417,10 @@ def _group_sources(union: list[Source], n: int, opts: CkaOptions) -> list[list[i
     groups, cur, cur_d = [], [], 0
     for i, s in enumerate(union):
         if need(2 * s.dim) > budget:
-            raise CkaError(f"{s.name}: {s.dim} features need {need(2 * s.dim) / 2**20:.0f} MB for a pair in "
-                           f"feature space; analyze.memory_mb is {opts.memory_mb:g}: raise it or use a smaller --pool")
+            raise CkaError(
+                f"{s.name}: {s.dim} features need {need(2 * s.dim) / 2**20:.0f} MB for a pair in "
+                f"feature space; analyze.memory_mb is {opts.memory_mb:g}: raise it or use a smaller --pool"
+            )
         if cur and need(2 * (cur_d + s.dim)) > budget:
             groups.append(cur)
             cur, cur_d = [], 0
@@ -423,8 +430,14 @@ def _group_sources(union: list[Source], n: int, opts: CkaOptions) -> list[list[i
     return groups
 
 
-def cka_matrix(rows: list[Source], cols: list[Source] | None, n: int, opts: CkaOptions | None = None,
-               form: str = "auto", on_progress: Callable[[int, int], None] | None = None) -> dict:
+def cka_matrix(
+    rows: list[Source],
+    cols: list[Source] | None,
+    n: int,
+    opts: CkaOptions | None = None,
+    form: str = "auto",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """CKA of every row source against every column source over ``n`` images (the same order in all).
 
     ``cols`` None: the square matrix of ``rows``. ``form``: "auto", "feature" or "gram" (linear
@@ -453,16 +466,26 @@ def cka_matrix(rows: list[Source], cols: list[Source] | None, n: int, opts: CkaO
     elif opts.kernel == "rbf":
         form = "gram"
     elif form == "auto":
-        form = "gram" if (opts.bootstrap or opts.permutations or gram_bytes < feat_bytes) and gram_bytes <= budget \
+        form = (
+            "gram"
+            if (opts.bootstrap or opts.permutations or gram_bytes < feat_bytes) and gram_bytes <= budget
             else "feature"
+        )
     if form == "gram" and gram_bytes > budget:
-        why = "--bootstrap/--permutations need" if (opts.bootstrap or opts.permutations) and opts.kernel == "linear" \
+        why = (
+            "--bootstrap/--permutations need"
+            if (opts.bootstrap or opts.permutations) and opts.kernel == "linear"
             else f"{opts.estimator} CKA needs"
-        raise CkaError(f"{why} {k} N x N matrices for N = {n} ({gram_bytes / 2**20:.0f} MB) but analyze.memory_mb "
-                       f"is {opts.memory_mb:g}; use --estimator minibatch or raise analyze.memory_mb")
+        )
+        raise CkaError(
+            f"{why} {k} N x N matrices for N = {n} ({gram_bytes / 2**20:.0f} MB) but analyze.memory_mb "
+            f"is {opts.memory_mb:g}; use --estimator minibatch or raise analyze.memory_mb"
+        )
     if form == "feature" and (opts.bootstrap or opts.permutations):
-        raise CkaError("--bootstrap/--permutations need the Gram form, which does not fit analyze.memory_mb "
-                       f"({gram_bytes / 2**20:.0f} MB for N = {n}); use --estimator minibatch")
+        raise CkaError(
+            "--bootstrap/--permutations need the Gram form, which does not fit analyze.memory_mb "
+            f"({gram_bytes / 2**20:.0f} MB for N = {n}); use --estimator minibatch"
+        )
 
     started = time.perf_counter()
     warnings: list[str] = []
@@ -482,11 +505,15 @@ def cka_matrix(rows: list[Source], cols: list[Source] | None, n: int, opts: CkaO
             out["n_batches"] = len(hb)
         else:
             groups = _group_sources(union, n, opts)
-            passes = [(0, 0)] if len(groups) == 1 else [(a, b) for a in range(len(groups))
-                                                          for b in range(a + 1, len(groups))]
+            passes = (
+                [(0, 0)]
+                if len(groups) == 1
+                else [(a, b) for a in range(len(groups)) for b in range(a + 1, len(groups))]
+            )
             reads = 1 if len(groups) == 1 else len(groups) - 1
-            progress = _Progress(sum(n * (len(groups[a]) + (len(groups[b]) if a != b else 0)) for a, b in passes),
-                                 on_progress)
+            progress = _Progress(
+                sum(n * (len(groups[a]) + (len(groups[b]) if a != b else 0)) for a, b in passes), on_progress
+            )
             h = np.zeros((k, k))
             const = np.zeros(k, dtype=bool)
             for a, b in passes:
@@ -510,8 +537,18 @@ def cka_matrix(rows: list[Source], cols: list[Source] | None, n: int, opts: CkaO
     mat = to_cka(h)
     if square:  # the diagonal is exactly CKA(X, X) = 1 (0 where degenerate), not 1 +- rounding
         mat[np.diag_indices(len(ri))] = np.where(bad[ri], 0.0, 1.0)
-    out.update({"rows": [s.label for s in rows], "cols": [s.label for s in cols], "matrix": mat.tolist(),
-                "estimator": opts.estimator, "form": form, "n_images": n, "reads": reads, "warnings": warnings})
+    out.update(
+        {
+            "rows": [s.label for s in rows],
+            "cols": [s.label for s in cols],
+            "matrix": mat.tolist(),
+            "estimator": opts.estimator,
+            "form": form,
+            "n_images": n,
+            "reads": reads,
+            "warnings": warnings,
+        }
+    )
     if boots:
         bm = np.stack([to_cka(b, own_diag=True) for b in boots])
         dev = bm - bm.mean(axis=0)  # replicates' spread around their mean, placed at the estimate
@@ -533,8 +570,9 @@ def cka(x: np.ndarray, y: np.ndarray, estimator: str = "linear", form: str = "au
     x, y = np.asarray(x), np.asarray(y)
     if len(x) != len(y):
         raise CkaError(f"x has {len(x)} images and y has {len(y)}; CKA needs the same images on both sides")
-    r = cka_matrix([array_source(x, "x")], [array_source(y, "y")], len(x),
-                   CkaOptions(estimator=estimator, **options), form=form)
+    r = cka_matrix(
+        [array_source(x, "x")], [array_source(y, "y")], len(x), CkaOptions(estimator=estimator, **options), form=form
+    )
     return r["matrix"][0][0]
 
 
@@ -559,7 +597,7 @@ def _held(store, split):
 
 
 def _fmt(values) -> str:
-    from store.ranges import format_int_list
+    from diffprobe.store.ranges import format_int_list
 
     return format_int_list(values) if values else "none"
 
@@ -592,14 +630,18 @@ def _blocks_at(store, split, t, pool, blocks, flag="--blocks") -> list[int]:
     have = sorted({k.block for k in held if k.t == t and k == store.stored_key(k.block, t, pool)})
     if blocks is None:
         if not have:
-            raise BlockError(f"--pool {pool}: {store.path} holds no block at t {t}, pool {pool} in split {split!r}; "
-                             f"it holds {store.describe_holdings(split)}")
+            raise BlockError(
+                f"--pool {pool}: {store.path} holds no block at t {t}, pool {pool} in split {split!r}; "
+                f"it holds {store.describe_holdings(split)}"
+            )
         return have
     for b in blocks:
         store.stored_key(b, t, pool)  # a block the model lacks: names the model's blocks
         if b not in have:
-            raise BlockError(f"{flag}: block {b} at t {t}, pool {pool} is not in {store.path} split {split!r}; "
-                             f"it holds blocks {_fmt(have)} there")
+            raise BlockError(
+                f"{flag}: block {b} at t {t}, pool {pool} is not in {store.path} split {split!r}; "
+                f"it holds blocks {_fmt(have)} there"
+            )
     return list(blocks)
 
 
@@ -612,13 +654,16 @@ def _ts_at(store, split, block, pool, ts) -> list[int]:
     have = sorted({k.t for k in held if k.block == block and k == store.stored_key(block, k.t, pool)})
     if ts is None:
         if not have:
-            raise BlockError(f"--pool {pool}: {store.path} holds no t for block {block} at pool {pool} in split "
-                             f"{split!r}; it holds {store.describe_holdings(split)}")
+            raise BlockError(
+                f"--pool {pool}: {store.path} holds no t for block {block} at pool {pool} in split "
+                f"{split!r}; it holds {store.describe_holdings(split)}"
+            )
         return have
     for t in ts:
         if t not in have:
-            raise BlockError(f"--t {t}: {store.path} holds t {_fmt(have)} for block {block}, pool {pool} "
-                             f"in split {split!r}")
+            raise BlockError(
+                f"--t {t}: {store.path} holds t {_fmt(have)} for block {block}, pool {pool} in split {split!r}"
+            )
     return list(ts)
 
 
@@ -630,9 +675,11 @@ def align(store, other, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise StoreError(f"split {split!r}: image ids repeat within a store; cannot match images across stores")
     only_a, only_b = len(sa - sb), len(sb - sa)
     if only_a or only_b:
-        raise StoreError(f"--against: the image ids of split {split!r} differ: {only_a} of {len(ia)} ids in "
-                         f"{store.path} are not in {other.path} and {only_b} of {len(ib)} there are not here; "
-                         f"CKA across stores needs the same images")
+        raise StoreError(
+            f"--against: the image ids of split {split!r} differ: {only_a} of {len(ia)} ids in "
+            f"{store.path} are not in {other.path} and {only_b} of {len(ib)} there are not here; "
+            f"CKA across stores needs the same images"
+        )
     ua, ub = _usable(store, split), _usable(other, split)
     pos_b = {v: j for j, v in enumerate(ib.tolist())}
     rows_b = np.array([pos_b[v] for v in ia.tolist()], dtype=np.int64)
@@ -657,8 +704,9 @@ def plan(store, split: str, *, t=None, block=None, blocks=None, ts=None, against
     if block is not None and against is not None:
         raise CkaError("--block and --against: pick one (--against compares blocks at one --t)")
     if block is None and (t is None or len(t) != 1):
-        raise CkaError("--t: give one timestep for a block x block matrix (e.g. --t 90), "
-                       "or --block B for a t x t matrix")
+        raise CkaError(
+            "--t: give one timestep for a block x block matrix (e.g. --t 90), or --block B for a t x t matrix"
+        )
     _usable(store, split)
     stores = [store] if against is None else [store, against]
     for s in stores[1:]:
@@ -668,22 +716,49 @@ def plan(store, split: str, *, t=None, block=None, blocks=None, ts=None, against
         ts = _ts_at(store, split, block, pool, t)
         rows = np.flatnonzero(_usable(store, split))
         srcs = _sources(store, split, [(block, tt, pool, tt, f"block {block}, t {tt}") for tt in ts], rows)
-        return {"mode": "timesteps", "pool": pool, "block": block, "t": None, "rows": srcs, "cols": None,
-                "n": len(rows), "row_name": "timestep t", "col_name": "timestep t"}
+        return {
+            "mode": "timesteps",
+            "pool": pool,
+            "block": block,
+            "t": None,
+            "rows": srcs,
+            "cols": None,
+            "n": len(rows),
+            "row_name": "timestep t",
+            "col_name": "timestep t",
+        }
     t = t[0]
     if against is None:
         bl = _blocks_at(store, split, t, pool, blocks)
         rows = np.flatnonzero(_usable(store, split))
         srcs = _sources(store, split, [(b, t, pool, b, f"block {b} (t {t})") for b in bl], rows)
-        return {"mode": "blocks", "pool": pool, "block": None, "t": t, "rows": srcs, "cols": None, "n": len(rows),
-                "row_name": "block", "col_name": "block"}
+        return {
+            "mode": "blocks",
+            "pool": pool,
+            "block": None,
+            "t": t,
+            "rows": srcs,
+            "cols": None,
+            "n": len(rows),
+            "row_name": "block",
+            "col_name": "block",
+        }
     ra, rb = align(store, against, split)
     bl_a = _blocks_at(store, split, t, pool, blocks)
     bl_b = _blocks_at(against, split, t, pool, blocks)
     rs = _sources(store, split, [(b, t, pool, b, f"block {b} (t {t}) of {store.path.name}") for b in bl_a], ra)
     cs = _sources(against, split, [(b, t, pool, b, f"block {b} (t {t}) of {against.path.name}") for b in bl_b], rb)
-    return {"mode": "against", "pool": pool, "block": None, "t": t, "rows": rs, "cols": cs, "n": len(ra),
-            "row_name": f"block ({store.path.name})", "col_name": f"block ({against.path.name})"}
+    return {
+        "mode": "against",
+        "pool": pool,
+        "block": None,
+        "t": t,
+        "rows": rs,
+        "cols": cs,
+        "n": len(ra),
+        "row_name": f"block ({store.path.name})",
+        "col_name": f"block ({against.path.name})",
+    }
 
 
 def _stem(p: dict, split: str, opts: CkaOptions, other_fp: str | None) -> str:
@@ -703,15 +778,26 @@ def write_csv(path: Path, rows, cols, matrix, corner: str) -> Path:
     return path
 
 
-def run(cfg, *, t=None, block=None, blocks=None, against=None, pool=None, out_dir=None, plots: bool = True,
-        on_progress: Callable[[int, int], None] | None = None, **option_overrides) -> dict:
+def run(
+    cfg,
+    *,
+    t=None,
+    block=None,
+    blocks=None,
+    against=None,
+    pool=None,
+    out_dir=None,
+    plots: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+    **option_overrides,
+) -> dict:
     """`analyze cka`: plan, compute, write the heatmap PNG and CSVs beside the store.
 
     ``t``: a timestep or a tuple of them (one for blocks/against; several or None with ``block``).
     Files go to ``cka-<store fingerprint>/`` beside the store (or ``out_dir``). Returns the
     `cka_matrix` result plus mode, store, split, t, block, pool, files, folder.
     """
-    from store.feature_store import open_store
+    from diffprobe.store.feature_store import open_store
 
     a = cfg.analyze
     t = (t,) if isinstance(t, int) else t
@@ -725,24 +811,45 @@ def run(cfg, *, t=None, block=None, blocks=None, against=None, pool=None, out_di
     stem = _stem(p, a.split, opts, fingerprint(other) if other is not None else None)
     files = []
     if plots:
-        from probe.plots import cka_heatmap
+        from diffprobe.probe.plots import cka_heatmap
 
         folder.mkdir(parents=True, exist_ok=True)
         corner = f"{p['row_name']} \\ {p['col_name']}"
         files.append(write_csv(folder / f"{stem}.csv", r["rows"], r["cols"], r["matrix"], corner))
         for key in ("ci_low", "ci_high", "perm_mean", "perm_high"):
             if key in r:
-                files.append(write_csv(folder / f"{stem}-{key.replace('_', '-')}.csv", r["rows"], r["cols"],
-                                       r[key], corner))
+                files.append(
+                    write_csv(folder / f"{stem}-{key.replace('_', '-')}.csv", r["rows"], r["cols"], r[key], corner)
+                )
         where = f"block {p['block']}" if p["mode"] == "timesteps" else f"t {p['t']}"
         vs = f" vs {other.path.name}" if other is not None else ""
-        title = (f"CKA ({opts.estimator}): {store.path.name}{vs} · split {a.split} · {where} · pool {p['pool']} "
-                 f"· N {p['n']}")
-        files.append(cka_heatmap(np.asarray(r["matrix"]), r["rows"], r["cols"], p["row_name"], p["col_name"],
-                                 title, folder / f"{stem}.png"))
-    r.update({"mode": p["mode"], "store": str(store.path), "against": str(other.path) if other else None,
-              "split": a.split, "t": p["t"], "block": p["block"], "pool": p["pool"],
-              "folder": str(folder) if plots else None, "files": [str(f) for f in files]})
+        title = (
+            f"CKA ({opts.estimator}): {store.path.name}{vs} · split {a.split} · {where} · pool {p['pool']} · N {p['n']}"
+        )
+        files.append(
+            cka_heatmap(
+                np.asarray(r["matrix"]),
+                r["rows"],
+                r["cols"],
+                p["row_name"],
+                p["col_name"],
+                title,
+                folder / f"{stem}.png",
+            )
+        )
+    r.update(
+        {
+            "mode": p["mode"],
+            "store": str(store.path),
+            "against": str(other.path) if other else None,
+            "split": a.split,
+            "t": p["t"],
+            "block": p["block"],
+            "pool": p["pool"],
+            "folder": str(folder) if plots else None,
+            "files": [str(f) for f in files],
+        }
+    )
     return r
 
 
@@ -750,8 +857,12 @@ def summary(r: dict, top: int = 5) -> dict:
     """Printed-summary numbers of a result: mean off-diagonal CKA and the most/least similar pairs."""
     m = np.asarray(r["matrix"])
     square = r["rows"] == r["cols"] and r.get("mode") != "against"
-    cells = [(float(m[i, j]), r["rows"][i], r["cols"][j]) for i in range(m.shape[0]) for j in range(m.shape[1])
-             if not square or i < j]
+    cells = [
+        (float(m[i, j]), r["rows"][i], r["cols"][j])
+        for i in range(m.shape[0])
+        for j in range(m.shape[1])
+        if not square or i < j
+    ]
     cells.sort(key=lambda c: c[0])
     mean = float(np.mean([c[0] for c in cells])) if cells else math.nan
     return {"mean": mean, "highest": cells[::-1][:top], "lowest": cells[:top]}

@@ -19,13 +19,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from extract.cli import user_errors  # the one way CLIs report a user's mistake
-from store.config import load_config
-from store.ranges import parse_int_list
+from diffprobe.store.config import load_config
+from diffprobe.store.console import user_errors
+from diffprobe.store.ranges import parse_int_list
 
 analyze_app = typer.Typer(
     help="Analyse cached features: `analyze cka` compares representations (block x block at one t, "
-         "t x t at one block, or two stores' blocks) by centered kernel alignment.",
+    "t x t at one block, or two stores' blocks) by centered kernel alignment.",
     add_completion=False,
 )
 out = Console()
@@ -39,26 +39,38 @@ def _analyze(ctx: typer.Context):
 
 @analyze_app.command()
 def cka(
-    t: Optional[str] = typer.Option(None, "--t", help="Timestep: one for block x block (--t 90); with --block, "
-                                                      "the timesteps of the t x t matrix (default: all held)."),
+    t: Optional[str] = typer.Option(
+        None,
+        "--t",
+        help="Timestep: one for block x block (--t 90); with --block, "
+        "the timesteps of the t x t matrix (default: all held).",
+    ),
     block: Optional[int] = typer.Option(None, "--block", min=1, help="t x t matrix at this block."),
-    blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks of a block x block matrix, e.g. '1-37' "
-                                                                "or '19,24,30' (default: all held)."),
-    against: Optional[Path] = typer.Option(None, "--against", help="Another store: this store's blocks x its "
-                                                                   "blocks on the same images."),
+    blocks: Optional[str] = typer.Option(
+        None, "--blocks", help="Blocks of a block x block matrix, e.g. '1-37' or '19,24,30' (default: all held)."
+    ),
+    against: Optional[Path] = typer.Option(
+        None, "--against", help="Another store: this store's blocks x its blocks on the same images."
+    ),
     pool: Optional[int] = typer.Option(None, "--pool", min=1, help="Stored pool size (default: the smallest held)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read (analyze.split, default val)."),
-    estimator: Optional[str] = typer.Option(None, "--estimator", help="linear, linear-unbiased, rbf, rbf-unbiased "
-                                                                      "or minibatch (analyze.estimator)."),
-    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", min=0, help="Bootstrap replicates (half-samples of "
-                                                                            "the images) for 95% intervals "
-                                                                            "(analyze.bootstrap)."),
-    permutations: Optional[int] = typer.Option(None, "--permutations", min=0,
-                                               help="Shuffled-pairing baseline replicates (analyze.permutations)."),
+    estimator: Optional[str] = typer.Option(
+        None, "--estimator", help="linear, linear-unbiased, rbf, rbf-unbiased or minibatch (analyze.estimator)."
+    ),
+    bootstrap: Optional[int] = typer.Option(
+        None,
+        "--bootstrap",
+        min=0,
+        help="Bootstrap replicates (half-samples of the images) for 95% intervals (analyze.bootstrap).",
+    ),
+    permutations: Optional[int] = typer.Option(
+        None, "--permutations", min=0, help="Shuffled-pairing baseline replicates (analyze.permutations)."
+    ),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of bootstrap, permutations, minibatches."),
     store: Optional[Path] = typer.Option(None, "--store", help="Store path (overrides store.path)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, "
-                                                                 "else built-in defaults)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ):
     """CKA matrix between cached representations: heatmap PNG and CSV beside the store, summary printed.
@@ -67,19 +79,34 @@ def cka(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from extract.cli import err
-    from probe import cka as ck
+    from diffprobe.analyze import cka as ck
+    from diffprobe.store.console import err
 
     with user_errors():
-        cfg = load_config(config, {"store.path": str(store) if store else None, "analyze.split": split,
-                                   "analyze.estimator": estimator, "analyze.bootstrap": bootstrap,
-                                   "analyze.permutations": permutations, "analyze.seed": seed})
+        cfg = load_config(
+            config,
+            {
+                "store.path": str(store) if store else None,
+                "analyze.split": split,
+                "analyze.estimator": estimator,
+                "analyze.bootstrap": bootstrap,
+                "analyze.permutations": permutations,
+                "analyze.seed": seed,
+            },
+        )
         ts = None if t is None else parse_int_list(t, "--t")
         bl = None if blocks is None else parse_int_list(blocks, "--blocks")
         if block is not None and bl is not None:
             raise ck.CkaError("--blocks: not with --block (a t x t matrix is of one block)")
-        bar = Progress(TextColumn("[bold]cka"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                       TimeRemainingColumn(), console=err, disable=as_json, transient=True)
+        bar = Progress(
+            TextColumn("[bold]cka"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=as_json,
+            transient=True,
+        )
         task = bar.add_task("cka", total=None)
 
         def on_progress(done, total):
@@ -112,7 +139,8 @@ def cka(
         ("images", f"{r['n_images']} of split {r['split']!r}"),
         ("matrix", f"{len(r['rows'])} x {len(r['cols'])} ({r['form']} form, each array read {r['reads']}x)"),
         (f"mean off-diagonal {pair}" if r["mode"] != "against" else "mean cell", f"{s['mean']:.3f}"),
-        ("most similar", cells(s["highest"])), ("least similar", cells(s["lowest"])),
+        ("most similar", cells(s["highest"])),
+        ("least similar", cells(s["lowest"])),
     ]
     if "ci_low" in r:
         import numpy as np
@@ -122,8 +150,13 @@ def cka(
     if "perm_mean" in r:
         import numpy as np
 
-        rows.append(("permutation baseline", f"{r['permutations']} shuffles; mean {float(np.mean(r['perm_mean'])):.3f}, "
-                                             f"largest 95th percentile {float(np.max(r['perm_high'])):.3f}"))
+        rows.append(
+            (
+                "permutation baseline",
+                f"{r['permutations']} shuffles; mean {float(np.mean(r['perm_mean'])):.3f}, "
+                f"largest 95th percentile {float(np.max(r['perm_high'])):.3f}",
+            )
+        )
     rows.append(("time", f"{r['seconds']:.1f} s"))
     for name, value in rows:
         table.add_row(name, escape(value))
