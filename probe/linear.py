@@ -81,6 +81,7 @@ from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import ConfigError, StoreError
 from diffprobe.store.feature_store import FeatureKey, FeatureStore, open_store
+from diffprobe.store.finite import all_finite
 
 RECIPES = ("sgd", "lbfgs")
 _TEMP_BYTES = 32 << 20  # float32/float64 temporaries of statistics and scoring: chunks of at most this
@@ -137,16 +138,6 @@ def _features(store: FeatureStore, split: str, block: int, t: int, pool: int, us
             f"non-finite values in images that are not marked skipped"
         )
     return x
-
-
-def all_finite(x: np.ndarray) -> bool:
-    """Whether every value of ``x`` is finite. float16 is checked by its exponent bits, 2048 rows
-    at a time: measured 3.6 GB/s vs 0.6 GB/s for np.isfinite, which converts float16 to float32
-    and was the slowest step of reading a feature set."""
-    if x.dtype != np.float16:
-        return bool(np.isfinite(x).all())
-    bits = x.view(np.uint16)
-    return not any(((bits[lo : lo + 2048] & 0x7C00) == 0x7C00).any() for lo in range(0, len(bits), 2048))
 
 
 def holdout_mask(ids, labels, fraction: float, seed: int) -> np.ndarray:

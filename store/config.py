@@ -14,13 +14,12 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
+from .choices import Autocast, Cluster, Codec, Dtype, Estimator, OnCorrupt, Precision, Preset, Recipe, Source
 from .errors import ConfigError
 from .ranges import parse_int_list
-
-MODEL_PRESETS = ("tiny", "adm-256-uncond")  # extract.unet.PRESETS holds their flags
-
 
 # ------------------------------------------------------------------ field parsers
 
@@ -51,7 +50,10 @@ def _range(v, key, lo, hi):
         raise ConfigError(f"{key}: {v!r} is out of range; allowed: {bounds}")
 
 
-def _choice(*options):
+def _choice(choices: type[StrEnum], *extra: str):
+    """A value of the closed set ``choices`` (plus ``extra``), kept as its plain string."""
+    options = (*extra, *(c.value for c in choices))
+
     def parse(v, key):
         if v not in options:
             raise ConfigError(f"{key}: {v!r} is not allowed; allowed: {', '.join(map(repr, options))}")
@@ -125,19 +127,19 @@ def _key(default, parse, doc):
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _key("digits", _choice("digits", "imagefolder"), "image source")
+    source: str = _key("digits", _choice(Source), "image source")
     root: str = _key("", _str, "ImageFolder root holding one folder per split")
     splits: tuple[str, ...] = _key(("train", "val"), _str_list, "splits to extract")
     val_fraction: float = _key(0.2, _float(0.01, 0.99), "digits: fraction held out as val")
     split_seed: int = _key(0, _int(0), "digits: seed of the stratified split")
     max_per_class: int = _key(0, _int(0), "keep the first N images of each class (0 = all)")
-    on_corrupt: str = _key("error", _choice("error", "skip"), "unreadable image: stop, or record as skipped")
+    on_corrupt: str = _key("error", _choice(OnCorrupt), "unreadable image: stop, or record as skipped")
     decode_threads: int = _key(4, _int(1, 256), "threads decoding image files")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = _key("tiny", _choice(*MODEL_PRESETS), "named architecture")
+    preset: str = _key("tiny", _choice(Preset), "named architecture")
     checkpoint: str = _key("", _str, "state dict path ('' = the shipped tiny weights)")
     arch: tuple = _key((), _arch, "guided-diffusion flags overriding the preset")
 
@@ -150,7 +152,7 @@ class ExtractConfig:
     batch_size: int = _key(64, _int(1, 65536), "images read, noised and written per step")
     forward_batch: int = _key(32, _int(1, 65536), "rows of every U-Net call (fixed: bit-identity)")
     device: str = _key("auto", _device, "torch device")
-    autocast: str = _key("none", _choice("none", "bf16", "fp16"), "autocast dtype of the U-Net")
+    autocast: str = _key("none", _choice(Autocast), "autocast dtype of the U-Net")
     noise_seed: int = _key(0, _int(0, 2**63 - 1), "seed of the per-(image, t) noise")
     threads: int = _key(0, _int(0, 1024), "torch CPU threads (0 = torch's default)")
     workers: int = _key(0, _int(0, 4096), "worker processes of a local dask cluster (0 = this process alone)")
@@ -160,20 +162,20 @@ class ExtractConfig:
         _int(0, 1024),
         "torch CPU threads of each dask worker (0 = cores / workers on a local cluster, torch's default on a remote one)",
     )
-    cluster: str = _key("local", _choice("local", "dask-cuda"), "kind of local cluster for `workers`")
+    cluster: str = _key("local", _choice(Cluster), "kind of local cluster for `workers`")
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     path: str = _key("runs/digits-tiny.zarr", _str, "the Zarr store")
     chunk_images: int = _key(512, _int(1, 1 << 20), "images per chunk")
-    dtype: str = _key("float16", _choice("float16", "float32"), "feature dtype")
-    codec: str = _key("none", _choice("none", "zstd", "blosc-lz4"), "compression of feature chunks")
+    dtype: str = _key("float16", _choice(Dtype), "feature dtype")
+    codec: str = _key("none", _choice(Codec), "compression of feature chunks")
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    recipe: str = _key("sgd", _choice("sgd", "lbfgs"), "linear-probe recipe")
+    recipe: str = _key("sgd", _choice(Recipe), "linear-probe recipe")
     seed: int = _key(0, _int(0, 2**63 - 1), "seed of the held-out selection, initialisation and batch order")
     holdout_fraction: float = _key(0.1, _float(0.01, 0.5), "fraction of train held out to choose hyperparameters")
     device: str = _key("auto", _device, "torch device of the probe")
@@ -228,7 +230,7 @@ class HeadsConfig:
     feedback_t: int = _key(150, _int(0, 100000), "DifFeed timestep")
     feedback_batch_size: int = _key(32, _int(1, 1 << 20), "DifFeed images per step (two U-Net passes each)")
     feedback_autocast: str = _key(
-        "auto", _choice("auto", "none", "bf16", "fp16"), "DifFeed autocast: auto = bf16 on CUDA, none elsewhere"
+        "auto", _choice(Autocast, "auto"), "DifFeed autocast: auto = bf16 on CUDA, none elsewhere"
     )
 
 
@@ -237,8 +239,8 @@ class AnalyzeConfig:
     split: str = _key("val", _str, "split the analyses read")
     estimator: str = _key(
         "linear",
-        _choice("linear", "linear-unbiased", "rbf", "rbf-unbiased", "minibatch"),
-        "CKA estimator (probe.cka.ESTIMATORS)",
+        _choice(Estimator),
+        "CKA estimator (diffprobe.store.choices.Estimator)",
     )
     rbf_fraction: float = _key(0.5, _float(1e-6, 1e6), "RBF bandwidth as a fraction of the median pairwise distance")
     minibatch_size: int = _key(256, _int(4, 1 << 20), "images per minibatch of the minibatch estimator")
@@ -247,9 +249,7 @@ class AnalyzeConfig:
     )
     permutations: int = _key(0, _int(0, 100000), "shuffled-pairing replicates for the no-alignment baseline (0 = none)")
     seed: int = _key(0, _int(0, 2**63 - 1), "seed of bootstrap, permutations and minibatch order")
-    precision: str = _key(
-        "float32", _choice("float32", "float64"), "dtype of feature-space chunk products (sums are float64)"
-    )
+    precision: str = _key("float32", _choice(Precision), "dtype of feature-space chunk products (sums are float64)")
     memory_mb: float = _key(2048.0, _float(1.0, 1e9), "most memory CKA accumulators may hold (MB)")
 
 

@@ -194,7 +194,7 @@ def test_bad_input_is_one_line_and_exit_2(planted, broken, args, message):
 
 
 def test_all_finite_matches_numpy_on_every_float16():
-    from diffprobe.probe.linear import all_finite
+    from diffprobe.store.finite import all_finite
 
     every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)  # all 65536 bit patterns
     finite = np.isfinite(every)
