@@ -33,8 +33,8 @@ warnings.simplefilter("ignore", FutureWarning)
 from diffprobe.extract import job as jobs  # noqa: E402
 from diffprobe.extract.unet import build_model, load_checkpoint  # noqa: E402
 from diffprobe.probe import feedback as fb  # noqa: E402
-from diffprobe.probe.attention import seeded, train_sgd  # noqa: E402
 from diffprobe.probe.heads import AttentionHead, FusionHead  # noqa: E402
+from diffprobe.probe.train import seeded, train_sgd  # noqa: E402
 from diffprobe.store import open_store  # noqa: E402
 from diffprobe.store.config import load_config  # noqa: E402
 

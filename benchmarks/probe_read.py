@@ -8,10 +8,10 @@ Two workloads, each read the way the probe reads (`probe.linear`), medians of ``
 - synthetic: one ImageNet-width feature set (N x 1024 x 2 x 2 float16 = N x 4096: ADM block 24
   at pool 2), chunks of 512 images (``store.chunk_images``'s default), written into a temporary
   store with ``store.codec`` none and zstd, then read (a) whole, as a split that fits
-  ``probe.memory_mb`` is read (`_features`: numpy, rows flattened, finite check), and (b)
+  ``probe.memory_mb`` is read (`probe.data.read_features`: numpy, rows flattened, finite check), and (b)
   streamed at a 256 MB budget, block by block (`_Streamed.raw`).
 - embedded: every feature array of the embedded default store's train split (408 small
-  arrays: latency, not bandwidth), read with `_features`.
+  arrays: latency, not bandwidth), read with `read_features`.
 
 GB/s = decoded float16 bytes / seconds (1 GB = 1e9 bytes). The files are in the page cache
 (just written, or read once before timing): this is the decode path, not the disk. Writes
@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from diffprobe.probe import linear as lin
+from diffprobe.probe.data import read_features
 from diffprobe.store.config import ProbeConfig
-from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
+from diffprobe.store.feature_store import FeatureKey, open_store
+from diffprobe.store.synthetic import write_synthetic_store
 
 REPO = Path(__file__).resolve().parents[1]
 C, P, CHUNK = 1024, 2, 512
@@ -40,23 +42,19 @@ C, P, CHUNK = 1024, 2, 512
 def write_synthetic(path: Path, n: int, codec: str) -> FeatureKey:
     key = FeatureKey(90, 24, P)
     blocks = [{"number": 24, "module": "output_blocks.4", "channels": C, "spatial": 8}]
-    fps = {"model": {"synthetic": True}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
     y = np.arange(n) % 1000
-    with StoreWriter.create(
+    rng = np.random.default_rng(0)
+    rows = lambda lo, hi: rng.standard_normal((hi - lo, C, P, P), dtype=np.float32)  # chunks come in order
+    write_synthetic_store(
         path,
-        fingerprints=fps,
-        provenance={},
-        blocks=blocks,
+        {"train": {key: rows}},
+        {"train": y},
         class_names=[f"c{c}" for c in range(1000)],
-        splits={"train": ([f"i{i:07d}" for i in range(n)], y)},
+        ids={"train": [f"i{i:07d}" for i in range(n)]},
         chunk_images=CHUNK,
-    ) as w:
-        w.ensure_arrays("train", {key: C}, "float16", codec)
-        rng = np.random.default_rng(0)
-        for c in range(-(-n // CHUNK)):
-            rows = min(CHUNK, n - c * CHUNK)
-            w.write_chunk("train", c, {key: rng.standard_normal((rows, C, P, P), dtype=np.float32).astype(np.float16)})
-        w.write_skipped("train", np.zeros(0, dtype=int))
+        blocks=blocks,
+        codec=codec,
+    )
     return key
 
 
@@ -85,7 +83,7 @@ def main():
             store = open_store(path)
             usable = np.ones(args.images, bool)
             gb = args.images * C * P * P * 2 / 1e9
-            whole = timed(lambda: lin._features(store, "train", key.block, key.t, key.pool, usable), args.repeats)
+            whole = timed(lambda: read_features(store, "train", key.block, key.t, key.pool, usable), args.repeats)
             p = ProbeConfig(memory_mb=256)
             rows = np.arange(args.images)
 
@@ -109,7 +107,7 @@ def main():
         usable = ~store.skipped("train").astype(bool)
         keys = store.keys("train")
         gb = sum(int(np.prod(store.feature_array("train", k.block, k.t, k.pool).shape)) * 2 for k in keys) / 1e9
-        secs = timed(lambda: [lin._features(store, "train", k.block, k.t, k.pool, usable) for k in keys], args.repeats)
+        secs = timed(lambda: [read_features(store, "train", k.block, k.t, k.pool, usable) for k in keys], args.repeats)
         out["embedded"] = {
             "arrays": len(keys),
             "GB": round(gb, 4),

@@ -1,3 +1,3 @@
-"""diffprobe's probes on cached features: the linear probe, label subsets, sweeps and their
-plots, and the results ledger. Attention/fusion heads and CKA are not here yet.
+"""diffprobe's probes on cached features: the linear probe, the attention and DifFormer heads,
+DifFeed (which re-runs the U-Net), label subsets, sweeps and their plots, and the results ledger.
 """

@@ -11,7 +11,7 @@ settings from pipeline.toml's ``[heads]`` (architecture, recipe) and ``[probe]``
 held-out fraction, device, ledger), one row appended to the results ledger.
 
 Protocol, shared with the linear probe (probe/linear.py): the same held-out part of train
-(`probe.linear.select`: seeded, stratified, by image id; never val), the same label subsets,
+(`probe.protocol.select`: seeded, stratified, by image id; never val), the same label subsets,
 top-1/top-5/per-class on val, the same ledger. Differences:
 
 - No standardisation: each head's first layer is a LayerNorm over the whole C x P x P map.
@@ -21,17 +21,14 @@ top-1/top-5/per-class on val, the same ledger. Differences:
   and sees the same batches; the head with the best held-out top-1 (ties: lower held-out
   loss) is scored on val.
 - The features are held in memory (float16, on the device); a split larger than
-  ``probe.memory_mb`` (at 4 bytes per value) is refused naming the size: the full-resolution
+  ``probe.memory_mb`` (counting the bytes of the dtype held) is refused naming the size: the full-resolution
   maps these heads read (ADM block 24 at pool 16: 262144 values per image) do not fit an
   ImageNet-sized split in memory, and streaming them is not implemented.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 import numpy as np
@@ -39,105 +36,19 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.probe import linear as lin
+from diffprobe.probe.data import read_features
 from diffprobe.probe.heads import AttentionHead, FusionHead, auto_dim
+from diffprobe.probe.ledger import record
+from diffprobe.probe.metrics import choose, val_scores
+from diffprobe.probe.protocol import Selection, select
+from diffprobe.probe.train import count_parameters, head_settings_hash, seeded, train_sgd
+from diffprobe.store.choices import Head
 from diffprobe.store.config import Config, HeadsConfig, ProbeConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import StoreError
 from diffprobe.store.feature_store import FeatureStore, open_store
 
 _ROWS = 512  # images per forward when scoring
-
-
-# ------------------------------------------------------------------ training, shared by every head
-
-
-def head_settings_hash(head: str, h: HeadsConfig, p: ProbeConfig, extra: dict | None = None) -> str:
-    """12 hex digits over what changes what ``head`` trains (not device, threads or ledger)."""
-    keys = [
-        "depth",
-        "dim",
-        "num_heads",
-        "mlp_ratio",
-        "epochs",
-        "step_size",
-        "gamma",
-        "weight_decay",
-        f"{head}_lr",
-        "batch_size" if head != "feedback" else "feedback_batch_size",
-    ]
-    text = json.dumps(
-        {"head": head, "holdout_fraction": p.holdout_fraction, **{k: getattr(h, k) for k in keys}, **(extra or {})},
-        sort_keys=True,
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def seeded(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
-    """``build()`` with torch's global RNG seeded (module initialisation), the global state kept."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-def train_sgd(
-    model: torch.nn.Module,
-    params,
-    lr: float,
-    h: HeadsConfig,
-    batches: Callable[[int], Iterable],
-    loss_of: Callable,
-    on_epoch: Callable[[int], None] | None = None,
-    scaler=None,
-):
-    """The paper's recipe: SGD (no momentum), StepLR(h.step_size, h.gamma), h.epochs epochs.
-
-    ``batches(epoch)`` yields (inputs, y); ``loss_of(inputs, y)`` returns the mean loss (it runs
-    the model, so a caller can wrap it in autocast or a U-Net pass); ``scaler``: a
-    torch.amp.GradScaler for fp16 autocast.
-    """
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=h.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=h.step_size, gamma=h.gamma)
-    for epoch in range(h.epochs):
-        model.train()
-        for inputs, y in batches(epoch):
-            loss = loss_of(inputs, y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-        sched.step()
-        if on_epoch:
-            on_epoch(epoch)
-    model.eval()
-    return model
-
-
-def choose(models_logits: list[torch.Tensor], y_held: torch.Tensor) -> tuple[int, list[dict]]:
-    """Index of the best head on the held-out part (top-1, ties: lower loss) and every head's scores."""
-    scored = [
-        {"heldout_top1": lin.topk_accuracy(lg, y_held, 1), "heldout_loss": float(F.cross_entropy(lg, y_held))}
-        for lg in models_logits
-    ]
-    best = max(range(len(scored)), key=lambda i: (scored[i]["heldout_top1"], -scored[i]["heldout_loss"]))
-    return best, scored
-
-
-def val_scores(logits: torch.Tensor, y_val: np.ndarray, class_names: list[str]) -> dict:
-    y = torch.from_numpy(y_val).to(logits.device)
-    pred = logits.argmax(-1).cpu().numpy()
-    return {
-        "top1": lin.topk_accuracy(logits, y, 1),
-        "top5": lin.topk_accuracy(logits, y, 5),
-        "per_class": lin.per_class_accuracy(pred, y_val, class_names),
-    }
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # ------------------------------------------------------------------ cached maps
@@ -193,14 +104,15 @@ def _maps(
 ) -> torch.Tensor:
     """(n_usable, C, P, P) float16 maps of ``split`` on ``device``; non-finite values are errors."""
     arr = store.feature_array(split, block, t, pool)
-    n_values = int(usable.sum()) * int(np.prod(arr.shape[1:]))
-    if n_values * 4 > p.memory_mb * 2**20:
+    # The maps are held in the store's dtype (float16 by default), so count its real bytes.
+    n_bytes = int(usable.sum()) * int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
+    if n_bytes > p.memory_mb * 2**20:
         raise StoreError(
             f"{store.path}: block {block}, t {t}, pool {pool} of split {split!r} needs "
-            f"{n_values * 4 / 2**20:.0f} MB (4 bytes per value), over probe.memory_mb = "
+            f"{n_bytes / 2**20:.0f} MB ({arr.dtype.itemsize} bytes per value), over probe.memory_mb = "
             f"{p.memory_mb:g}; the attention and fusion heads hold their maps in memory"
         )
-    x = lin._features(store, split, block, t, pool, usable)  # (n_usable, D), finite-checked
+    x = read_features(store, split, block, t, pool, usable)  # (n_usable, D), finite-checked
     return torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), *arr.shape[1:]))).to(device)
 
 
@@ -284,7 +196,7 @@ def attention_probe(
     settings: ProbeConfig | None = None,
     device: str | torch.device = "cpu",
     subset: str = "all",
-    selection: lin.Selection | None = None,
+    selection: Selection | None = None,
 ) -> dict:
     """Train the attention head on ``store``'s train split at (block, t, pool), score it on val.
 
@@ -300,7 +212,7 @@ def attention_probe(
     pool = default_pool(store, [(block, t)], h) if pool is None else pool
     check_held(store, [(block, t)], pool)
     key = store.stored_key(block, t, pool)
-    sel = selection if selection is not None else lin.select(store, seed, p, subset)
+    sel = selection if selection is not None else select(store, seed, p, subset)
     x = _maps(store, "train", block, t, pool, sel.usable, p, device)
     c, sp = int(x.shape[1]), int(x.shape[-1])
     dim = h.dim or auto_dim([c], h.num_heads)
@@ -320,12 +232,12 @@ def attention_probe(
         device,
         forward,
     )
-    del x
+    x = None  # free the train maps before val is read; the training closures are done with them
     xv = _maps(store, "val", block, t, pool, sel.usable_val, p, device)
     logits = _predict(model, lambda i: xv[i].float(), len(xv), forward, device)
     point = {"lr": h.attention_lr[best], "weight_decay": h.weight_decay}
     return {
-        **_base(store, sel, classes, started, device, seed, head_settings_hash("attention", h, p), "attention"),
+        **_base(store, sel, classes, started, device, seed, head_settings_hash(Head.ATTENTION, h, p), Head.ATTENTION),
         "block": block,
         "t": t,
         "pool": pool,
@@ -355,7 +267,7 @@ def fusion_probe(
     settings: ProbeConfig | None = None,
     device: str | torch.device = "cpu",
     subset: str = "all",
-    selection: lin.Selection | None = None,
+    selection: Selection | None = None,
 ) -> dict:
     """Train DifFormer on ``store``'s (blocks x timesteps) maps at ``pool``, score it on val.
 
@@ -375,7 +287,7 @@ def fusion_probe(
     cells = [(b, t) for t in timesteps for b in blocks]
     pool = default_pool(store, cells, h) if pool is None else pool
     check_held(store, cells, pool)
-    sel = selection if selection is not None else lin.select(store, seed, p, subset)
+    sel = selection if selection is not None else select(store, seed, p, subset)
 
     def load(split, usable):
         return [[_maps(store, split, b, t, pool, usable, p, device) for b in blocks] for t in timesteps]
@@ -400,14 +312,14 @@ def fusion_probe(
         device,
         forward,
     )
-    del x
+    x = None  # free the train maps before val is read; the training closures are done with them
     xv = load("val", sel.usable_val)
     logits = _predict(model, lambda i: pick(xv, i), len(sel.y_val), forward, device)
     tokens = sum(sp * sp for _, sp in inputs)
     point = {"lr": h.fusion_lr[best], "weight_decay": h.weight_decay}
     extra = {"blocks": blocks, "timesteps": timesteps}
     return {
-        **_base(store, sel, classes, started, device, seed, head_settings_hash("fusion", h, p, extra), "fusion"),
+        **_base(store, sel, classes, started, device, seed, head_settings_hash(Head.FUSION, h, p, extra), Head.FUSION),
         "block": None,
         "t": None,
         "pool": pool,
@@ -427,22 +339,6 @@ def fusion_probe(
 # ------------------------------------------------------------------ the commands
 
 
-def record(cfg: Config, result: dict, fit_ids, ledger: bool) -> dict:
-    """Append ``result`` to the ledger beside the store and, for a label subset, the fitted ids
-    (``fit_ids``) to ``subsets/<subset_sha>.txt``; add both paths to ``result``."""
-    from diffprobe.probe.ledger import append_row, ledger_path
-    from diffprobe.probe.subsets import write_subset
-
-    result["ledger"] = result["subset_file"] = None
-    if ledger:
-        path = ledger_path(cfg.store.path, cfg.probe.ledger)
-        if result["subset"] != "all":
-            result["subset_file"] = str(write_subset(path.parent, fit_ids, result["subset_sha"]))
-        append_row(path, result)
-        result["ledger"] = str(path)
-    return result
-
-
 def _prepare(cfg: Config, ledger: bool):
     from diffprobe.probe.ledger import ledger_path, read_rows
 
@@ -460,7 +356,7 @@ def run_attention(
     """`probe attention`: `attention_probe` with ``cfg``'s settings, and the ledger row."""
     store = _prepare(cfg, ledger)
     p = cfg.probe
-    sel = lin.select(store, p.seed, p, subset)
+    sel = select(store, p.seed, p, subset)
     r = attention_probe(store, block, t, pool, p.seed, cfg.heads, p, p.device, selection=sel)
     return record(cfg, r, sel.fit_ids, ledger)
 
@@ -471,7 +367,7 @@ def run_fusion(
     """`probe fusion`: `fusion_probe` with ``cfg``'s settings (blocks, timesteps default to [heads])."""
     store = _prepare(cfg, ledger)
     p = cfg.probe
-    sel = lin.select(store, p.seed, p, subset)
+    sel = select(store, p.seed, p, subset)
     r = fusion_probe(
         store,
         blocks or cfg.heads.fusion_blocks,

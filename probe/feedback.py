@@ -32,8 +32,6 @@ first pass at the target block sees exactly what `extract run` would store. Auto
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import time
 from datetime import UTC, datetime
 
@@ -46,17 +44,13 @@ from torch.overrides import TorchFunctionMode
 from diffprobe.extract.extraction import pool_features
 from diffprobe.extract.noise import batch_noise
 from diffprobe.extract.unet import BlockTable, ModelSpec, block_modules, build_model, capture
-from diffprobe.probe import linear as lin
-from diffprobe.probe.attention import (
-    choose,
-    count_parameters,
-    head_settings_hash,
-    record,
-    seeded,
-    train_sgd,
-    val_scores,
-)
+from diffprobe.probe.digest import fingerprint_digest
 from diffprobe.probe.heads import AttentionHead, FeedbackLayer, auto_dim
+from diffprobe.probe.ledger import record
+from diffprobe.probe.metrics import choose, val_scores
+from diffprobe.probe.protocol import holdout_mask
+from diffprobe.probe.train import count_parameters, head_settings_hash, seeded, train_sgd
+from diffprobe.store.choices import Head
 from diffprobe.store.config import Config, HeadsConfig, ProbeConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import BlockError, ConfigError, ImageError, StoreError
@@ -291,7 +285,7 @@ def feedback_probe(
 
     ``unet`` is moved to ``device`` and frozen. Defaults come from ``heads`` (feedback_blocks,
     feedback_target, feedback_t, pool). The held-out part and label subsets are the linear
-    probe's (`probe.linear.holdout_mask`, probe/subsets.py), over the source's train ids.
+    probe's (`probe.protocol.holdout_mask`, probe/subsets.py), over the source's train ids.
     Returns the keys of `probe.attention.attention_probe`, with ``head`` "feedback", ``blocks``
     the decoder blocks fed back, ``pairs`` {decoder: encoder} and ``target``.
     """
@@ -310,7 +304,7 @@ def feedback_probe(
 
     train = source.split("train")
     ids, labels = np.asarray(train.ids), np.asarray(train.labels)
-    held = lin.holdout_mask(ids, labels, p.holdout_fraction, seed)
+    held = holdout_mask(ids, labels, p.holdout_fraction, seed)
     if not held.any():
         raise StoreError(
             f"{where or 'train'}: too few images per class to hold {p.holdout_fraction:g} out "
@@ -365,7 +359,7 @@ def feedback_probe(
     extra = {"blocks": blocks, "target": target, "t": t, "pool": pool}
     return {
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "head": "feedback",
+        "head": Head.FEEDBACK,
         "store": where,
         "fingerprint": fingerprint,
         "n_train": len(fit),
@@ -394,7 +388,7 @@ def feedback_probe(
         "subset": subset,
         "subset_sha": subset_sha(ids[fit]),
         "fit_ids": ids[fit],
-        "settings": head_settings_hash("feedback", h, p, {**extra, "noise_seed": noise_seed}),
+        "settings": head_settings_hash(Head.FEEDBACK, h, p, {**extra, "noise_seed": noise_seed}),
         "heldout_top1": scored[best]["heldout_top1"],
         **val_scores(logits, np.asarray(val.labels), classes),
         "seconds": round(time.perf_counter() - started, 3),
@@ -434,7 +428,7 @@ def run(
     unet = build_model(job.spec)
     sha = load_checkpoint(unet, job.checkpoint)
     fp = jobs.fingerprints(job, sha, device, torch.get_num_threads())  # the U-Net runs here at this count
-    fingerprint = hashlib.sha256(json.dumps(fp, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    fingerprint = fingerprint_digest(fp)
     result = feedback_probe(
         unet,
         job.table,

@@ -61,6 +61,7 @@ import io
 import json
 from pathlib import Path
 
+from diffprobe.store.config import Config
 from diffprobe.store.errors import DiffprobeError
 
 COLUMNS = (
@@ -183,3 +184,18 @@ def read_rows(path: str | Path) -> list[dict]:
         for c in _JSON:
             row[c] = json.loads(row[c])
     return rows
+
+
+def record(cfg: Config, result: dict, fit_ids, ledger: bool) -> dict:
+    """Append ``result`` to the ledger beside the store and, for a label subset, the fitted ids
+    (``fit_ids``) to ``subsets/<subset_sha>.txt``; add both paths to ``result``."""
+    from diffprobe.probe.subsets import write_subset
+
+    result["ledger"] = result["subset_file"] = None
+    if ledger:
+        path = ledger_path(cfg.store.path, cfg.probe.ledger)
+        if result["subset"] != "all":
+            result["subset_file"] = str(write_subset(path.parent, fit_ids, result["subset_sha"]))
+        append_row(path, result)
+        result["ledger"] = str(path)
+    return result

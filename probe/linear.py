@@ -15,12 +15,12 @@ Protocol (deterministic given the seed, on one device and thread count):
    depends only on (seed, image id, label), not on store order). Val is never looked at
    until the chosen head is scored. The rest is the fitted part; a label subset
    (``--label-fraction``, ``--shots``, ``--subset``: probe/subsets.py) keeps only part of it.
-   `select` does steps 1-2 once per store, seed and subset; a sweep shares it across cells.
+   `probe.protocol.select` does steps 1-2 once per store, seed and subset; a sweep shares it across cells.
 3. Standardise with the mean and std of the fitted part (float64 sums over row chunks;
    constant features get std 1). Features stay float16 in memory; batches are
    standardised to float32 on the device as they are used.
 
-   Memory: a split whose features fit ``probe.memory_mb`` (counted at 4 bytes per value) is
+   Memory: a split whose features fit ``probe.memory_mb`` (counted in the bytes of the stored dtype) is
    read whole, as above. A larger one (ImageNet: 1.28M x 4096 fp16 ~ 10 GB) is streamed from
    the store (`_Streamed`) in blocks of at most memory_mb, whole store chunks where one fits:
    the statistics, held-out and val scoring take one pass; ``sgd`` uses a block shuffle (the
@@ -50,41 +50,41 @@ Recipes:
   of the grid from the strongest to the weakest, each warm-started from the previous.
 
 Why torch L-BFGS and not scikit-learn's LogisticRegression(solver="lbfgs") (the same objective
-with C = 1 / (l2 * n)): measured on this machine's 2 shared CPU cores, 30 iterations each on
-synthetic Gaussian classes, both reach the same loss to 4-5 digits and the same accuracy:
-
-    N x D x K                torch L-BFGS   scikit-learn   (OMP_WAIT_POLICY=PASSIVE)
-    1437 x 512 x 10             1.3 s          2.2 s
-    20000 x 2048 x 100         13.0 s         21.5 s
-    20000 x 4096 x 1000       176 s          199 s        (K: ImageNet's classes; D: ADM block 24 at pool 2)
-
-Both are GEMM-bound, so on CPU torch is as fast or faster (scikit-learn keeps float32 too);
-torch also runs on the GPU, where one ImageNet-scale iteration is a few large GEMMs, keeps
-the float16 features there, and shares standardisation and scoring with ``sgd``.
-scikit-learn is CPU-only. That decides it at ImageNet scale.
+with C = 1 / (l2 * n)): both are GEMM-bound and reach the same loss and accuracy, torch as fast
+or faster on CPU (BENCHMARKS.md), and torch also runs on the GPU, keeps the float16 features
+there, and shares standardisation and scoring with ``sgd``. scikit-learn is CPU-only. That
+decides it at ImageNet scale.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffprobe.probe.data import read_features as _features
+from diffprobe.probe.digest import fingerprint_digest, settings_digest
+from diffprobe.probe.metrics import per_class_accuracy, topk_accuracy
+from diffprobe.probe.protocol import Selection, select
+from diffprobe.store.choices import Recipe, allowed
 from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import ConfigError, StoreError
 from diffprobe.store.feature_store import FeatureKey, FeatureStore, open_store
 from diffprobe.store.finite import all_finite
 
-RECIPES = ("sgd", "lbfgs")
 _TEMP_BYTES = 32 << 20  # float32/float64 temporaries of statistics and scoring: chunks of at most this
+
+
+# A feature whose std is below this fraction of the largest std is taken as constant: for a
+# constant column, float64 E[x^2] - E[x]^2 leaves only a rounding residue (its sqrt ~1e-8 of
+# the value), far below the spread of any real feature.
+CONSTANT_STD = 1e-6
 
 
 def _chunk_rows(dim: int, bytes_per_value: int = 8) -> int:
@@ -97,68 +97,7 @@ def _chunk_rows(dim: int, bytes_per_value: int = 8) -> int:
 
 def store_fingerprint(store: FeatureStore) -> str:
     """16 hex digits naming what made the store (model, preprocessing, noise, compute, dataset)."""
-    text = json.dumps(store.fingerprints, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _labelled(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, ids, usable) of ``split``: ``usable`` drops skipped images; errors name the problem."""
-    if split not in store.splits:
-        raise StoreError(
-            f"{store.path}: no split {split!r}; the linear probe needs 'train' and 'val' "
-            f"and the store holds {', '.join(store.splits)}"
-        )
-    n_classes = len(store.class_names)
-    try:
-        labels = store.labels(split)
-    except KeyError:
-        labels = None
-    if labels is None or n_classes == 0 or (len(labels) and labels.min() < 0):
-        raise StoreError(f"{store.path}: split {split!r} has no labels; a linear probe needs labelled images")
-    if len(labels) and labels.max() >= n_classes:
-        raise StoreError(
-            f"{store.path}: split {split!r} has label {int(labels.max())} but the store names {n_classes} classes"
-        )
-    usable = ~store.skipped(split).astype(bool)
-    if not usable.any():
-        raise StoreError(
-            f"{store.path}: split {split!r} is empty ({len(labels)} images, all skipped); nothing to probe"
-        )
-    return labels, store.ids(split), usable
-
-
-def _features(store: FeatureStore, split: str, block: int, t: int, pool: int, usable: np.ndarray) -> np.ndarray:
-    """(n_usable, C * p * p) float16 features of ``split``."""
-    x = store.features(split, block, t, pool)
-    x = x.reshape(len(x), -1)
-    x = x if usable.all() else x[usable]
-    if not all_finite(x):
-        raise StoreError(
-            f"{store.path}: block {block}, t {t}, pool {pool} in split {split!r} holds "
-            f"non-finite values in images that are not marked skipped"
-        )
-    return x
-
-
-def holdout_mask(ids, labels, fraction: float, seed: int) -> np.ndarray:
-    """True for the train images held out to choose hyperparameters.
-
-    Per class, the ``round(fraction * n)`` images (at least 1, at most n - 1; none for a class
-    of one image) whose blake2b(seed, id) is smallest: stratified, and a function of
-    (seed, id, label) alone, so reordering or extending the split does not reshuffle it.
-    """
-    ids, labels = np.asarray(ids), np.asarray(labels)
-    keys = np.array(
-        [int.from_bytes(hashlib.blake2b(f"{seed}\0{i}".encode(), digest_size=8).digest(), "big") for i in ids],
-        dtype=np.uint64,
-    )
-    mask = np.zeros(len(ids), dtype=bool)
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        n = len(members)
-        k = 0 if n < 2 else min(max(int(round(fraction * n)), 1), n - 1)
-        mask[members[np.argsort(keys[members], kind="stable")[:k]]] = True
-    return mask
+    return fingerprint_digest(store.fingerprints)
 
 
 def feature_stats(x: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +116,8 @@ def feature_stats(x: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.nda
 def _finish_stats(s: np.ndarray, ss: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
-    std[std < 1e-6 * max(float(std.max()), 1e-12)] = 1.0  # constant features: leave them at 0
+    # Constant features get std 1, so they standardise to 0 instead of dividing by ~0.
+    std[std < CONSTANT_STD * max(float(std.max()), 1e-12)] = 1.0
     return mean.astype(np.float32), std.astype(np.float32)
 
 
@@ -224,15 +164,18 @@ def _read_rows(arr, lo: int, hi: int) -> np.ndarray:
     return x.reshape(len(x), -1)
 
 
-def budget_rows(p: ProbeConfig, dim: int) -> int:
-    """Rows of ``dim`` features that ``p.memory_mb`` holds at 4 bytes per value (at least 1)."""
-    return max(1, int(p.memory_mb * 2**20 // (4 * dim)))
+def budget_rows(p: ProbeConfig, dim: int, itemsize: int) -> int:
+    """Rows of ``dim`` features of ``itemsize`` bytes each that ``p.memory_mb`` holds (at least 1).
+
+    Rows are held in the store's dtype (float16 by default) whether read whole or streamed;
+    only batches are standardised to float32, so the budget counts the stored bytes."""
+    return max(1, int(p.memory_mb * 2**20 // (itemsize * dim)))
 
 
 def fits_in_memory(store: FeatureStore, split: str, block: int, t: int, pool: int, p: ProbeConfig) -> bool:
     """Whether ``split``'s whole feature array fits ``p.memory_mb`` (else the probe streams it)."""
-    shape = store.feature_array(split, block, t, pool).shape
-    return shape[0] <= budget_rows(p, int(np.prod(shape[1:])))
+    arr = store.feature_array(split, block, t, pool)
+    return arr.shape[0] <= budget_rows(p, int(np.prod(arr.shape[1:])), arr.dtype.itemsize)
 
 
 class _Streamed:
@@ -265,7 +208,7 @@ class _Streamed:
         self.rows_ = np.asarray(rows, dtype=np.int64)
         self.usable = usable
         self._device = device
-        self.cap = cap = budget_rows(p, self._dim)
+        self.cap = cap = budget_rows(p, self._dim, self.arr.dtype.itemsize)
         chunk = store.chunk_images(split)
         step = cap // chunk * chunk if cap >= chunk else cap
         n = self.arr.shape[0]
@@ -465,16 +408,16 @@ def train_lbfgs(
     return torch.stack([o[0] for o in out])[None], torch.stack([o[1] for o in out])[None]
 
 
-TRAINERS = {"sgd": train_sgd, "lbfgs": train_lbfgs}
+TRAINERS = {Recipe.SGD: train_sgd, Recipe.LBFGS: train_lbfgs}
 
 
 def recipe_grid(recipe: str, p: ProbeConfig) -> list[dict]:
     """The hyperparameter points of ``recipe``, in the order the config lists them."""
-    if recipe == "sgd":
+    if recipe == Recipe.SGD:
         return [{"lr": lr, "weight_decay": wd} for lr in p.sgd_lr for wd in p.sgd_weight_decay]
-    if recipe == "lbfgs":
+    if recipe == Recipe.LBFGS:
         return [{"l2": l2} for l2 in p.lbfgs_l2]
-    raise ConfigError(f"probe.recipe: {recipe!r} is not allowed; allowed: {', '.join(map(repr, RECIPES))}")
+    raise ConfigError(f"probe.recipe: {recipe!r} is not allowed; allowed: {allowed(Recipe)}")
 
 
 # ------------------------------------------------------------------ scoring
@@ -486,73 +429,13 @@ def _logits(data: _Standardised, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return torch.cat([torch.einsum("fnd,fhdk->fhnk", x, w) + b[:, :, None, :] for x in data.chunks()], dim=2)
 
 
-def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
-    """Fraction of rows whose label is among the ``k`` largest logits (k capped at the classes)."""
-    k = min(k, logits.shape[-1])
-    hits = int((logits.topk(k, dim=-1).indices == y[:, None]).any(-1).sum())
-    return hits / len(y)
-
-
-def per_class_accuracy(pred: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict:
-    """Top-1 per class name (None for a class with no images)."""
-    return {name: (float((pred[y == c] == c).mean()) if (y == c).any() else None) for c, name in enumerate(class_names)}
-
-
 # ------------------------------------------------------------------ the probe
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which images a probe uses, the same for every feature set of a store (see `select`).
-
-    Row indices ``fit`` and ``hold`` index train's usable (not skipped) images.
-    """
-
-    usable: np.ndarray  # train: not skipped
-    y: np.ndarray  # labels of the usable train images
-    fit: np.ndarray  # usable rows the head is fitted on (the subset, if any)
-    hold: np.ndarray  # usable rows held out to choose hyperparameters
-    usable_val: np.ndarray
-    y_val: np.ndarray
-    subset: str  # the spec: "all", "fraction:F", "shots:K", "file:PATH"
-    subset_sha: str  # sha256 of the sorted fitted ids
-    fit_ids: np.ndarray
-
-
-def select(store: FeatureStore, seed: int = 0, settings: ProbeConfig | None = None, subset: str = "all") -> Selection:
-    """The held-out part, the fitted part (``subset`` of what is left: probe/subsets.py) and val."""
-    from diffprobe.probe.subsets import choose_subset, subset_sha
-
-    p = settings or ProbeConfig()
-    y_all, ids, usable = _labelled(store, "train")
-    y_val_all, _, usable_val = _labelled(store, "val")
-    y_tr, ids = y_all[usable], ids[usable]
-    held = holdout_mask(ids, y_tr, p.holdout_fraction, seed)
-    if not held.any():
-        raise StoreError(
-            f"{store.path}: train has too few images per class to hold {p.holdout_fraction:g} out "
-            f"for choosing hyperparameters ({len(y_tr)} images, {len(store.class_names)} classes)"
-        )
-    chosen = choose_subset(subset, ids, y_tr, ~held, seed, store.class_names, source=str(store.path))
-    fit = np.flatnonzero(chosen)
-    return Selection(
-        usable=usable,
-        y=y_tr,
-        fit=fit,
-        hold=np.flatnonzero(held),
-        usable_val=usable_val,
-        y_val=y_val_all[usable_val],
-        subset=subset,
-        subset_sha=subset_sha(ids[fit]),
-        fit_ids=ids[fit],
-    )
 
 
 def settings_hash(recipe: str, p: ProbeConfig) -> str:
     """12 hex digits naming the settings that change what ``recipe`` trains (not device or threads)."""
     names = ["holdout_fraction"] + [f.name for f in dataclasses.fields(p) if f.name.startswith(f"{recipe}_")]
-    text = json.dumps({"recipe": recipe, **{n: getattr(p, n) for n in names}}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return settings_digest({"recipe": recipe, **{n: getattr(p, n) for n in names}})
 
 
 def linear_probe(
@@ -620,18 +503,19 @@ def linear_probes(
 
 def passes(store: FeatureStore, keys: list[FeatureKey], recipe: str, p: ProbeConfig) -> list[list[int]]:
     """Indices of ``keys`` trained together: for ``sgd``, feature sets of the same width, in the
-    order given, as many as fit ``p.memory_mb`` at once (train at 4 bytes per value); a split
+    order given, as many as fit ``p.memory_mb`` at once (train in its stored dtype); a split
     that does not fit alone is streamed alone; ``lbfgs`` (full-batch) trains one set at a time."""
     groups: list[list[int]] = []
     open_: dict[int, tuple[list[int], int]] = {}  # width -> (the group being filled, its rows)
     for i, key in enumerate(keys):
-        shape = store.feature_array("train", key.block, key.t, key.pool).shape
-        dim, rows = int(np.prod(shape[1:])), shape[0]
-        if recipe != "sgd" or rows > budget_rows(p, dim):
+        arr = store.feature_array("train", key.block, key.t, key.pool)
+        dim, rows = int(np.prod(arr.shape[1:])), arr.shape[0]
+        cap = budget_rows(p, dim, arr.dtype.itemsize)
+        if recipe != "sgd" or rows > cap:
             groups.append([i])
             continue
         group, used = open_.get(dim, (None, 0))
-        if group is None or used + rows > budget_rows(p, dim):
+        if group is None or used + rows > cap:
             group, used = [], 0
             groups.append(group)
         group.append(i)

@@ -15,7 +15,7 @@ A spec is one string, the same one the ledger's ``subset`` column holds:
 =====================  ===========================================================================
 
 Subsets are drawn from the fitted part only, so they never touch the held-out part that
-`probe.linear.holdout_mask` selects for choosing hyperparameters. ``fraction`` and ``shots``
+`probe.protocol.holdout_mask` selects for choosing hyperparameters. ``fraction`` and ``shots``
 take, per class, the images whose blake2b(seed, "subset", id) is smallest: class-balanced,
 seeded, and a function of (seed, image id, label) alone (reordering or extending the split
 does not reshuffle it), with a salt of its own so it is not correlated with the held-out

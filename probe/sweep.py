@@ -13,7 +13,7 @@ soon as its pass is done, so a sweep that is stopped loses at most one pass;
 the next one skips the cells whose row is already there for the same store fingerprint,
 recipe, seed, label subset (``subset`` and ``subset_sha``) and training settings
 (``settings``: `probe.linear.settings_hash`). The held-out and label-subset selection is made
-once per sweep (`probe.linear.select`) and each feature set is read once per split.
+once per sweep (`probe.protocol.select`) and each feature set is read once per split.
 
 Plots (probe/plots.py) go to ``sweep-<fingerprint>-<recipe>-<run>/`` beside the ledger,
 ``<run>`` being 8 hex digits over (seed, subset_sha, settings), so sweeps with other
@@ -32,6 +32,7 @@ import torch
 
 from diffprobe.probe import linear as lin
 from diffprobe.probe.ledger import append_row, ledger_path, read_rows
+from diffprobe.probe.protocol import Selection, select
 from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.errors import StoreError
 from diffprobe.store.feature_store import FeatureKey, FeatureStore, open_store
@@ -98,7 +99,7 @@ def _cell_of(row: dict) -> FeatureKey:
 
 
 def done_cells(
-    ledger: Path | None, fingerprint: str, recipe: str, seed: int, sel: lin.Selection, settings: str
+    ledger: Path | None, fingerprint: str, recipe: str, seed: int, sel: Selection, settings: str
 ) -> dict[FeatureKey, dict]:
     """Ledger rows of the same store, recipe, seed, subset and settings, by cell (the last one wins)."""
     if ledger is None:
@@ -142,19 +143,19 @@ def sweep(
     subset: str = "all",
     ledger: str | Path | None = None,
     on_cell: Callable[[FeatureKey, bool], None] | None = None,
-    selection: lin.Selection | None = None,
+    selection: Selection | None = None,
 ) -> dict:
     """Probe every cell not already in ``ledger`` (None: train them all, record nothing).
 
     ``on_cell(cell, trained)`` is called after each cell. Returns ``cells`` (one summary per
     cell, in ``cells`` order: block, t, pool (stored), top1, top5, heldout_top1,
     hyperparameters, seconds, trained), ``trained`` and ``skipped`` (counts), the
-    `probe.linear.Selection` as ``selection``, ``fingerprint`` and ``settings``.
+    `probe.protocol.Selection` as ``selection``, ``fingerprint`` and ``settings``.
     """
     p = settings or ProbeConfig()
     lin.recipe_grid(recipe, p)  # an unknown recipe fails before anything is read
     device = lin.resolve_device(device, "probe.device") if isinstance(device, str) else device
-    sel = selection if selection is not None else lin.select(store, seed, p, subset)
+    sel = selection if selection is not None else select(store, seed, p, subset)
     fingerprint, settings_id = lin.store_fingerprint(store), lin.settings_hash(recipe, p)
     ledger = Path(ledger) if ledger is not None else None
     done = done_cells(ledger, fingerprint, recipe, seed, sel, settings_id)
@@ -225,7 +226,7 @@ def run(
     cells, grid = plan(store, blocks, ts, pools)
     ledger = ledger_path(cfg.store.path, p.ledger)
 
-    sel = lin.select(store, p.seed, p, subset)  # made once: counted here, reused by the sweep
+    sel = select(store, p.seed, p, subset)  # made once: counted here, reused by the sweep
     if on_plan:
         done = done_cells(ledger, lin.store_fingerprint(store), p.recipe, p.seed, sel, lin.settings_hash(p.recipe, p))
         on_plan(len(cells), sum(c in done for c in cells))

@@ -192,7 +192,7 @@ class ProbeConfig:
     memory_mb: float = _key(
         2048.0,
         _float(1e-4, 1e9),
-        "most feature memory the probe holds at once (MB, at 4 bytes per value); a split above it is streamed from the store",
+        "most feature memory the probe holds at once (MB, in the bytes of the stored dtype); a split above it is streamed from the store",
     )
 
 

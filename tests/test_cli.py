@@ -1,6 +1,8 @@
 """The CLIs through typer's runner: output, --json, and one-line errors with exit code 2."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -8,8 +10,6 @@ from typer.testing import CliRunner
 from diffprobe.analyze.cli import analyze_app
 from diffprobe.extract.cli import app
 from diffprobe.probe.cli import probe_app
-
-from .conftest import REPO
 
 runner = CliRunner()
 
@@ -121,7 +121,30 @@ def test_probe_and_analyze_show_help():
         assert r.exit_code == 0 and "Usage" in r.output
 
 
-def test_console_scripts_are_declared():
-    text = (REPO / "pyproject.toml").read_text()
+def test_console_scripts_resolve_to_the_cli_functions():
+    """The installed entry points (not pyproject's text) name callables of the diffprobe namespace."""
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e for e in entry_points(group="console_scripts") if e.value.startswith("diffprobe.")}
+    assert set(scripts) >= {"extract", "probe", "analyze"}
     for name in ("extract", "probe", "analyze"):
-        assert f'\n{name} = "' in text
+        assert callable(scripts[name].load())
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.argv = ['{name}', '--help']; "
+                f"from {scripts[name].module} import {scripts[name].attr} as m; m()",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0 and "Usage" in r.stdout, r.stderr
+
+
+def test_only_the_diffprobe_namespace_is_installed(tmp_path):
+    """No top-level `store`, `extract`, `probe` or `analyze` package: those names belong to others on PyPI."""
+    code = "import importlib.util as u; print([n for n in ('store', 'extract', 'probe', 'analyze') if u.find_spec(n)])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -11,9 +11,11 @@ from typer.testing import CliRunner
 from diffprobe.extract import job as jobs
 from diffprobe.probe.cli import probe_app
 from diffprobe.probe.ledger import COLUMNS, LedgerError, append_row, read_rows
-from diffprobe.probe.linear import holdout_mask, linear_probe
+from diffprobe.probe.linear import linear_probe
+from diffprobe.probe.protocol import holdout_mask
 from diffprobe.store.config import ProbeConfig
-from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
+from diffprobe.store.feature_store import FeatureKey, open_store
+from diffprobe.store.synthetic import write_synthetic_store
 
 from .conftest import small_config
 
@@ -32,29 +34,18 @@ def _planted(n: int, seed: int, strength: float = 8.0):
 
 
 def write_store(path, train, val, *, class_names=None, skipped_train=(), skipped_val=(), block=24, t=90, chunk=64):
-    """A store of one feature array (t, block, pool 2) written through store/'s writer API."""
-    blocks = [{"number": b, "module": f"m{b}", "channels": C, "spatial": P} for b in range(1, 38)]
-    splits = {
-        name: ([f"{name}/{i:05d}" for i in range(len(y))], y) for name, (_, y) in (("train", train), ("val", val))
-    }
-    fingerprints = {"model": {"synthetic": True}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
+    """A store of one feature array (t, block, pool 2), through `write_synthetic_store`."""
     key = FeatureKey(t, block, P)
-    with StoreWriter.create(
+    data = {"train": train, "val": val}
+    return write_synthetic_store(
         path,
-        fingerprints=fingerprints,
-        provenance={},
-        blocks=blocks,
+        {name: {key: x} for name, (x, _) in data.items()},
+        {name: y for name, (_, y) in data.items()},
         class_names=[str(c) for c in range(K)] if class_names is None else class_names,
-        splits=splits,
+        ids={name: [f"{name}/{i:05d}" for i in range(len(y))] for name, (_, y) in data.items()},
+        skipped={"train": skipped_train, "val": skipped_val},
         chunk_images=chunk,
-    ) as w:
-        for name, (x, _) in (("train", train), ("val", val)):
-            w.ensure_arrays(name, {key: C}, "float16", "none")
-            for c in range(-(-len(x) // chunk)):
-                w.write_chunk(name, c, {key: x[c * chunk : (c + 1) * chunk]})
-        w.write_skipped("train", np.asarray(skipped_train, dtype=int))
-        w.write_skipped("val", np.asarray(skipped_val, dtype=int))
-    return path
+    )
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

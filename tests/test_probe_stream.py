@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from diffprobe.probe import linear as lin
-from diffprobe.probe.linear import _Streamed, feature_stats, linear_probe, select
+from diffprobe.probe.data import read_features
+from diffprobe.probe.linear import _Streamed, feature_stats, linear_probe
+from diffprobe.probe.protocol import select
 from diffprobe.store.config import ProbeConfig
 from diffprobe.store.feature_store import open_store
 
@@ -19,8 +21,8 @@ D = C * P * P  # 64 features: 256 bytes per row at float32
 SKIPPED = (3, 70, 71, 200, 399)
 
 
-def _mb(rows: int) -> float:
-    return rows * 4 * D / 2**20
+def _mb(rows: int) -> float:  # the budget that holds ``rows`` float16 rows
+    return rows * 2 * D / 2**20
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,7 +59,7 @@ FAST = dataclasses.replace(ProbeConfig(), lbfgs_l2=(1e-3, 1e-1), lbfgs_max_iter=
 def test_streamed_stats_equal_in_memory(store, reads, budget, subset):
     p = dataclasses.replace(FAST, memory_mb=_mb(budget))
     sel = select(store, 0, p, subset)
-    x = lin._features(store, "train", 24, 90, 2, sel.usable)
+    x = read_features(store, "train", 24, 90, 2, sel.usable)
     rows = np.flatnonzero(sel.usable)[sel.fit]
     got = _Streamed(store, "train", 24, 90, 2, rows, sel.usable, None, None, torch.device("cpu"), p).stats()
     want = feature_stats(x, sel.fit)

@@ -8,13 +8,15 @@ import pytest
 from typer.testing import CliRunner
 
 from diffprobe.probe import linear as lin
+from diffprobe.probe import protocol
 from diffprobe.probe import sweep as sw
 from diffprobe.probe.cli import probe_app
 from diffprobe.probe.ledger import read_rows
 from diffprobe.probe.subsets import SubsetError, choose_subset, subset_spec
 from diffprobe.store.config import ProbeConfig
 from diffprobe.store.errors import ConfigError, StoreError
-from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
+from diffprobe.store.feature_store import FeatureKey, open_store
+from diffprobe.store.synthetic import write_synthetic_store
 
 runner = CliRunner()
 K, C = 10, 8
@@ -39,23 +41,19 @@ def write_grid_store(path, n_train=300, n_val=100, keys=None, val_keys=None):
     val_keys = keys if val_keys is None else val_keys
     blocks = [{"number": b, "module": f"m{b}", "channels": C, "spatial": 2} for b in range(1, 38)]
     y_tr, y_val = np.arange(n_train) % K, np.arange(n_val) % K
-    splits = {
-        "train": ([f"train/{i:05d}" for i in range(n_train)], y_tr),
-        "val": ([f"val/{i:05d}" for i in range(n_val)], y_val),
-    }
-    fps = {"model": {"synthetic": True}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
-    with StoreWriter.create(
+    strength = lambda k: 1.5 + (k.block - 23) + k.t / 150
+    write_synthetic_store(
         path,
-        fingerprints=fps,
-        provenance={},
-        blocks=blocks,
+        {
+            "train": {k: _features(n_train, 1, k, strength(k))[0] for k in keys},
+            "val": {k: _features(n_val, 2, k, strength(k))[0] for k in val_keys},
+        },
+        {"train": y_tr, "val": y_val},
         class_names=[f"c{c}" for c in range(K)],
-        splits=splits,
+        ids={"train": [f"train/{i:05d}" for i in range(n_train)], "val": [f"val/{i:05d}" for i in range(n_val)]},
+        blocks=blocks,
         chunk_images=512,
-    ) as w:
-        for split, n, seed, ks in (("train", n_train, 1, keys), ("val", n_val, 2, val_keys)):
-            w.ensure_arrays(split, {k: C for k in ks}, "float16", "none")
-            w.write_chunk(split, 0, {k: _features(n, seed, k, 1.5 + (k.block - 23) + k.t / 150)[0] for k in ks})
+    )
     return path
 
 
@@ -202,23 +200,23 @@ def test_sweep_errors_are_one_line_and_exit_2(grid, tmp_path, args, message):
 def test_label_fraction_is_balanced_reproducible_seeded_and_disjoint_from_heldout(grid):
     store = open_store(grid)
     ids, y = store.ids("train"), store.labels("train")  # 30 per class
-    sel = lin.select(store, seed=0, subset="fraction:0.1")
+    sel = protocol.select(store, seed=0, subset="fraction:0.1")
     held = set(ids[sel.hold])
     assert len(sel.hold) == 30 and [int((y[sel.fit] == c).sum()) for c in range(K)] == [3] * K  # round(0.1*27)
     assert not held & set(sel.fit_ids)
-    again = lin.select(store, seed=0, subset="fraction:0.1")
+    again = protocol.select(store, seed=0, subset="fraction:0.1")
     assert sel.subset_sha == again.subset_sha and (sel.fit == again.fit).all()
-    other = lin.select(store, seed=1, subset="fraction:0.1")
+    other = protocol.select(store, seed=1, subset="fraction:0.1")
     assert set(other.fit_ids) != set(sel.fit_ids) and not set(ids[other.hold]) & set(other.fit_ids)
     # a fraction too small for a class still gives it one image; order-free like holdout_mask
-    tiny = lin.select(store, seed=0, subset="fraction:0.001")
+    tiny = protocol.select(store, seed=0, subset="fraction:0.001")
     assert [int((y[tiny.fit] == c).sum()) for c in range(K)] == [1] * K
     perm = np.random.default_rng(0).permutation(len(ids))
-    eligible = ~lin.holdout_mask(ids, y, 0.1, 0)
+    eligible = ~protocol.holdout_mask(ids, y, 0.1, 0)
     m = choose_subset("fraction:0.1", ids[perm], y[perm], eligible[perm], 0, store.class_names)
     assert set(ids[perm][m]) == set(sel.fit_ids)
     # "all" is the whole fitted part
-    assert len(lin.select(store, seed=0).fit) == 270
+    assert len(protocol.select(store, seed=0).fit) == 270
 
 
 def test_shots_and_their_errors():
@@ -238,7 +236,7 @@ def test_shots_and_their_errors():
 def test_subset_file_and_label_fraction_through_probe_linear(grid, tmp_path):
     store = open_store(grid)
     ids = store.ids("train")
-    held = set(ids[lin.select(store, seed=0).hold])
+    held = set(ids[protocol.select(store, seed=0).hold])
     listed = [i for i in ids[:60] if i not in held][:40] + [next(iter(held))]  # a held-out id is left out
     f = tmp_path / "ids.txt"
     f.write_text(
@@ -283,7 +281,7 @@ def test_many_feature_sets_in_one_pass_equal_each_trained_alone(grid):
     # same width (pool 1: 8 features, pool 2: 32) and within the budget: one pass per width
     assert lin.passes(store, keys, "sgd", p) == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert lin.passes(store, keys, "lbfgs", p) == [[i] for i in range(8)]
-    small = ProbeConfig(sgd_epochs=6, memory_mb=2 * 300 * 32 * 4 / 2**20)  # two pool-2 train splits
+    small = ProbeConfig(sgd_epochs=6, memory_mb=2 * 300 * 32 * 2 / 2**20)  # two pool-2 float16 train splits
     assert lin.passes(store, keys, "sgd", small) == [[0, 2, 4, 6], [1, 3], [5, 7]]
 
     seen = []
