@@ -33,9 +33,11 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
+import zarr.codecs
 
 from .errors import FingerprintMismatch, StoreError, StoreLocked
 from .ranges import format_int_list
@@ -65,6 +67,11 @@ class FeatureKey:
         return cls(*map(int, m.groups()))
 
 
+def _columns(group) -> list[str]:
+    """The completion records' column names of a split group (one per feature array)."""
+    return list(cast(list, group.attrs.get("done_columns", [])))
+
+
 def _codecs(codec: str) -> dict:
     if codec == "none":
         return {"compressors": None}
@@ -82,12 +89,12 @@ def _n_chunks(n: int, chunk: int) -> int:
 class FeatureStore:
     """Read access to a store. Use `open_store`; writers use `StoreWriter`."""
 
-    def __init__(self, path: str | Path, mode: str = "r"):
+    def __init__(self, path: str | Path, mode: Literal["r", "r+"] = "r"):
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise StoreError(f"{self.path}: no diffprobe store here (run `extract run --store {self.path}`)")
         self._root = zarr.open_group(str(self.path), mode=mode)
-        attrs = self._root.attrs.asdict()
+        attrs: dict[str, Any] = dict(self._root.attrs.asdict())
         if attrs.get("schema") == "diffprobe-features" and not attrs.get("initialized"):
             raise StoreError(
                 f"{self.path}: the store's creation was cut off; run `extract run --store {self.path}` again"
@@ -137,8 +144,8 @@ class FeatureStore:
     def done_masks(self, split: str) -> dict[FeatureKey, np.ndarray]:
         """Every feature array of ``split`` -> which of its image chunks are complete (bool)."""
         g = self._split(split)
-        columns = list(g.attrs.get("done_columns", []))
-        records = g["done"][:].astype(bool) if columns else None
+        columns = _columns(g)
+        records = g["done"][:].astype(bool) if columns else np.zeros((0, 0), dtype=bool)
         masks = {}
         for name in g["features"].array_keys():
             if name in columns:  # an array without a column yet has no complete chunk
@@ -151,7 +158,7 @@ class FeatureStore:
         """Complete image chunks of one feature array. Reads only that array's column: listing
         every array (`done_masks`) on each read made a 408-cell sweep spend ~70% of its time here."""
         g = self._split(split)
-        columns = list(g.attrs.get("done_columns", []))
+        columns = _columns(g)
         if key.name not in columns:  # an array without a column yet has no complete chunk
             return 0
         return int(g["done"][:, columns.index(key.name)].astype(bool).sum())
@@ -214,7 +221,7 @@ class FeatureStore:
 
     def status(self) -> dict:
         """Per split: images, chunks and each array's completed chunks."""
-        out = {"path": str(self.path), "fingerprints": self.fingerprints, "splits": {}}
+        out: dict[str, Any] = {"path": str(self.path), "fingerprints": self.fingerprints, "splits": {}}
         for split in self.splits:
             n = self.n_chunks(split)
             arrays = {
@@ -363,7 +370,7 @@ class StoreWriter(FeatureStore):
 
     def record_run(self, provenance: dict) -> None:
         """Append one run's provenance to the store's history (``attrs["runs"]``)."""
-        self._root.attrs["runs"] = [*self._root.attrs.get("runs", []), provenance]
+        self._root.attrs["runs"] = [*cast(list, self._root.attrs.get("runs", [])), provenance]
 
     def ensure_arrays(self, split: str, shapes: dict[FeatureKey, int], dtype: str, codec: str) -> None:
         """Create the feature arrays (key -> channels) not yet in ``split``, then their record columns."""
@@ -383,7 +390,7 @@ class StoreWriter(FeatureStore):
             ),
             missing,
         )
-        columns = list(g.attrs.get("done_columns", []))
+        columns = _columns(g)
         new = [k.name for k in shapes if k.name not in columns]
         if new:  # widen the record array first, then name the columns: a new column reads as 0
             g["done"].resize((_n_chunks(n, chunk), len(columns) + len(new)))

@@ -29,7 +29,7 @@ def parse_int_list(text: str | int | list, key: str) -> tuple[int, ...]:
         return tuple(out)
     if not isinstance(text, str):
         raise ConfigError(f"{key}: expected integers like '19,24,30' or '1-37', got {text!r}")
-    out: dict[int, None] = {}  # ordered set
+    out = {}  # ordered set (the same dict[int, None] as above)
     for part in text.replace(" ", "").split(","):
         if not part:
             raise ConfigError(f"{key}: empty item in {text!r}; use e.g. '19,24,30' or '1-37'")
