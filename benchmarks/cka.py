@@ -203,7 +203,7 @@ def pair(args) -> dict:
         write_pair(path, args.n, args.d)
         write_s = round(time.perf_counter() - t0, 1)
         runs = []
-        for rep in range(args.repeats):
+        for _rep in range(args.repeats):
             for precision in ("float32", "float64"):
                 runs.append(
                     _child(
