@@ -12,8 +12,6 @@ numbers come from the engine, which is re-exported here.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +32,7 @@ from diffprobe.analyze.engine import (  # noqa: F401  (the engine's public names
     cka_matrix,
 )
 from diffprobe.store.errors import BlockError, DiffprobeError, StoreError  # noqa: F401
+from diffprobe.store.feature_store import fingerprint_digest
 from diffprobe.store.finite import all_finite
 
 
@@ -169,8 +168,7 @@ def align(store, other, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fingerprint(store) -> str:
-    text = json.dumps(store.fingerprints, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return fingerprint_digest(store.fingerprints)
 
 
 def _sources(store, split, specs, rows) -> list[Source]:

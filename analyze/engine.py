@@ -59,8 +59,6 @@ from diffprobe.store.choices import Estimator, Precision
 from diffprobe.store.config import AnalyzeConfig
 from diffprobe.store.errors import DiffprobeError
 
-IO_THREADS = 8  # sources read at once
-
 ESTIMATORS = tuple(Estimator)  # the one definition: diffprobe.store.choices
 PRECISIONS = tuple(Precision)
 CI_LEVEL = 0.95
@@ -70,7 +68,7 @@ _GROUP_ROWS = 4096  # rows per product call (a multiple of the read chunk)
 # A representation is constant when its total variance is below this fraction of its mean
 # square: float64 sums of float16 features leave ~1e-16 relative noise, far below any real signal.
 _CONST_RTOL = 1e-10
-READ_THREADS = IO_THREADS  # sources read in parallel (Zarr reads release the GIL)
+READ_THREADS = 8  # sources read in parallel (Zarr reads release the GIL)
 
 
 class CkaError(DiffprobeError):

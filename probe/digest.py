@@ -10,11 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-
-def fingerprint_digest(fingerprints: dict) -> str:
-    """16 hex digits over ``fingerprints`` (sorted keys, compact JSON)."""
-    text = json.dumps(fingerprints, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+from diffprobe.store.feature_store import fingerprint_digest  # noqa: F401  (the store's one digest)
 
 
 def settings_digest(settings: dict) -> str:

@@ -25,6 +25,7 @@ the map size (p = spatial) and looked up that way.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -65,6 +66,13 @@ class FeatureKey:
         if not m:
             raise StoreError(f"not a feature array name: {name!r}")
         return cls(*map(int, m.groups()))
+
+
+def fingerprint_digest(fingerprints: dict) -> str:
+    """16 hex digits naming a store's fingerprints (sorted keys, compact JSON): the name probes'
+    ledgers and analyses' output folders give a store. Part of every existing ledger: keep it."""
+    text = json.dumps(fingerprints, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _columns(group) -> list[str]:
