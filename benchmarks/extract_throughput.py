@@ -30,6 +30,8 @@ warnings.simplefilter("ignore", FutureWarning)
 
 from diffprobe.extract import job as jobs  # noqa: E402
 from diffprobe.extract.noise import batch_noise  # noqa: E402
+from diffprobe.extract.report import Recorder  # noqa: E402
+from diffprobe.extract.run import run as extract_run  # noqa: E402
 from diffprobe.extract.unet import build_diffusion, build_model, load_checkpoint  # noqa: E402
 from diffprobe.store.config import load_config  # noqa: E402
 from diffprobe.store.feature_store import _codecs, open_store  # noqa: E402
@@ -67,10 +69,11 @@ def bare_forward_seconds(cfg) -> float:
 
 def pipeline_seconds(cfg) -> tuple[float, float]:
     """(end to end, the extraction loop alone): the loop starts once the model is loaded and
-    the store and its arrays exist, i.e. when `run` calls ``on_start``."""
+    the store and its arrays exist, i.e. when `run` calls ``report.start``."""
     marks = {}
     start = time.perf_counter()
-    jobs.run(cfg, on_start=lambda job: marks.setdefault("loop", time.perf_counter()))
+    extract_run(cfg, mark := Recorder())
+    marks["loop"] = mark.started_at
     end = time.perf_counter()
     return end - start, end - marks["loop"]
 

@@ -6,7 +6,7 @@ cluster of 1 and of 2 worker processes.
 
 Each repeat runs the three variants into fresh stores, in a rotating order (so drift on a
 shared machine hits all alike), timed end to end (`extract.job.run`: cluster start, model
-loads, store, extraction, cluster shutdown) and from ``on_start`` to the end (the chunks
+loads, store, extraction, cluster shutdown) and from ``report.start`` to the end (the chunks
 alone, once every worker holds the model). Torch CPU threads: the single process and the
 1-worker cluster use all the cores; the 2-worker cluster gives each worker cores / 2
 (`extract.threads_per_worker = 0`), so no variant oversubscribes the machine. The first
@@ -30,6 +30,8 @@ warnings.simplefilter("ignore", FutureWarning)
 
 from diffprobe.extract import job as jobs  # noqa: E402
 from diffprobe.extract.distributed import local_threads  # noqa: E402
+from diffprobe.extract.report import Recorder  # noqa: E402
+from diffprobe.extract.run import run as extract_run  # noqa: E402
 from diffprobe.store.config import load_config  # noqa: E402
 from diffprobe.store.feature_store import open_store  # noqa: E402
 
@@ -47,7 +49,8 @@ def variants(cores: int) -> dict[str, dict]:
 def timed_run(cfg) -> tuple[float, float]:
     marks = {}
     start = time.perf_counter()
-    jobs.run(cfg, on_start=lambda job: marks.setdefault("chunks", time.perf_counter()))
+    extract_run(cfg, mark := Recorder())
+    marks["chunks"] = mark.started_at
     end = time.perf_counter()
     return end - start, end - marks["chunks"]
 

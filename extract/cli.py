@@ -72,9 +72,8 @@ def run(
     as_json: bool = JsonOpt,
 ):
     """Extract features into the store; resumes where a previous run stopped."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from diffprobe.extract import job as jobs
+    from diffprobe.extract.report import BarReporter
+    from diffprobe.extract.run import run as run_extraction
 
     with user_errors():
         cfg = _config(
@@ -91,44 +90,11 @@ def run(
             },
         )
         started = time.perf_counter()
-        bar = Progress(
-            TextColumn("[bold]extract"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("images"),
-            TextColumn("{task.fields[chunks]}"),
-            TextColumn("{task.fields[rate]}"),
-            TimeRemainingColumn(),
-            console=err,
-            disable=as_json,
-        )
-        task = bar.add_task("extract", total=None, rate="", chunks="")
-
-        computed = {"images": 0, "since": time.perf_counter()}
-
-        def on_start(job):  # the bar appears once the config, model and store are accepted
-            bar.update(task, total=sum(job.plan.split_sizes.values()))
-            computed["since"] = time.perf_counter()
-            bar.start()
-
-        def progress(n, was_computed):
-            bar.advance(task, n)
-            if was_computed:  # chunks found complete do not count towards the rate
-                computed["images"] += n
-                rate = computed["images"] / (time.perf_counter() - computed["since"])
-                bar.update(task, rate=f"{rate:.1f} images/s")
-
-        def on_chunks(done, total):
-            bar.update(task, chunks=f"chunks {done}/{total}")
-
-        def log(line):  # a distributed run: what runs it, and the dashboard's link
-            if not as_json:
-                err.print(escape(line), highlight=False, soft_wrap=True)
-
+        report = BarReporter(err, disable=as_json)  # appears once the config, store and model are accepted
         try:
-            result = jobs.run(cfg, progress=progress, on_start=on_start, on_chunks=on_chunks, log=log)
+            result = run_extraction(cfg, report)
         finally:
-            bar.stop()
+            report.stop()
         result["seconds"] = round(time.perf_counter() - started, 2)
     if as_json:
         print(json.dumps(result))

@@ -1,20 +1,22 @@
-"""From a config to the parts of an extraction (source, spec, plan, fingerprints) and a run.
+"""From a config to the parts of an extraction: source, spec, plan, fingerprints, compute
+settings, the loaded model and the opened store. Shared by the single-process run
+(`extract.run`) and the dask workers and client (`extract.dask_worker`, `extract.dask_client`);
+imports neither.
 
 `prepare` is cheap (no weights, no images decoded) so `extract plan` can show everything
-before any work; `run` loads the model, opens the store and fills it.
+before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from diffprobe.extract.extraction import ComputeSettings, extract_features
+from diffprobe.extract.extraction import ComputeSettings
 from diffprobe.extract.images import PREPROCESSING, DigitsSource, ImageFolderSource, ImageSource
 from diffprobe.extract.noise import DERIVATION
 from diffprobe.extract.plan import Plan, make_plan
@@ -26,11 +28,11 @@ from diffprobe.extract.unet import (
     block_table,
     build_diffusion,
     build_model,
+    compile_blocks,
     load_checkpoint,
     preset,
 )
 from diffprobe.store.config import Config
-from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import ConfigError, DiffprobeError
 from diffprobe.store.feature_store import StoreWriter
 
@@ -143,6 +145,9 @@ def fingerprints(job: Job, checkpoint_sha256: str, device: torch.device, cpu_thr
     }
     if device.type == "cpu":
         compute["cpu_threads"] = cpu_threads
+    for option in ("channels_last", "compile"):  # other kernels, other bits; recorded only when on
+        if getattr(e, option):
+            compute[option] = True
     return {
         "model": {"checkpoint_sha256": checkpoint_sha256, "arch": job.spec.to_dict()},
         "preprocessing": {"name": PREPROCESSING, "image_size": job.spec.image_size, "range": [-1, 1]},
@@ -169,14 +174,25 @@ def compute_settings(cfg: Config, device: torch.device) -> ComputeSettings:
         noise_seed=e.noise_seed,
         batch_size=e.batch_size,
         on_corrupt=cfg.data.on_corrupt,
+        loaders=e.loaders,
+        loader_kind=e.loader_kind,
+        prefetch=e.prefetch,
+        write_behind=e.write_behind,
+        channels_last=e.channels_last,
     )
 
 
 def load_model(job: Job, device: torch.device):
-    """The U-Net with the job's weights, on ``device``, in eval mode; and the checkpoint's sha256."""
+    """The U-Net with the job's weights, on ``device``, in eval mode (channels-last and compiled
+    blocks as ``extract.channels_last`` / ``extract.compile`` ask); and the checkpoint's sha256."""
     model = build_model(job.spec)
     sha = load_checkpoint(model, job.checkpoint)
-    return model.to(device).eval(), sha
+    model = model.to(device).eval()
+    if job.cfg.extract.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if job.cfg.extract.compile:
+        compile_blocks(model)
+    return model, sha
 
 
 def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, cpu_threads: int, **provenance) -> StoreWriter:
@@ -217,42 +233,3 @@ def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, cpu_thre
         writer.close()
         raise
     return writer
-
-
-def run(
-    cfg: Config,
-    progress: Callable[[int, bool], None] | None = None,
-    on_start: Callable[[Job], None] | None = None,
-    on_chunks: Callable[[int, int], None] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """The whole `extract run`: prepare, load the model, open the store, fill what is missing.
-
-    ``progress(n, computed)``: n more images done (computed False: found complete).
-    ``on_chunks(done, total)``: image chunks complete so far, of all chunks of the run.
-    ``log(line)``: a line worth showing (a distributed run's cluster and dashboard).
-    With ``extract.workers`` or ``extract.scheduler`` the chunks run on dask workers
-    (extract.distributed); otherwise in this process.
-    """
-    if cfg.extract.workers or cfg.extract.scheduler:
-        from diffprobe.extract.distributed import run_distributed  # dask.distributed only when asked for
-
-        return run_distributed(prepare(cfg), progress, on_start, on_chunks, log)
-    job = prepare(cfg)
-    device = resolve_device(cfg.extract.device)
-    if cfg.extract.threads:
-        torch.set_num_threads(cfg.extract.threads)
-    model, sha = load_model(job, device)
-    with open_writer(job, sha, device, torch.get_num_threads()) as writer:  # CPU bits follow the thread count
-        if on_start:
-            on_start(job)
-        stats = extract_features(
-            model, job.diffusion, job.source, job.plan, writer, compute_settings(cfg, device), progress, on_chunks
-        )
-    return {
-        "store": str(cfg.store.path),
-        "device": str(device),
-        "images": sum(job.plan.split_sizes.values()),
-        "timesteps": list(job.plan.timesteps),
-        **stats,
-    }

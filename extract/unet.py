@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffprobe.store.choices import Preset, allowed
 from diffprobe.store.errors import BlockError, CheckpointError
 
 with warnings.catch_warnings():  # guided_diffusion uses deprecated torch.cuda.amp decorators
@@ -63,9 +64,9 @@ class ModelSpec:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-PRESETS: dict[str, ModelSpec] = {
+PRESETS: dict[Preset, ModelSpec] = {
     # OpenAI's 256x256_diffusion_uncond.pt (Dhariwal & Nichol 2021), the paper's model.
-    "adm-256-uncond": ModelSpec(
+    Preset.ADM_256_UNCOND: ModelSpec(
         image_size=256,
         num_channels=256,
         num_res_blocks=2,
@@ -75,7 +76,7 @@ PRESETS: dict[str, ModelSpec] = {
     ),
     # The embedded default: ADM-256's 37-block topology at 32x32, trained by
     # `python -m diffprobe.extract.train_tiny` on the digits train split.
-    "tiny": ModelSpec(
+    Preset.TINY: ModelSpec(
         image_size=32,
         num_channels=32,
         num_res_blocks=2,
@@ -88,9 +89,11 @@ PRESETS: dict[str, ModelSpec] = {
 
 def preset(name: str, **overrides) -> ModelSpec:
     """The named preset's spec, with any flags replaced by ``overrides``."""
-    if name not in PRESETS:
-        raise CheckpointError(f"model.preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    try:
+        key = Preset(name)
+    except ValueError:
+        raise CheckpointError(f"model.preset: unknown preset {name!r}; allowed: {allowed(Preset)}") from None
+    return dataclasses.replace(PRESETS[key], **overrides)
 
 
 def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> UNetModel:
@@ -169,6 +172,15 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> str:
             )
     model.load_state_dict(state, strict=True)
     return file_sha256(path)
+
+
+def compile_blocks(model: UNetModel) -> None:
+    """torch.compile every layer inside every block, in place (``nn.Module.compile``: the state
+    dict keeps its keys). The blocks themselves stay eager, so `capture`'s hooks and its stop
+    after the deepest block work as before; each layer compiles on its first call."""
+    for _, block in block_modules(model):
+        for layer in block.children():
+            layer.compile(dynamic=False)
 
 
 # ---------------------------------------------------------------------------- blocks

@@ -32,6 +32,13 @@ class Autocast(StrEnum):
     FP16 = "fp16"
 
 
+class LoaderKind(StrEnum):
+    """What runs `extract run`'s loaders: threads (PIL and torch release the GIL) or processes."""
+
+    THREAD = "thread"
+    PROCESS = "process"
+
+
 class Cluster(StrEnum):
     LOCAL = "local"
     DASK_CUDA = "dask-cuda"

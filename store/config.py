@@ -17,7 +17,19 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from .choices import Autocast, Cluster, Codec, Dtype, Estimator, OnCorrupt, Precision, Preset, Recipe, Source
+from .choices import (
+    Autocast,
+    Cluster,
+    Codec,
+    Dtype,
+    Estimator,
+    LoaderKind,
+    OnCorrupt,
+    Precision,
+    Preset,
+    Recipe,
+    Source,
+)
 from .errors import ConfigError
 from .ranges import parse_int_list
 
@@ -60,6 +72,12 @@ def _choice(choices: type[StrEnum], *extra: str):
         return v
 
     return parse
+
+
+def _bool(v, key):
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key}: expected true or false, got {v!r}")
+    return v
 
 
 def _str(v, key):
@@ -163,6 +181,14 @@ class ExtractConfig:
         "torch CPU threads of each dask worker (0 = cores / workers on a local cluster, torch's default on a remote one)",
     )
     cluster: str = _key("local", _choice(Cluster), "kind of local cluster for `workers`")
+    loaders: int = _key(
+        2, _int(0, 256), "loader workers reading, preprocessing and noising batches ahead (0 = in line)"
+    )
+    loader_kind: str = _key("thread", _choice(LoaderKind), "what runs the loaders: threads or processes")
+    prefetch: int = _key(4, _int(1, 1024), "ready batches the loaders hold ahead of the model")
+    write_behind: int = _key(1, _int(0, 64), "chunks written while the next computes (0 = write in line)")
+    channels_last: bool = _key(False, _bool, "run the U-Net in channels-last memory format")
+    compile: bool = _key(False, _bool, "torch.compile the U-Net's layers (compile time reported apart)")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ from typer.testing import CliRunner
 
 from diffprobe.extract import job as jobs
 from diffprobe.extract.cli import app
-from diffprobe.extract.extraction import ChunkWork, extract_chunk
+from diffprobe.extract.extraction import SIGKILL_FILE, ChunkWork, extract_chunks
+from diffprobe.extract.report import Recorder, Totals
+from diffprobe.extract.run import run as extract_run
 
 from .conftest import small_config
 
@@ -52,7 +54,7 @@ def reference(tmp_path_factory):
     before = torch.get_num_threads()
     cfg = _cfg(tmp_path_factory.mktemp("ref"), "ref.zarr")
     try:
-        result = jobs.run(cfg)
+        result = extract_run(cfg)
     finally:
         torch.set_num_threads(before)
     assert result["chunks_written"] == N_CHUNKS
@@ -88,7 +90,7 @@ def _assert_identical(a, b):
 @pytest.fixture(scope="module")
 def cluster():
     """A dask cluster the test starts itself on loopback: a scheduler and 2 worker processes
-    (started as `extract run --workers` starts its own: see extract.distributed._local_cluster)."""
+    (started as `extract run --workers` starts its own: see extract.dask_client._local_cluster)."""
     import dask
 
     saved = dict(os.environ)  # the nannies write their workers' variables into this process's too
@@ -112,18 +114,14 @@ def cluster():
 
 def test_two_local_workers_write_the_single_process_store(reference, tmp_path):
     cfg = _cfg(tmp_path, "w2.zarr", **{"extract.workers": 2})
-    images, chunks, lines = [], [], []
     environ = dict(os.environ)
-    result = jobs.run(
-        cfg,
-        progress=lambda n, computed: images.append((n, computed)),
-        on_chunks=lambda done, total: chunks.append((done, total)),
-        log=lines.append,
-    )
+    report = Recorder()
+    result = extract_run(cfg, report)
     assert result["chunks_written"] == N_CHUNKS and result["chunks_already_done"] == 0 and result["workers"] == 2
-    assert sum(n for n, _ in images) == 40 and all(c for _, c in images)
-    assert chunks[0] == (0, N_CHUNKS) and chunks[-1] == (N_CHUNKS, N_CHUNKS) and len(chunks) == N_CHUNKS + 1
-    assert lines and lines[0].startswith("local cluster of 2 worker processes")
+    assert report.totals == Totals(images=40, forwards=40, chunks=N_CHUNKS)
+    assert sum(i for i, _ in report.advances) == 40 and sum(f for _, f in report.advances) == 40
+    assert report.chunk_counts == [(i, N_CHUNKS) for i in range(1, N_CHUNKS + 1)]
+    assert report.lines and report.lines[0].startswith("local cluster of 2 worker processes")
     assert dict(os.environ) == environ  # what the nannies wrote into this process's environment is undone
     _assert_identical(reference.store.path, cfg.store.path)
     run = zarr.open_group(cfg.store.path, mode="r").attrs["runs"][-1]
@@ -164,38 +162,22 @@ def test_a_worker_that_cannot_load_the_model_is_a_one_line_error(cluster, tmp_pa
 
 
 def test_a_worker_killed_mid_run_leaves_the_store_complete_and_identical(cluster, reference, tmp_path):
+    """The worker that writes train chunk 1's completion record SIGKILLs itself right after it
+    (extract.extraction.SIGKILL_FILE), before its task returns: dask reruns that chunk elsewhere."""
     address, client = cluster
     pids = client.run(os.getpid)
-    cfg = _cfg(tmp_path, "kill.zarr", **{"extract.scheduler": address})
-    result, failure = {}, []
-
-    def run():
-        try:
-            result.update(jobs.run(cfg))
-        except BaseException as e:  # re-raised below, in the test's thread
-            failure.append(e)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    records = os.path.join(cfg.store.path, "train", "done", "c")  # one folder per image chunk with records
-    victim = None
-    deadline = time.time() + 60
-    while thread.is_alive() and time.time() < deadline and victim is None:
-        if os.path.isdir(records) and os.listdir(records):
-            busy = [a for a, keys in client.processing().items() if keys and a in pids]
-            if busy:
-                victim = busy[0]
-                done_at_kill = len(os.listdir(records))
-                os.kill(pids[victim], signal.SIGKILL)  # mid-task: the worker holds a chunk
-        time.sleep(0.005)
-    thread.join(120)
-    if failure:
-        raise failure[0]
-    assert victim is not None and done_at_kill < 5, "the kill should land mid-run"
+    trigger = tmp_path / "kill-at"
+    trigger.write_text("train/1")
+    client.run(lambda: os.environ.__setitem__(SIGKILL_FILE, str(trigger)))  # the restarted worker lacks it
+    try:
+        result = extract_run(_cfg(tmp_path, "kill.zarr", **{"extract.scheduler": address}))
+    finally:
+        client.run(lambda: os.environ.pop(SIGKILL_FILE, None))
+    assert not trigger.exists(), "no worker reached the kill"
     assert result["chunks_written"] == N_CHUNKS
-    _assert_identical(reference.store.path, cfg.store.path)
+    _assert_identical(reference.store.path, tmp_path / "kill.zarr")
     client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed worker
-    assert pids[victim] not in client.run(os.getpid).values()
+    assert len(set(pids.values()) - set(client.run(os.getpid).values())) == 1  # exactly one was killed
 
 
 def test_a_chunk_written_twice_keeps_every_byte(reference, tmp_path):
@@ -214,12 +196,8 @@ def test_a_chunk_written_twice_keeps_every_byte(reference, tmp_path):
             old = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
             time.sleep(0.01)
             work = ChunkWork("train", 1, 4, 8, arrays, "float16", (), True)
-            assert (
-                extract_chunk(
-                    model, job.diffusion, job.source, work, writer, jobs.compute_settings(cfg, torch.device("cpu"))
-                )
-                == 0
-            )
+            settings = jobs.compute_settings(cfg, torch.device("cpu"))
+            assert extract_chunks(model, job.diffusion, job.source, [work], writer, settings) == 0
     finally:
         torch.set_num_threads(before)
     for f, (data, mtime) in old.items():
@@ -275,7 +253,7 @@ def test_scheduler_lost_mid_run_is_one_line_and_a_rerun_resumes(reference, tmp_p
     import subprocess
     import sys
 
-    from diffprobe.extract.distributed import ClusterError
+    from diffprobe.extract.dask_worker import ClusterError
 
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -307,7 +285,7 @@ def test_scheduler_lost_mid_run_is_one_line_and_a_rerun_resumes(reference, tmp_p
     worker_thread = threading.Thread(target=worker, daemon=True)
     cfg = _cfg(tmp_path, "lost.zarr", **{"extract.scheduler": address, "store.chunk_images": 2})
     failure = []
-    run_thread = threading.Thread(target=lambda: _catch(failure, jobs.run, cfg))
+    run_thread = threading.Thread(target=lambda: _catch(failure, extract_run, cfg))
     try:
         deadline = time.time() + 30
         while time.time() < deadline:  # the scheduler is up once it accepts connections
@@ -336,7 +314,7 @@ def test_scheduler_lost_mid_run_is_one_line_and_a_rerun_resumes(reference, tmp_p
     assert 2 <= done < 20
     # again, without a cluster: the complete chunks are kept, the rest computed
     try:
-        again = jobs.run(_cfg(tmp_path, "lost.zarr", **{"store.chunk_images": 2}))
+        again = extract_run(_cfg(tmp_path, "lost.zarr", **{"store.chunk_images": 2}))
     finally:
         torch.set_num_threads(before)
     assert again["chunks_already_done"] >= done and again["chunks_written"] == 20 - again["chunks_already_done"]
@@ -383,7 +361,7 @@ def test_workers_write_only_while_their_run_holds_the_store(reference, tmp_path)
 
 
 def test_threads_and_gpus_per_local_worker(monkeypatch):
-    from diffprobe.extract.distributed import _gpu_ids, local_threads
+    from diffprobe.extract.dask_client import _gpu_ids, local_threads
 
     cores = len(os.sched_getaffinity(0))
     assert local_threads(1, 0) == cores and local_threads(2, 0) == max(1, cores // 2) and local_threads(2, 3) == 3

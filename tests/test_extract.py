@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -12,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.extract import job as jobs
+from diffprobe.extract.extraction import SIGKILL_FILE
 from diffprobe.extract.noise import image_noise
+from diffprobe.extract.run import run as extract_run
 from diffprobe.extract.unet import build_diffusion, build_model, load_checkpoint
 from diffprobe.store.errors import FingerprintMismatch, ImageError, StoreError, StoreLocked
 from diffprobe.store.feature_store import StoreWriter, open_store
@@ -37,7 +38,7 @@ def reference(tmp_path_factory):
     """One uninterrupted run of the small config, shared by the comparisons below."""
     tmp = tmp_path_factory.mktemp("ref")
     cfg = small_config(tmp)
-    jobs.run(cfg)
+    extract_run(cfg)
     return cfg
 
 
@@ -81,18 +82,18 @@ def test_batch_size_does_not_change_a_bit(reference, tmp_path):
     # chunks of 64 (the reference has 8) so that a batch of 64 really holds 30 images
     for bs in (1, 7, 64):
         cfg = small_config(tmp_path, name=f"bs{bs}.zarr", **{"extract.batch_size": bs, "store.chunk_images": 64})
-        jobs.run(cfg)
+        extract_run(cfg)
         _assert_same_store(reference.store.path, cfg.store.path)
 
 
 def test_resume_computes_only_what_is_missing(tmp_path):
     cfg = small_config(tmp_path, **{"extract.blocks": "8", "extract.timesteps": [90]})
-    first = jobs.run(cfg)
+    first = extract_run(cfg)
     assert first["chunks_written"] == 8 and first["chunks_already_done"] == 0  # 30+30 images / 8
-    again = jobs.run(cfg)
+    again = extract_run(cfg)
     assert again["chunks_written"] == 0 and again["chunks_already_done"] == 8
     more = small_config(tmp_path, **{"extract.blocks": "8,24", "extract.timesteps": [90, 300]})
-    third = jobs.run(more)
+    third = extract_run(more)
     assert third["chunks_written"] == 8
     s = open_store(cfg.store.path)
     assert {(k.block, k.t) for k in s.keys("train")} == {(8, 90), (24, 90), (8, 300), (24, 300)}
@@ -100,10 +101,10 @@ def test_resume_computes_only_what_is_missing(tmp_path):
     other_chunks = small_config(
         tmp_path, **{"extract.blocks": "8,24", "extract.timesteps": [90, 300], "store.chunk_images": 5}
     )
-    assert jobs.run(other_chunks)["chunks_already_done"] == 8
+    assert extract_run(other_chunks)["chunks_already_done"] == 8
     # the new arrays equal a fresh run that asked for them from the start
     fresh = small_config(tmp_path, name="fresh.zarr", **{"extract.blocks": "8,24", "extract.timesteps": [90, 300]})
-    jobs.run(fresh)
+    extract_run(fresh)
     _assert_same_store(cfg.store.path, fresh.store.path)
 
 
@@ -125,7 +126,7 @@ def test_fingerprint_mismatch_is_refused(reference, tmp_path, override, what):
     cfg = small_config(tmp_path, **override, **{"store.path": reference.store.path})
     before = _snapshot(reference.store.path)
     with pytest.raises(FingerprintMismatch, match=f"different .*{what}"):
-        jobs.run(cfg)
+        extract_run(cfg)
     assert _snapshot(reference.store.path) == before  # nothing written
 
 
@@ -184,21 +185,21 @@ def test_store_api_and_its_errors(reference):
 
 def test_incomplete_arrays_are_refused_by_readers(tmp_path):
     cfg = small_config(tmp_path, **{"extract.blocks": "8"})
-    jobs.run(cfg)
+    extract_run(cfg)
     import zarr
 
     group = zarr.open_group(f"{cfg.store.path}/train", mode="r+")
     group["done"][1, group.attrs["done_columns"].index("t90_b8_p1")] = 0  # as if killed before chunk 1's record
     with pytest.raises(StoreError, match=r"block 8, t 90, pool 1 in split 'train' is incomplete \(3/4 chunks\)"):
         open_store(cfg.store.path).features("train", 8, 90, 1)
-    assert jobs.run(cfg)["chunks_written"] == 1
+    assert extract_run(cfg)["chunks_written"] == 1
 
 
 def test_refuses_a_directory_that_is_not_a_store(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     cfg = small_config(tmp_path, **{"store.path": str(tmp_path)})
     with pytest.raises(StoreError, match="exists and is not a diffprobe store"):
-        jobs.run(cfg)
+        extract_run(cfg)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
@@ -222,16 +223,16 @@ def test_corrupt_image_stops_the_run_naming_the_file(tmp_path):
     root, bad = _imagefolder(tmp_path, corrupt=True)
     cfg = small_config(tmp_path, **{"data.source": "imagefolder", "data.root": str(root), "data.max_per_class": 0})
     with pytest.raises(ImageError, match=f"{bad}: cannot read image"):
-        jobs.run(cfg)
+        extract_run(cfg)
 
 
 def test_a_skipped_image_stays_skipped_in_later_arrays(tmp_path):
     root, bad = _imagefolder(tmp_path, corrupt=True)
     over = {"data.source": "imagefolder", "data.root": str(root), "data.max_per_class": 0, "data.on_corrupt": "skip"}
-    jobs.run(small_config(tmp_path, **over))
+    extract_run(small_config(tmp_path, **over))
     _imagefolder(tmp_path / "fixed", corrupt=False)[1].replace(bad)  # the file is readable again
     cfg = small_config(tmp_path, **over, **{"extract.blocks": "3,8,16,24,30"})
-    jobs.run(cfg)
+    extract_run(cfg)
     s = open_store(cfg.store.path)
     i = list(s.ids("train")).index("dog/1.png")
     assert np.isnan(s.features("train", 30, 90, 1)[i].astype(np.float32)).all() and s.skipped("train")[i]
@@ -240,10 +241,10 @@ def test_a_skipped_image_stays_skipped_in_later_arrays(tmp_path):
 def test_an_image_read_before_must_not_fail_later(tmp_path):
     root, bad = _imagefolder(tmp_path, corrupt=False)
     over = {"data.source": "imagefolder", "data.root": str(root), "data.max_per_class": 0, "data.on_corrupt": "skip"}
-    jobs.run(small_config(tmp_path, **over))
+    extract_run(small_config(tmp_path, **over))
     bad.write_bytes(bad.read_bytes()[:60])
     with pytest.raises(ImageError, match="was read when this store's earlier arrays were extracted"):
-        jobs.run(small_config(tmp_path, **over, **{"extract.blocks": "30"}))
+        extract_run(small_config(tmp_path, **over, **{"extract.blocks": "30"}))
 
 
 def test_corrupt_image_skipped_on_request_is_recorded(tmp_path):
@@ -252,7 +253,7 @@ def test_corrupt_image_skipped_on_request_is_recorded(tmp_path):
         tmp_path,
         **{"data.source": "imagefolder", "data.root": str(root), "data.max_per_class": 0, "data.on_corrupt": "skip"},
     )
-    assert jobs.run(cfg)["images_skipped"] == 1
+    assert extract_run(cfg)["images_skipped"] == 1
     s = open_store(cfg.store.path)
     assert s.class_names == ["cat", "dog"]
     i = list(s.ids("train")).index("dog/1.png")
@@ -263,28 +264,30 @@ def test_corrupt_image_skipped_on_request_is_recorded(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
+    """`extract run` SIGKILLs itself right after train chunk 2's completion record (a hook the test
+    controls: extract.extraction.SIGKILL_FILE), with loaders ahead and the writer behind; a resume
+    keeps exactly the 3 complete chunks and ends bit-identical."""
     cfg = small_config(tmp_path, **{"store.chunk_images": 2, "extract.forward_batch": 8})
     toml = tmp_path / "kill.toml"
     toml.write_text(
         '[data]\nmax_per_class = 3\n[extract]\nblocks = "3,8,16,24"\ntimesteps = [90]\nforward_batch = 8\n'
-        f'batch_size = 8\ndevice = "cpu"\nthreads = 2\n[store]\nchunk_images = 2\npath = "{cfg.store.path}"\n'
+        f'batch_size = 8\ndevice = "cpu"\nthreads = 2\nloaders = 2\nprefetch = 2\nwrite_behind = 2\n'
+        f'[store]\nchunk_images = 2\npath = "{cfg.store.path}"\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "extract.cli", "run", "--config", str(toml), "--json"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    trigger = tmp_path / "kill-at"
+    trigger.write_text("train/2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffprobe.extract.cli", "run", "--config", str(toml), "--json"],
+        cwd=tmp_path,
+        env={**os.environ, SIGKILL_FILE: str(trigger)},
+        capture_output=True,
+        timeout=300,
     )
-    done_dir = os.path.join(cfg.store.path, "train", "done", "c")  # one folder per image chunk with records
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.isdir(done_dir) and len(os.listdir(done_dir)) >= 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     s = open_store(cfg.store.path)
-    assert 0 < s.chunks_done("train", s.stored_key(24, 90, 2)) < 15, "the kill should land mid-run"
-    result = jobs.run(cfg)
-    assert result["chunks_already_done"] >= 3
+    assert [s.chunks_done("train", k) for k in s.keys("train", complete_only=False)] == [3] * 7
+    result = extract_run(cfg)
+    assert result["chunks_already_done"] == 3 and result["chunks_written"] == 15 + 12
     # chunking differs from the reference (2 vs 8 images) and the features do not care
     _assert_same_store(reference.store.path, cfg.store.path)
 
@@ -296,7 +299,7 @@ def test_another_cpu_thread_count_is_refused(reference, tmp_path):
     before = _snapshot(reference.store.path)
     try:
         with pytest.raises(FingerprintMismatch, match="compute: compute.cpu_threads: store has 2, this run has 1"):
-            jobs.run(cfg)
+            extract_run(cfg)
     finally:
         torch.set_num_threads(2)
     assert _snapshot(reference.store.path) == before

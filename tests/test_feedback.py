@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from diffprobe.extract import job as jobs
 from diffprobe.extract.extraction import pool_features
+from diffprobe.extract.run import run as extract_run
 from diffprobe.extract.unet import (
     TINY_CHECKPOINT,
     block_modules,
@@ -161,7 +162,7 @@ def test_feedback_learns_on_the_embedded_default_and_shares_the_store_noise(tmp_
         "probe.ledger": str(tmp_path / "ledger.csv"),
     }
     cfg = small_config(tmp_path, **over)
-    jobs.run(cfg)
+    extract_run(cfg)
     store = open_store(cfg.store.path)
     r = fb.run(cfg)
     assert r["top1"] > 0.5, r["top1"]  # chance: 0.1

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffprobe.extract import job as jobs
+from diffprobe.extract.run import run as extract_run
 from diffprobe.extract.unet import block_table, preset
 from diffprobe.probe.attention import attention_probe, fusion_probe
 from diffprobe.probe.cli import probe_app
@@ -104,7 +104,7 @@ def store(tmp_path_factory):
             "store.chunk_images": 64,
         },
     )
-    jobs.run(cfg)
+    extract_run(cfg)
     return open_store(cfg.store.path)
 
 

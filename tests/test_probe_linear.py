@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from diffprobe.extract import job as jobs
+from diffprobe.extract.run import run as extract_run
 from diffprobe.probe.cli import probe_app
 from diffprobe.probe.ledger import COLUMNS, LedgerError, append_row, read_rows
 from diffprobe.probe.linear import linear_probe
@@ -113,7 +113,7 @@ def test_sgd_and_lbfgs_agree_on_the_embedded_default(tmp_path):
             "store.chunk_images": 512,
         },
     )
-    jobs.run(cfg)
+    extract_run(cfg)
     s = open_store(cfg.store.path)
     sgd, lbfgs = (linear_probe(s, 24, 90, 2, recipe=r) for r in ("sgd", "lbfgs"))
     assert sgd["n_train"] + sgd["n_heldout"] == 1437 and sgd["n_val"] == lbfgs["n_val"] == 360

@@ -1,4 +1,4 @@
-"""`extract run` on dask.distributed: many worker processes, GPUs or machines, one store.
+"""`extract run` on dask.distributed, the client side: many worker processes, GPUs or machines, one store.
 
     extract run --workers 2                       # a local cluster of 2 worker processes
     extract run --scheduler tcp://10.0.0.5:8786   # an existing cluster (store on a shared filesystem)
@@ -34,151 +34,19 @@ import logging
 import os
 import secrets
 import socket
-import threading
-import time
-from collections.abc import Callable
 
 import torch
-from distributed import WorkerPlugin
 
-from diffprobe.extract.extraction import ChunkWork, extract_chunk, start_chunks
-from diffprobe.extract.job import Job, compute_settings, load_model, open_writer, prepare
+from diffprobe.extract.dask_worker import ClusterError, ExtractorPlugin, _run_chunk
+from diffprobe.extract.extraction import start_chunks
+from diffprobe.extract.job import Job, open_writer
+from diffprobe.extract.report import Reporter
 from diffprobe.store.config import Config
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import ConfigError, DiffprobeError
-from diffprobe.store.feature_store import StoreWriter
 
 WORKER_WAIT_S = 120  # how long a run waits for the first worker of an external cluster
 CONNECT_TIMEOUT_S = 20  # how long it waits for a scheduler that does not refuse the connection
-
-
-class ClusterError(DiffprobeError):
-    """A dask scheduler that cannot be reached or was lost, or workers that disagree."""
-
-
-# ------------------------------------------------------------------ worker side
-
-
-class ExtractorPlugin(WorkerPlugin):
-    """Worker-side state of one run: the U-Net (loaded once per worker), the image source,
-    the compute settings and the store, attached under the run's lock.
-
-    ``setup`` runs on every worker of the cluster, including one that joins or is restarted
-    mid-run; ``teardown`` (the run's end) frees the model on a long-lived cluster.
-    """
-
-    def __init__(self, cfg: dict, job_source, threads: int):
-        self.cfg = cfg  # Config.to_dict(): plain data that pickles
-        self.source = job_source  # the client's image source and index: every worker reads the same ids
-        self.threads = threads  # torch CPU threads (0 = the worker's dask thread count)
-
-    async def setup(self, worker) -> None:
-        # dask's sampling profiler takes the GIL 100 times a second to walk every thread's
-        # stack; the U-Net forward is Python-heavy (many small ops), so it costs (measured: a
-        # 1-worker run's chunks 7.5 -> 6.5 s and 7.8 -> 6.8 s without it). Paused for the run.
-        self.paused = [
-            pc
-            for name, pc in worker.periodic_callbacks.items()
-            if name in ("profile", "profile-cycle") and pc.is_running()
-        ]
-        for pc in self.paused:
-            pc.stop()
-        # Loading a checkpoint takes seconds: off the worker's event loop, so heartbeats go on.
-        await asyncio.get_running_loop().run_in_executor(None, self._load, worker)
-
-    def _load(self, worker) -> None:
-        _undo_malloc_trim()
-        cfg = Config.from_dict(self.cfg)
-        job = prepare(cfg, self.source)  # the client's image index: no second directory scan
-        self.threads = self.threads or worker.state.nthreads
-        torch.set_num_threads(self.threads)
-        device = resolve_device(cfg.extract.device)
-        self.model, sha = load_model(job, device)
-        self.job = job
-        self.settings = compute_settings(cfg, device)
-        self.lock = threading.Lock()
-        self.writers: dict[tuple[str, str], StoreWriter] = {}
-        self.info = {
-            "address": worker.address,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "device": str(device),
-            "device_type": device.type,
-            "device_name": _device_name(device),
-            "checkpoint_sha256": sha,
-            "torch": torch.__version__,
-            "torch_threads": self.threads,
-        }
-
-    def teardown(self, worker) -> None:
-        for pc in getattr(self, "paused", ()):
-            pc.start()
-        for name in ("model", "job", "writers"):
-            self.__dict__.pop(name, None)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def run_chunk(self, work: ChunkWork, store: str, owner: str, expect: dict) -> dict:
-        with self.lock:  # one chunk at a time per worker, whatever its dask thread count
-            for key in ("checkpoint_sha256", "device_type"):
-                if self.info[key] != expect[key]:
-                    raise ClusterError(
-                        f"worker {self.info['address']} on {self.info['host']}: {key} "
-                        f"{self.info[key]!r} differs from the store's {expect[key]!r}"
-                    )
-            if torch.get_num_threads() != self.threads:  # the setting is per OS thread under some OpenMPs
-                torch.set_num_threads(self.threads)
-            writer = self.writers.get((store, owner))
-            if writer is None:
-                writer = self.writers[(store, owner)] = StoreWriter.attach(store, owner)
-            start = time.perf_counter()
-            skipped = extract_chunk(self.model, self.job.diffusion, self.job.source, work, writer, self.settings)
-            return {
-                "split": work.split,
-                "chunk": work.chunk,
-                "images": work.images,
-                "skipped": skipped,
-                "seconds": time.perf_counter() - start,
-                "worker": self.info["address"],
-                "pid": os.getpid(),
-            }
-
-
-def _undo_malloc_trim() -> None:
-    """Undo dask's MALLOC_TRIM_THRESHOLD_ in a worker its nanny started.
-
-    The nanny sets it (65536) to hand freed memory back to the OS; setting it also switches
-    off glibc's adaptive mmap threshold, so every large tensor of every batch is a fresh mmap,
-    page-faulted in and unmapped again. Measured here on a single-process run: 1.5-2.5x
-    slower extraction. Restore the ceiling glibc adapts to (mmap above 32 MB, trim above 64 MB).
-    """
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: the variable meant nothing here
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 64 << 20)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
-
-
-def _run_chunk(plugin: str, work: ChunkWork, store: str, owner: str, expect: dict) -> dict:
-    """The dask task: one chunk, on the plugin state of the worker it lands on."""
-    from distributed import get_worker
-
-    return get_worker().plugins[plugin].run_chunk(work, store, owner, expect)
-
-
-# ------------------------------------------------------------------ client side
 
 
 def check_scheduler_address(address: str) -> str:
@@ -413,26 +281,21 @@ def _lost(err: BaseException) -> bool:
     )
 
 
-def run_distributed(
-    job: Job,
-    progress: Callable[[int, bool], None] | None = None,
-    on_start: Callable[[Job], None] | None = None,
-    on_chunks: Callable[[int, int], None] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """`extract.job.run` with the chunks computed on dask workers; the same result dict, plus
-    ``workers`` (how many) and ``cluster`` (what ran them)."""
+def run_distributed(job: Job, report: Reporter | None = None) -> dict:
+    """`extract.run.run` with the chunks computed on dask workers; the same result dict, plus
+    ``workers`` (how many) and ``cluster`` (what ran them). ``report.advance`` comes per chunk
+    (a worker's U-Net calls are not seen from here)."""
     from distributed import as_completed
     from distributed.client import FutureCancelledError
     from distributed.scheduler import KilledWorker
 
+    report = report or Reporter()
     cfg = job.cfg
     token = secrets.token_hex(4)
     name = f"diffprobe-extract-{token}"
     with _quiet_distributed(), connect(cfg) as (client, where, threads):
-        if log:
-            link = _dashboard(client)
-            log(f"{where}{f'; dashboard {link}' if link else ''}")
+        link = _dashboard(client)
+        report.log(f"{where}{f'; dashboard {link}' if link else ''}")
         try:
             # every worker loads the U-Net now, once, and keeps it for the whole run
             client.register_plugin(ExtractorPlugin(cfg.to_dict(), job.source, threads), name=name)
@@ -441,33 +304,22 @@ def run_distributed(
             sha = infos[0]["checkpoint_sha256"]
             workers = [{k: i[k] for k in ("address", "host", "device", "device_name", "torch_threads")} for i in infos]
             with open_writer(job, sha, device, infos[0]["torch_threads"], cluster=where, workers=workers) as writer:
-                if on_start:
-                    on_start(job)
-                work, complete, total = start_chunks(job.plan, writer, progress, on_chunks)
+                work, totals = start_chunks(job.plan, writer, report, job)
+                total = totals.chunks
+                by_key = {f"extract-{w.split}-{w.chunk}-{token}": w for w in work}
                 expect = {"checkpoint_sha256": sha, "device_type": device.type}
                 futures = [
-                    client.submit(
-                        _run_chunk,
-                        name,
-                        w,
-                        str(writer.path),
-                        writer.owner,
-                        expect,
-                        pure=False,
-                        key=f"extract-{w.split}-{w.chunk}-{token}",
-                    )
-                    for w in work
+                    client.submit(_run_chunk, name, w, str(writer.path), writer.owner, expect, pure=False, key=key)
+                    for key, w in by_key.items()
                 ]
-                stats = {"chunks_written": 0, "chunks_already_done": len(complete), "images_skipped": 0}
+                stats = {"chunks_written": 0, "chunks_already_done": totals.chunks_done, "images_skipped": 0}
                 try:
                     for future in as_completed(futures, loop=client.loop):
                         r = future.result()
                         stats["chunks_written"] += 1
                         stats["images_skipped"] += r["skipped"]
-                        if progress:
-                            progress(r["images"], True)
-                        if on_chunks:
-                            on_chunks(len(complete) + stats["chunks_written"], total)
+                        report.advance(r["images"], by_key[future.key].forwards)
+                        report.chunks(totals.chunks_done + stats["chunks_written"], total)
                 except KilledWorker as err:
                     raise ClusterError(
                         f"a chunk's worker died {_allowed_failures() + 1} times running it ({err}); "
