@@ -156,7 +156,7 @@ def grid(args) -> None:
     import torch.nn.functional as F
 
     from diffprobe.probe import data as data_mod
-    from diffprobe.probe.attention import _train_data
+    from diffprobe.probe.data import train_parts
     from diffprobe.probe.heads import AttentionHead
     from diffprobe.probe.protocol import select
     from diffprobe.probe.train import seeded, train_heads
@@ -191,7 +191,7 @@ def grid(args) -> None:
         inputs = lambda xs: xs[0].float()
 
         def run(grid_lrs):  # `probe.attention._grid_train`'s training, without the held-out scoring
-            fit, held = _train_data(store, [(24, 90, pool)], sel, p, "cpu")
+            fit, held = train_parts(store, [(24, 90, pool)], sel, memory_mb=p.memory_mb, device="cpu")
             assert not fit.in_memory
             models = [seeded(build, 0) for _ in grid_lrs]
             gen = torch.Generator().manual_seed(0)

@@ -30,6 +30,9 @@ Public interface (kept stable: other probes build on it):
   statistics and scoring.
 - ``in_memory``, ``shapes`` (per-row shape of each cell), ``dims``, ``row_bytes``,
   ``budget_rows``, ``pieces``, ``device``, `__len__`.
+- `train_parts(store, cells, sel, ...)` and `val_data(store, cells, sel, ...)`: the fitted and
+  held-out parts of train and the usable val rows of a `probe.protocol.Selection`, as every
+  head reads them.
 
 Where the rows live:
 
@@ -112,6 +115,34 @@ def _ahead(fn, items: Sequence, depth: int) -> Iterator:
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def train_parts(
+    store: FeatureStore, cells: Sequence[Cell], sel, *, memory_mb: float, device, stream: bool | None = None
+) -> list[FeatureData]:
+    """[fitted, held-out] `FeatureData` of train for the selection ``sel``: only those rows are
+    read, in memory iff both fit ``memory_mb`` together, else each streamed."""
+    rows = np.flatnonzero(sel.usable)  # usable row -> store row
+    return FeatureData.parts(
+        store,
+        "train",
+        cells,
+        [(rows[sel.fit], sel.y[sel.fit]), (rows[sel.hold], sel.y[sel.hold])],
+        sel.usable,
+        memory_mb=memory_mb,
+        device=device,
+        stream=stream,
+    )
+
+
+def val_data(
+    store: FeatureStore, cells: Sequence[Cell], sel, *, memory_mb: float, device, stream: bool | None = None
+) -> FeatureData:
+    """The usable val rows of ``cells`` with their labels."""
+    rows = np.flatnonzero(sel.usable_val)
+    return FeatureData(
+        store, "val", cells, rows, sel.y_val, sel.usable_val, memory_mb=memory_mb, device=device, stream=stream
+    )
 
 
 def _taker(bufs: list[torch.Tensor], device: torch.device):
