@@ -247,10 +247,9 @@ class FeatureData:
                 stream=True,
                 prefetch=prefetch,
             )
-            whole = union._read_all()
+            take = _taker(union._read_all(), union.device)
             for d in out:
-                at = torch.from_numpy(np.searchsorted(union.rows, d.rows)).to(d.device)
-                d._held, d.in_memory = [x[at] for x in whole], True
+                d._held, d.in_memory = take(np.searchsorted(union.rows, d.rows)), True
         return out
 
     def __len__(self) -> int:
