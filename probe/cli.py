@@ -52,7 +52,6 @@ def _probe(ctx: typer.Context):
 FractionOpt = typer.Option(None, "--label-fraction", help="Fit on this fraction of each class (e.g. 0.01, 0.1).")
 ShotsOpt = typer.Option(None, "--shots", help="Fit on K images per class.")
 SubsetOpt = typer.Option(None, "--subset", help="Fit on the train image ids listed in this file (one per line).")
-LedgerOpt = typer.Option(None, "--ledger", help="Results ledger CSV (probe.ledger; relative: beside the store).")
 
 
 def _subset(label_fraction, shots, subset) -> str:
@@ -77,6 +76,7 @@ RecipeOpt = typer.Option(None, "--recipe", help=_key("sgd or lbfgs.", "probe.rec
 SeedOpt = typer.Option(
     None, "--seed", min=0, help=_key("Seed of held-out part, label subset, init, batches.", "probe.seed")
 )
+LedgerOpt = typer.Option(None, "--ledger", help=_key("Results ledger CSV; relative: beside the store.", "probe.ledger"))
 DeviceOpt = typer.Option(None, "--device", help=_key("auto, cpu, cuda, cuda:N, mps.", "probe.device"))
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 BlockOpt = typer.Option(..., "--block", min=1, help="The block the head reads (1-based, as in `extract blocks`).")

@@ -42,6 +42,27 @@ class ClusterError(DiffprobeError):
     """A dask scheduler that cannot be reached, or a cluster without workers."""
 
 
+def check_scheduler(address: str) -> None:
+    """Fail at once, in one line, for a scheduler address nothing listens on (dask itself would
+    retry for its whole connect timeout). Only tcp:// addresses are probed."""
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, loc = parse_address(address if "://" in address else f"tcp://{address}")
+        host, port = parse_host_port(loc)
+    except (ValueError, TypeError):
+        raise ClusterError(f"--scheduler: {address!r} is not a scheduler address; expected tcp://HOST:PORT") from None
+    if scheme == "tcp":
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            raise ClusterError(
+                f"--scheduler: cannot reach a dask scheduler at {address!r} ({e.strerror or e}); start one or fix the address"
+            ) from None
+
+
 def _worker_device(device: str) -> torch.device:
     """The worker's device: ``device`` resolved; CUDA without an index spreads workers over GPUs."""
     resolved = resolve_device(device, "probe.device")
@@ -83,6 +104,7 @@ def connect(workers: int, scheduler: str | None, threads: int):
     cluster = client = None
     try:
         if scheduler:
+            check_scheduler(scheduler)
             try:
                 client = Client(scheduler, timeout=CONNECT_TIMEOUT_S)
             except (OSError, TimeoutError) as e:

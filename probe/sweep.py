@@ -236,6 +236,10 @@ def run(
 
     started = time.perf_counter()
     p = cfg.probe
+    if scheduler:  # an address nothing listens on fails before the plan is shown
+        from diffprobe.probe.distributed import check_scheduler
+
+        check_scheduler(scheduler)
     cmd = prepare(cfg, subset)  # the selection is made once: counted here, reused by the sweep
     store, sel, ledger = cmd.store, cmd.sel, cmd.ledger
     cells, grid = plan(store, blocks, ts, pools)
