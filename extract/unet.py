@@ -175,12 +175,18 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> str:
 
 
 def compile_blocks(model: UNetModel) -> None:
-    """torch.compile every layer inside every block, in place (``nn.Module.compile``: the state
-    dict keeps its keys). The blocks themselves stay eager, so `capture`'s hooks and its stop
-    after the deepest block work as before; each layer compiles on its first call."""
-    for _, block in block_modules(model):
-        for layer in block.children():
-            layer.compile(dynamic=False)
+    """torch.compile each block's forward, in place (the state dict keeps its keys). The hooks of
+    `capture` sit around the compiled forwards, so capturing and stopping after the deepest block
+    work as before; a block compiles on its first call, so blocks after the deepest never do.
+
+    The blocks share one code object, which dynamo compiles once per block: its recompile limit
+    is raised to the block count."""
+    import torch._dynamo.config as dynamo
+
+    blocks = block_modules(model)
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(blocks))
+    for _, block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=False)
 
 
 # ---------------------------------------------------------------------------- blocks
