@@ -3,7 +3,9 @@ one call, and time per device kind. `extract plan` prints `estimate`'s result.
 
 - FLOPs per image of a forward truncated after the deepest requested block, counted by
   ``torch.utils.flop_counter`` on the meta device (no weights, no data; linear in rows, so one
-  row is one image). A run computes every (image, t) row plus the zero rows that pad each
+  row is one image). It counts matrix products and convolutions; an attention over a 1x1 map
+  (the tiny model's blocks 16-21) contracts over one token, which torch runs as an elementwise
+  product it does not count (a few hundred FLOPs). A run computes every (image, t) row plus the zero rows that pad each
   U-Net call to ``forward_batch``.
 - Peak memory of one U-Net call of ``forward_batch`` rows: the float32 weights plus the
   largest sum of live tensors during the call (`peak_call_bytes`, counted on the meta device
