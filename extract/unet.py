@@ -136,8 +136,9 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> str:
-    """Load a state dict into ``model`` with strict key and shape matching; return its sha256.
+def load_checkpoint(model: nn.Module, path: str | Path, sha256: str | None = None) -> str:
+    """Load a state dict into ``model`` with strict key and shape matching; return its sha256
+    (``sha256`` when the caller already knows it: hashing 2 GB takes seconds).
 
     Tensors are cast to the model's dtype (the tiny checkpoint ships in float16).
     """
@@ -171,7 +172,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> str:
                 f"is model.preset right for this checkpoint?"
             )
     model.load_state_dict(state, strict=True)
-    return file_sha256(path)
+    return sha256 or file_sha256(path)
 
 
 def compile_blocks(model: UNetModel) -> None:
