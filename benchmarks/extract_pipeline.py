@@ -39,6 +39,7 @@ from diffprobe.extract import job as jobs  # noqa: E402
 from diffprobe.extract.extraction import extract_features, load_batch  # noqa: E402
 from diffprobe.extract.report import Recorder  # noqa: E402
 from diffprobe.extract.run import run as extract_run  # noqa: E402
+from diffprobe.extract.unet import TINY_CHECKPOINT  # noqa: E402
 from diffprobe.store.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,12 +103,13 @@ def ceiling(args) -> dict:
             "data.root": str(tmp / "data"),
             "data.splits": ["train"],
             "model.preset": "adm-256-uncond",
-            "model.checkpoint": "stand-in",
+            "model.checkpoint": str(TINY_CHECKPOINT),  # never loaded: the stand-in replaces the U-Net
             "extract.blocks": "19,24,30",
             "extract.timesteps": [90, 150, 300],
             "extract.pools": [1, 2],
             "extract.device": "cpu",
             "extract.batch_size": 64,
+            "extract.forward_batch": 32,
             "store.chunk_images": 64,
         }
         cfg = load_config(None, base)
