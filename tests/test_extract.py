@@ -19,7 +19,7 @@ from diffprobe.store.errors import FingerprintMismatch, ImageError, StoreError, 
 from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
 from diffprobe.store.synthetic import write_synthetic_store
 
-from .conftest import REPO, small_config
+from .conftest import REPO, small_config, writer_kwargs
 
 
 def _arrays(path):
@@ -145,15 +145,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
     path = write_synthetic_store(
         tmp_path / "s.zarr", {"train": {FeatureKey(90, 3, 1): np.zeros((4, 2, 1, 1))}}, {"train": np.arange(4) % 2}
     )
-    s = open_store(path)
-    kw = dict(
-        fingerprints=s.fingerprints,
-        provenance={},
-        blocks=s.attrs["blocks"],
-        class_names=s.class_names,
-        splits={sp: (list(s.ids(sp)), s.labels(sp)) for sp in s.splits},
-        chunk_images=8,
-    )
+    kw = writer_kwargs(path, 8)
     with StoreWriter.create(path, **kw):
         with pytest.raises(StoreLocked, match="another `extract run` is writing this store"):
             StoreWriter.create(path, **kw)

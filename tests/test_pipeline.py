@@ -137,78 +137,55 @@ def _catch(failure, fn, *args):
         failure.append(e)
 
 
-def test_channels_last_is_close_to_the_default_and_fingerprinted(tmp_path):
-    over = {"extract.blocks": "8,24"}
-    a, b = (
-        small_config(tmp_path, "a.zarr", **over),
-        small_config(tmp_path, "cl.zarr", **over, **{"extract.channels_last": True}),
-    )
+def _both(tmp_path, over: dict, extra: dict):
+    """Run ``over`` and ``over`` + ``extra``: (first's features, second's, second's result, second's
+    compute fingerprint, first's compute fingerprint)."""
+    a, b = small_config(tmp_path, "a.zarr", **over), small_config(tmp_path, "b.zarr", **over, **extra)
     extract_run(a)
-    extract_run(b)
-    ga, gb = _stored(a.store.path), _stored(b.store.path)
-    for k in ga:
-        x, y = ga[k].astype(np.float32), gb[k].astype(np.float32)
-        np.testing.assert_allclose(y, x, rtol=1e-2, atol=1e-2 * np.abs(x).max())
-    assert open_store(b.store.path).fingerprints["compute"]["channels_last"] is True
-    assert "channels_last" not in open_store(a.store.path).fingerprints["compute"]
+    result = extract_run(b)
+    fa, fb = (open_store(c.store.path).fingerprints["compute"] for c in (a, b))
+    return _stored(a.store.path), _stored(b.store.path), result, fb, fa
+
+
+def _relative_errors(x: dict, y: dict) -> list[float]:
+    return [float(np.linalg.norm(y[k].astype(np.float32) - x[k]) / np.linalg.norm(x[k].astype(np.float32))) for k in x]
+
+
+def test_channels_last_is_close_to_the_default_and_fingerprinted(tmp_path):
+    x, y, _, fp, before = _both(tmp_path, {"extract.blocks": "8,24"}, {"extract.channels_last": True})
+    assert max(_relative_errors(x, y)) < 1e-2
+    assert fp["channels_last"] is True and "channels_last" not in before
 
 
 @pytest.mark.slow
 def test_compile_is_close_to_eager_and_its_time_reported_apart(tmp_path):
     over = {"extract.blocks": "3", "extract.pools": [1]}  # compiles blocks 1-3 only
-    a, b = (
-        small_config(tmp_path, "a.zarr", **over),
-        small_config(tmp_path, "c.zarr", **over, **{"extract.compile": True}),
-    )
-    extract_run(a)
-    result = extract_run(b)
-    assert result["compile_seconds"] > 0
-    ga, gb = _stored(a.store.path), _stored(b.store.path)
-    for k in ga:
-        x, y = ga[k].astype(np.float32), gb[k].astype(np.float32)
-        np.testing.assert_allclose(y, x, rtol=1e-2, atol=1e-2 * np.abs(x).max())
-    assert open_store(b.store.path).fingerprints["compute"]["compile"] is True
+    x, y, result, fp, _ = _both(tmp_path, over, {"extract.compile": True})
+    assert result["compile_seconds"] > 0 and fp["compile"] is True
+    assert max(_relative_errors(x, y)) < 1e-2
 
 
 def test_bf16_autocast_runs_on_cpu_close_to_float32(tmp_path):
-    over = {"extract.blocks": "8", "extract.pools": [1]}
-    a, b = (
-        small_config(tmp_path, "a.zarr", **over),
-        small_config(tmp_path, "bf.zarr", **over, **{"extract.autocast": "bf16"}),
-    )
-    extract_run(a)
-    extract_run(b)
-    x, y = _stored(a.store.path), _stored(b.store.path)
-    for k in x:
-        rel = np.linalg.norm(y[k].astype(np.float32) - x[k]) / np.linalg.norm(x[k].astype(np.float32))
-        assert 0 < rel < 0.05, (k, rel)
+    x, y, _, fp, _ = _both(tmp_path, {"extract.blocks": "8", "extract.pools": [1]}, {"extract.autocast": "bf16"})
+    assert all(0 < e < 0.05 for e in _relative_errors(x, y)) and fp["autocast"] == "bf16"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_pipeline_on_and_off_give_the_same_bits(tmp_path):
-    over = {"extract.device": "cuda", "extract.timesteps": [90, 300]}
-    a, b = small_config(tmp_path, "off.zarr", **over, **OFF), small_config(tmp_path, "on.zarr", **over)
-    extract_run(a)
-    extract_run(b)
-    ga, gb = _stored(a.store.path), _stored(b.store.path)
-    assert ga.keys() == gb.keys() and all(ga[k].tobytes() == gb[k].tobytes() for k in ga)
+    x, y, *_ = _both(
+        tmp_path,
+        {"extract.device": "cuda", "extract.timesteps": [90, 300], **OFF},
+        {"extract.loaders": 2, "extract.write_behind": 1},
+    )
+    assert x.keys() == y.keys() and all(x[k].tobytes() == y[k].tobytes() for k in x)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_bf16_autocast_stays_close_to_float32(tmp_path):
-    over = {"extract.device": "cuda", "extract.blocks": "24"}
-    a, b = (
-        small_config(tmp_path, "a.zarr", **over),
-        small_config(tmp_path, "b.zarr", **over, **{"extract.autocast": "bf16"}),
-    )
-    extract_run(a)
-    extract_run(b)
-    x, y = _stored(a.store.path), _stored(b.store.path)
-    for k in x:
-        rel = np.linalg.norm(y[k].astype(np.float32) - x[k]) / np.linalg.norm(x[k].astype(np.float32))
-        assert rel < 0.05, (k, rel)
+    x, y, *_ = _both(tmp_path, {"extract.device": "cuda", "extract.blocks": "24"}, {"extract.autocast": "bf16"})
+    assert max(_relative_errors(x, y)) < 0.05
 
 
 def test_compute_settings_carry_every_pipeline_key(tmp_path):

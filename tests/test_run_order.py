@@ -13,7 +13,7 @@ from diffprobe.extract.report import BarReporter, Totals, clock, eta_seconds, ra
 from diffprobe.store.errors import FingerprintMismatch, StoreLocked
 from diffprobe.store.feature_store import StoreWriter, open_store
 
-from .conftest import small_config
+from .conftest import small_config, writer_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +89,7 @@ def test_auto_forward_batch_wastes_little():
 
 
 def test_the_lock_is_taken_before_the_model_is_loaded(complete, monkeypatch):
-    s = open_store(complete.store.path)
-    kw = dict(
-        fingerprints=s.fingerprints,
-        provenance={},
-        blocks=s.attrs["blocks"],
-        class_names=s.class_names,
-        splits={sp: (list(s.ids(sp)), s.labels(sp)) for sp in s.splits},
-        chunk_images=8,
-    )
+    kw = writer_kwargs(complete.store.path, 8)
     more = _on(complete, **{"extract.blocks": "3,8"})
     _no_model(monkeypatch)
     with StoreWriter.create(complete.store.path, **kw):
