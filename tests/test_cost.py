@@ -147,9 +147,9 @@ def test_plan_json_carries_the_cost(tmp_path):
     c = json.loads(r.stdout)["cost"]
     spec = preset("tiny")
     assert c["tflop_per_image"] * 1e12 == pytest.approx(cost.forward_flops(spec, 24))
-    assert c["rows"] == 60 and (c["calls"], c["padded_rows"]) == cost.calls_and_padding(
-        {"a": 30, "b": 30}, 512, 64, 32, 1
-    )
+    # forward_batch auto: 30 images x 1 t per batch -> calls of 30 rows, none of them padding
+    assert c["rows"] == 60 and c["forward_batch"] == 30
+    assert (c["calls"], c["padded_rows"]) == cost.calls_and_padding({"a": 30, "b": 30}, 512, 64, 30, 1) == (2, 0)
     assert c["weight_bytes"] == 4 * sum(p.numel() for p in build_model(spec, "meta").parameters())
     assert c["cpu_tflop_per_s"] is None and "this CPU (calibrated)" not in c["hours"]
     assert len(block_modules(build_model(spec, "meta"))) == 37
