@@ -3,7 +3,7 @@
     python benchmarks/extract_throughput.py                 # ~6 min on 2 cores
     python benchmarks/extract_throughput.py --per-class 20 --repeats 3
 
-Pipeline: `extract.job.run` into a fresh store (all 37 blocks, the default timesteps,
+Pipeline: `extract.run.run` into a fresh store (all 37 blocks, the default timesteps,
 pools 1 and 2), timed end to end (imports aside: model build and load, checkpoint sha256,
 store and array creation) and its extraction loop alone (image preprocessing, noise,
 capture, pooling, fp16 encoding, Zarr writes and completion records). Bare: `model(x_t, t)` on the same x_t (made beforehand), the same call

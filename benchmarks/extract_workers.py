@@ -5,7 +5,7 @@ cluster of 1 and of 2 worker processes.
     flock /tmp/diffprobe-bench.lock python benchmarks/extract_workers.py --repeats 1 --per-class 40
 
 Each repeat runs the three variants into fresh stores, in a rotating order (so drift on a
-shared machine hits all alike), timed end to end (`extract.job.run`: cluster start, model
+shared machine hits all alike), timed end to end (`extract.run.run`: cluster start, model
 loads, store, extraction, cluster shutdown) and from ``report.start`` to the end (the chunks
 alone, once every worker holds the model). Torch CPU threads: the single process and the
 1-worker cluster use all the cores; the 2-worker cluster gives each worker cores / 2
@@ -29,7 +29,7 @@ from pathlib import Path
 warnings.simplefilter("ignore", FutureWarning)
 
 from diffprobe.extract import job as jobs  # noqa: E402
-from diffprobe.extract.distributed import local_threads  # noqa: E402
+from diffprobe.extract.dask_client import local_threads  # noqa: E402
 from diffprobe.extract.report import Recorder  # noqa: E402
 from diffprobe.extract.run import run as extract_run  # noqa: E402
 from diffprobe.store.config import load_config  # noqa: E402

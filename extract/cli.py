@@ -115,16 +115,24 @@ def plan(
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks (extract.blocks)."),
     t: Optional[str] = typer.Option(None, "--t", help="Timesteps (extract.timesteps)."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Pool sizes (extract.pools)."),
+    calibrate: bool = typer.Option(
+        True, "--calibrate/--no-calibrate", help="Time a few U-Net calls on this CPU for its estimate."
+    ),
     as_json: bool = JsonOpt,
 ):
-    """Show the arrays, shapes and bytes a run would write, and the U-Net forwards, before any work."""
+    """Show the arrays, shapes and bytes a run would write, the U-Net forwards, FLOPs, memory and
+    time, before any work."""
     from diffprobe.extract import job as jobs
+    from diffprobe.extract.cost import estimate
+    from diffprobe.store.device import resolve_device
 
     with user_errors():
         cfg = _config(config, store, **{"extract.blocks": blocks, "extract.timesteps": t, "extract.pools": pool})
-        p = jobs.prepare(cfg).plan
+        job = jobs.prepare(cfg)
+        p = job.plan
+        cost = estimate(job, resolve_device(cfg.extract.device), calibrate)
     if as_json:
-        print(json.dumps({"store": cfg.store.path, **p.to_dict()}))
+        print(json.dumps({"store": cfg.store.path, **p.to_dict(), "cost": cost.to_dict()}))
         return
     table = Table(title=escape(f"plan for {cfg.store.path}"))
     for col in ("split", "array", "t", "block", "pool", "shape", "dtype", "bytes"):
@@ -149,6 +157,37 @@ def plan(
         f"x {len(p.timesteps)} timesteps), each stopping after block {max(p.blocks)}",
         highlight=False,
     )
+    _print_cost(cost)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.2g} s"
+
+
+def _print_cost(c) -> None:
+    """`extract plan`'s FLOPs, calls, memory and time lines (extract.cost.Estimate)."""
+    out.print(
+        f"{c.flops_per_image / 1e12:.3g} TFLOP per image to block {c.deepest}; {c.total_flops / 1e12:.4g} TFLOP "
+        f"in {c.calls} U-Net calls of {c.forward_batch} rows ({c.rows} rows of (image, t) + {c.padded_rows} padding, "
+        f"{c.padding_share:.0%})",
+        highlight=False,
+    )
+    fit = c.largest_forward_batch
+    free = f", {_human(c.free_bytes)} free on {c.device} (forward_batch up to {fit} fits)" if fit is not None else ""
+    out.print(
+        f"peak memory of one call: {_human(c.peak_bytes)} ({_human(c.weight_bytes)} float32 weights + "
+        f"{_human(c.call_bytes)} activations){free}",
+        highlight=False,
+    )
+    out.print(
+        "estimated time: " + "; ".join(f"{name} {_duration(hours * 3600)}" for name, hours in c.hours().items()),
+        highlight=False,
+    )
+    for w in c.warnings():
+        err.print(f"warning: {escape(w)}", highlight=False)
 
 
 @app.command()

@@ -13,7 +13,7 @@ How the work is split, and why the store ends bit-identical to a single-process 
   every task of the run; tasks on one worker run one at a time (the model's capture hooks and
   its device are per worker).
 - The worker that computed a chunk writes its data and then its completion records
-  (`extract.extraction.extract_chunk`, the same function the single-process loop runs).
+  (`extract.extraction.extract_chunks`, the loop the single-process run runs).
 - The client holds the store's lock for the whole run; workers write through
   `StoreWriter.attach`, which refuses to write once the client's run no longer holds it.
 - A worker killed mid-task: dask reruns the task elsewhere. The rerun rewrites the whole

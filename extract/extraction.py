@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.extract.images import ImageSource
-from diffprobe.extract.noise import image_noise
+from diffprobe.extract.noise import rows_noise
 from diffprobe.extract.plan import Plan
 from diffprobe.extract.report import Reporter, Totals
 from diffprobe.extract.unet import capture
@@ -167,7 +167,7 @@ def load_batch(source: ImageSource, split: str, ids: tuple[str, ...], timesteps:
     errors = {i: f"{type(x).__name__}: {x}" for i, x in enumerate(loaded) if isinstance(x, Exception)}
     shape = next((x.shape for x in loaded if not isinstance(x, Exception)), (3, source.image_size, source.image_size))
     x0 = np.stack([np.zeros(shape, np.float32) if isinstance(x, Exception) else x for x in loaded])
-    noise = torch.stack([image_noise(seed, i, t, tuple(shape)) for i in ids for t in timesteps]).numpy()
+    noise = rows_noise(seed, [(i, t) for i in ids for t in timesteps], tuple(shape)).numpy()
     return Ready(x0, noise, errors)
 
 

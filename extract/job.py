@@ -29,12 +29,13 @@ from diffprobe.extract.unet import (
     build_diffusion,
     build_model,
     compile_blocks,
+    file_sha256,
     load_checkpoint,
     preset,
 )
 from diffprobe.store.config import Config
-from diffprobe.store.errors import ConfigError, DiffprobeError
-from diffprobe.store.feature_store import StoreWriter
+from diffprobe.store.errors import CheckpointError, ConfigError, DiffprobeError, FingerprintMismatch, StoreError
+from diffprobe.store.feature_store import StoreWriter, open_store
 
 
 def tool_version() -> str:
@@ -126,7 +127,72 @@ def prepare(cfg: Config, source: ImageSource | None = None) -> Job:
     sizes = {s: len(source.split(s)) for s in cfg.data.splits}
     e = cfg.extract
     plan = make_plan(table, sizes, e.blocks, e.timesteps, e.pools, cfg.store.dtype, spec.diffusion_steps)
+    if not e.forward_batch:  # auto: resolved once here, so every later step sees one number
+        fb = auto_forward_batch(sizes, e.batch_size, cfg.store.chunk_images, len(e.timesteps), store_attrs(cfg))
+        cfg = dataclasses.replace(cfg, extract=dataclasses.replace(e, forward_batch=fb))
     return Job(cfg, spec, table, diffusion, source, plan, ckpt)
+
+
+AUTO_FORWARD_BATCH = 32  # the most rows per call auto chooses: memory and kernel efficiency both fine there
+
+
+def auto_forward_batch(sizes: dict[str, int], batch_size: int, chunk_images: int, n_t: int, stored: dict | None) -> int:
+    """``extract.forward_batch = 0``: an existing store's own; else the fewest calls of at most
+    AUTO_FORWARD_BATCH rows for the largest batch's (image, t) rows, split evenly (18 images x
+    2 t = 36 rows: 2 calls of 18, no padding, where 32 would pad 28 rows)."""
+    if stored:
+        fb = stored.get("fingerprints", {}).get("compute", {}).get("forward_batch")
+        if fb:
+            return int(fb)
+    rows = max(min(batch_size, chunk_images, n) for n in sizes.values()) * n_t
+    return -(-rows // -(-rows // AUTO_FORWARD_BATCH))
+
+
+def store_attrs(cfg: Config) -> dict | None:
+    """The root attributes of the store at ``store.path`` if one is there and whole, else None."""
+    from pathlib import Path
+
+    if not (Path(cfg.store.path) / "zarr.json").is_file():
+        return None
+    try:
+        return open_store(cfg.store.path).attrs
+    except StoreError:
+        return None
+
+
+def check_forward_batch(job: Job, stored: dict | None) -> None:
+    """Refuse, with the fix, a ``forward_batch`` unlike the store's (before any model is loaded)."""
+    have = (stored or {}).get("fingerprints", {}).get("compute", {}).get("forward_batch")
+    want = job.cfg.extract.forward_batch
+    if have and have != want:
+        raise FingerprintMismatch(
+            f"{job.cfg.store.path}: refusing to extend a store made with a different compute: "
+            f"compute.forward_batch: store has {have}, this run has {want}; set extract.forward_batch = {have} "
+            f"(or 0, which adopts the store's) to continue this store"
+        )
+
+
+def checkpoint_file(path: str) -> dict:
+    """What identifies a checkpoint file's contents cheaply: its resolved path, size and mtime."""
+    from pathlib import Path
+
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def checkpoint_sha256(job: Job, stored: dict | None) -> str:
+    """The checkpoint's sha256: recorded by an earlier run of this store for the same file (path,
+    size and mtime: `checkpoint_file`), else computed (seconds for a 2 GB file)."""
+    from pathlib import Path
+
+    if not Path(job.checkpoint).is_file():
+        raise CheckpointError(f"model.checkpoint: no such file {job.checkpoint!r}")
+    here = checkpoint_file(job.checkpoint)
+    for run in reversed((stored or {}).get("runs", [])):
+        seen = run.get("checkpoint_file") or {}
+        if {k: seen.get(k) for k in here} == here and seen.get("sha256"):
+            return seen["sha256"]
+    return file_sha256(job.checkpoint)
 
 
 def fingerprints(job: Job, checkpoint_sha256: str, device: torch.device, cpu_threads: int = 0) -> dict:
@@ -182,11 +248,12 @@ def compute_settings(cfg: Config, device: torch.device) -> ComputeSettings:
     )
 
 
-def load_model(job: Job, device: torch.device):
+def load_model(job: Job, device: torch.device, sha256: str | None = None):
     """The U-Net with the job's weights, on ``device``, in eval mode (channels-last and compiled
-    blocks as ``extract.channels_last`` / ``extract.compile`` ask); and the checkpoint's sha256."""
+    blocks as ``extract.channels_last`` / ``extract.compile`` ask); and the checkpoint's sha256
+    (``sha256`` if already known)."""
     model = build_model(job.spec)
-    sha = load_checkpoint(model, job.checkpoint)
+    sha = load_checkpoint(model, job.checkpoint, sha256)
     model = model.to(device).eval()
     if job.cfg.extract.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -207,6 +274,7 @@ def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, cpu_thre
         "torch": torch.__version__,
         "device": str(device),
         "checkpoint": job.checkpoint,
+        "checkpoint_file": {**checkpoint_file(job.checkpoint), "sha256": checkpoint_sha256},
         "source": job.source.describe(),
         "config": cfg.to_dict(),
         **provenance,

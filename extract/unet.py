@@ -136,8 +136,9 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> str:
-    """Load a state dict into ``model`` with strict key and shape matching; return its sha256.
+def load_checkpoint(model: nn.Module, path: str | Path, sha256: str | None = None) -> str:
+    """Load a state dict into ``model`` with strict key and shape matching; return its sha256
+    (``sha256`` when the caller already knows it: hashing 2 GB takes seconds).
 
     Tensors are cast to the model's dtype (the tiny checkpoint ships in float16).
     """
@@ -171,16 +172,22 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> str:
                 f"is model.preset right for this checkpoint?"
             )
     model.load_state_dict(state, strict=True)
-    return file_sha256(path)
+    return sha256 or file_sha256(path)
 
 
 def compile_blocks(model: UNetModel) -> None:
-    """torch.compile every layer inside every block, in place (``nn.Module.compile``: the state
-    dict keeps its keys). The blocks themselves stay eager, so `capture`'s hooks and its stop
-    after the deepest block work as before; each layer compiles on its first call."""
-    for _, block in block_modules(model):
-        for layer in block.children():
-            layer.compile(dynamic=False)
+    """torch.compile each block's forward, in place (the state dict keeps its keys). The hooks of
+    `capture` sit around the compiled forwards, so capturing and stopping after the deepest block
+    work as before; a block compiles on its first call, so blocks after the deepest never do.
+
+    The blocks share one code object, which dynamo compiles once per block: its recompile limit
+    is raised to the block count."""
+    import torch._dynamo.config as dynamo
+
+    blocks = block_modules(model)
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(blocks))
+    for _, block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=False)
 
 
 # ---------------------------------------------------------------------------- blocks

@@ -168,7 +168,11 @@ class ExtractConfig:
     timesteps: tuple[int, ...] = _key((30, 90, 150, 300, 600, 900), _int_list(0), "timesteps t")
     pools: tuple[int, ...] = _key((1, 2), _int_list(1, 64), "adaptive-average-pool sizes p")
     batch_size: int = _key(64, _int(1, 65536), "images read, noised and written per step")
-    forward_batch: int = _key(32, _int(1, 65536), "rows of every U-Net call (fixed: bit-identity)")
+    forward_batch: int = _key(
+        0,
+        _int(0, 65536),
+        "rows of every U-Net call (fixed: bit-identity); 0 = auto: the store's, else at most 32 with the least padding",
+    )
     device: str = _key("auto", _device, "torch device")
     autocast: str = _key("none", _choice(Autocast), "autocast dtype of the U-Net")
     noise_seed: int = _key(0, _int(0, 2**63 - 1), "seed of the per-(image, t) noise")

@@ -30,6 +30,21 @@ def small_config(tmp_path: Path, name: str = "store.zarr", **overrides):
     return load_config(REPO / "pipeline.toml", base)
 
 
+def writer_kwargs(path, chunk_images: int) -> dict:
+    """`StoreWriter.create`'s keyword arguments that reopen the store at ``path`` as it is."""
+    from diffprobe.store.feature_store import open_store
+
+    s = open_store(path)
+    return dict(
+        fingerprints=s.fingerprints,
+        provenance={},
+        blocks=s.attrs["blocks"],
+        class_names=s.class_names,
+        splits={sp: (list(s.ids(sp)), s.labels(sp)) for sp in s.splits},
+        chunk_images=chunk_images,
+    )
+
+
 @pytest.fixture(autouse=True)
 def _quiet_guided_diffusion():
     with warnings.catch_warnings():

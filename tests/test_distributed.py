@@ -26,7 +26,7 @@ from diffprobe.extract.extraction import SIGKILL_FILE, ChunkWork, extract_chunks
 from diffprobe.extract.report import Recorder, Totals
 from diffprobe.extract.run import run as extract_run
 
-from .conftest import small_config
+from .conftest import small_config, writer_kwargs
 
 distributed = pytest.importorskip("distributed")
 
@@ -336,14 +336,7 @@ def test_workers_write_only_while_their_run_holds_the_store(reference, tmp_path)
     path = tmp_path / "owned.zarr"
     shutil.copytree(reference.store.path, path)
     s = open_store(path)
-    kw = dict(
-        fingerprints=s.fingerprints,
-        provenance={},
-        blocks=s.attrs["blocks"],
-        class_names=s.class_names,
-        splits={sp: (list(s.ids(sp)), s.labels(sp)) for sp in s.splits},
-        chunk_images=4,
-    )
+    kw = writer_kwargs(path, 4)
     key = FeatureKey(90, 3, 1)
     data = {key: s.features("train", 3, 90, 1)[:4]}
     with StoreWriter.create(path, **kw) as client:

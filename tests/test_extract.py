@@ -16,9 +16,10 @@ from diffprobe.extract.noise import image_noise
 from diffprobe.extract.run import run as extract_run
 from diffprobe.extract.unet import build_diffusion, build_model, load_checkpoint
 from diffprobe.store.errors import FingerprintMismatch, ImageError, StoreError, StoreLocked
-from diffprobe.store.feature_store import StoreWriter, open_store
+from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
+from diffprobe.store.synthetic import write_synthetic_store
 
-from .conftest import REPO, small_config
+from .conftest import REPO, small_config, writer_kwargs
 
 
 def _arrays(path):
@@ -140,20 +141,15 @@ def _snapshot(path):
     return out
 
 
-def test_a_second_writer_is_refused_while_the_first_holds_the_lock(reference, tmp_path):
-    s = open_store(reference.store.path)
-    kw = dict(
-        fingerprints=s.fingerprints,
-        provenance={},
-        blocks=s.attrs["blocks"],
-        class_names=s.class_names,
-        splits={sp: (list(s.ids(sp)), s.labels(sp)) for sp in s.splits},
-        chunk_images=8,
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
+    path = write_synthetic_store(
+        tmp_path / "s.zarr", {"train": {FeatureKey(90, 3, 1): np.zeros((4, 2, 1, 1))}}, {"train": np.arange(4) % 2}
     )
-    with StoreWriter.create(reference.store.path, **kw):
+    kw = writer_kwargs(path, 8)
+    with StoreWriter.create(path, **kw):
         with pytest.raises(StoreLocked, match="another `extract run` is writing this store"):
-            StoreWriter.create(reference.store.path, **kw)
-    StoreWriter.create(reference.store.path, **kw).close()  # released again
+            StoreWriter.create(path, **kw)
+    StoreWriter.create(path, **kw).close()  # released again
 
 
 def test_store_api_and_its_errors(reference):

@@ -17,8 +17,8 @@ from diffprobe.extract.unet import (
 from diffprobe.store.errors import BlockError, CheckpointError
 
 
-def _design_md(ranges):
-    """Expand DESIGN.md's 'value (lo-hi)' lists into one value per block 1..37."""
+def _per_block(ranges):
+    """Expand (value, lo, hi) ranges into one value per block 1..37."""
     out = {}
     for value, lo, hi in ranges:
         for b in range(lo, hi + 1):
@@ -26,10 +26,14 @@ def _design_md(ranges):
     return [out[b] for b in range(1, 38)]
 
 
-def test_adm256_block_table_matches_design_md():
+def test_adm256_block_table_matches_the_published_architecture():
+    """ADM-256's channels and map sizes per block, written out independently from guided-diffusion's
+    flags (num_channels 256, channel_mult 1,1,2,2,4,4, 2 res blocks, resblock_updown): 3 blocks per
+    level on the way down after the stem, the middle block, 3 per level on the way up (README,
+    "Concepts"; extract/unet.py derives them from the model instead)."""
     table = block_table(preset("adm-256-uncond"))  # meta device: no weights allocated
-    channels = _design_md([(256, 1, 7), (512, 8, 13), (1024, 14, 25), (512, 26, 31), (256, 32, 37)])
-    spatial = _design_md(
+    channels = _per_block([(256, 1, 7), (512, 8, 13), (1024, 14, 25), (512, 26, 31), (256, 32, 37)])
+    spatial = _per_block(
         [
             (256, 1, 3),
             (128, 4, 6),
