@@ -340,13 +340,13 @@ def fusion_probe(
 
 
 def _prepare(cfg: Config, ledger: bool):
-    from diffprobe.probe.ledger import ledger_path, read_rows
+    from diffprobe.probe.ledger import check_ledger, ledger_path
 
     if cfg.probe.threads:
         torch.set_num_threads(cfg.probe.threads)
     store = open_store(cfg.store.path)
     if ledger:
-        read_rows(ledger_path(cfg.store.path, cfg.probe.ledger))  # refuse a foreign ledger before training
+        check_ledger(ledger_path(cfg.store.path, cfg.probe.ledger))  # foreign or read-only: refused before training
     return store
 
 

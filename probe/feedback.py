@@ -416,13 +416,13 @@ def run(
     """
     from diffprobe.extract import job as jobs
     from diffprobe.extract.unet import load_checkpoint
-    from diffprobe.probe.ledger import ledger_path, read_rows
+    from diffprobe.probe.ledger import check_ledger, ledger_path
 
     p = cfg.probe
     if p.threads:
         torch.set_num_threads(p.threads)
     if ledger:
-        read_rows(ledger_path(cfg.store.path, p.ledger))  # refuse a foreign ledger before training
+        check_ledger(ledger_path(cfg.store.path, p.ledger))  # foreign or read-only: refused before training
     job = jobs.prepare(cfg)
     device = resolve_device(p.device, "probe.device")
     unet = build_model(job.spec)

@@ -662,7 +662,7 @@ def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, sub
     ``ledger`` (its path, or None with ``ledger=False``) and ``subset_file`` (the chosen ids,
     written beside the ledger unless ``subset`` is "all" or ``ledger=False``; else None).
     """
-    from diffprobe.probe.ledger import append_row, ledger_path, read_rows
+    from diffprobe.probe.ledger import append_row, check_ledger, ledger_path
     from diffprobe.probe.subsets import write_subset
 
     p = cfg.probe
@@ -670,7 +670,7 @@ def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, sub
         torch.set_num_threads(p.threads)
     store = open_store(cfg.store.path)
     if ledger:
-        read_rows(ledger_path(cfg.store.path, p.ledger))  # refuse a foreign ledger before training
+        check_ledger(ledger_path(cfg.store.path, p.ledger))  # foreign or read-only: refused before training
     sel = select(store, p.seed, p, subset)
     result = linear_probe(
         store, block, t, pool, recipe=p.recipe, seed=p.seed, settings=p, device=p.device, selection=sel

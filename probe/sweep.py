@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from diffprobe.probe import linear as lin
-from diffprobe.probe.ledger import append_row, ledger_path, read_rows
+from diffprobe.probe.ledger import append_row, check_ledger, ledger_path, read_rows
 from diffprobe.probe.protocol import Selection, select
 from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.errors import StoreError
@@ -225,6 +225,7 @@ def run(
     store = open_store(cfg.store.path)
     cells, grid = plan(store, blocks, ts, pools)
     ledger = ledger_path(cfg.store.path, p.ledger)
+    check_ledger(ledger)  # foreign or read-only: refused before training
 
     sel = select(store, p.seed, p, subset)  # made once: counted here, reused by the sweep
     if on_plan:

@@ -21,3 +21,8 @@ def user_errors():
     except DiffprobeError as e:
         err.print("[red]error:[/red]", escape(str(e)), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, in the same form as the errors."""
+    err.print("[yellow]warning:[/yellow]", escape(message), highlight=False, soft_wrap=True)
