@@ -25,6 +25,7 @@ from rich.table import Table
 from diffprobe.store.config import load_config
 from diffprobe.store.console import err, user_errors
 from diffprobe.store.feature_store import open_store
+from diffprobe.store.files import human_bytes
 from diffprobe.store.ranges import format_int_list
 
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False)
@@ -41,13 +42,6 @@ def _config(config, store, **flags):
     overrides = {"store.path": str(store) if store else None}
     overrides.update({k: v for k, v in flags.items()})
     return load_config(config, overrides)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
 
 
 @app.command()
@@ -172,13 +166,13 @@ def plan(
             str(a.key.pool),
             "x".join(map(str, a.shape)),
             a.dtype,
-            _human(a.nbytes),
+            human_bytes(a.nbytes),
         )
     out.print(table)
     for b, r, s in p.capped:
         out.print(f"block {b}: pool {r} capped at its {s}x{s} map (stored as pool {s})", highlight=False)
     out.print(
-        f"{len(p.arrays)} arrays, {_human(p.nbytes)} in total; "
+        f"{len(p.arrays)} arrays, {human_bytes(p.nbytes)} in total; "
         f"{p.forwards} U-Net forwards ({' + '.join(f'{n} {s}' for s, n in p.split_sizes.items())} images "
         f"x {len(p.timesteps)} timesteps), each stopping after block {max(p.blocks)}",
         highlight=False,

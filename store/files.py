@@ -19,6 +19,15 @@ from pathlib import Path
 from .errors import OutputError
 
 
+def human_bytes(n: float) -> str:
+    """Bytes in decimal units: ``512 B``, ``1.5 KB`` ... ``3.8 TB``."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
 def writable(path: str | Path) -> bool:
     """Whether this process can create files in folder ``path`` (or append to file ``path``).
 

@@ -60,19 +60,11 @@ def reference(tmp_path_factory):
 
 
 def _store_contents(path) -> dict:
-    """Every array of every split (features, done records, skipped, labels, ids) as bytes, and
+    """sha256 of every array of every split (features, done records, skipped, labels, ids) and of
     the completion-record column names: what two identical stores share bit for bit."""
-    root = zarr.open_group(str(path), mode="r")
-    out = {}
-    for split in root.attrs["splits"]:
-        g = root[split]
-        out[(split, "done_columns")] = list(g.attrs["done_columns"])
-        for name in ("done", "skipped", "labels"):
-            out[(split, name)] = np.asarray(g[name][:]).tobytes()
-        out[(split, "ids")] = list(g["ids"][:].tolist())
-        for name in g["features"].array_keys():
-            out[(split, name)] = g["features"][name][:].tobytes()
-    return out
+    from diffprobe.store.feature_store import open_store
+
+    return open_store(path).contents()
 
 
 def _assert_identical(a, b):
@@ -130,7 +122,9 @@ def test_two_local_workers_write_the_single_process_store(reference, tmp_path):
     assert len(run["workers"]) == 2 and {w["torch_threads"] for w in run["workers"]} == {1}
     assert len({w["address"] for w in run["workers"]}) == 2
     # the lock is released, and says no run owns the store any more
-    assert (os.path.getsize(os.path.join(cfg.store.path, ".lock"))) == 0
+    from diffprobe.store.feature_store import lock_path
+
+    assert os.path.getsize(lock_path(cfg.store.path)) == 0
 
 
 def test_scheduler_on_loopback_through_the_cli(cluster, reference, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from diffprobe.probe.ledger import COLUMNS, LedgerError, append_row, check_ledger, read_rows
 
-from .readonly import read_only_folder
+from .places import read_only_folder
 
 
 def _result(i: int, head: str = "linear") -> dict:

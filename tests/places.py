@@ -1,4 +1,4 @@
-"""A folder made read-only for a test, in a way that holds for root too.
+"""Places that refuse writes, for tests: a read-only folder and a tiny file system.
 
 The tests run as root here, and root ignores permission bits (chmod 555 still lets it write,
 and `os.access` says yes). So as root the folder is bind-mounted onto itself read-only
@@ -46,3 +46,21 @@ def read_only_folder(path: str | Path):
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def tiny_filesystem(path: str | Path, megabytes: int):
+    """A tmpfs of ``megabytes`` mounted at ``path``: writes beyond it fail with ENOSPC, as on
+    a full disk. Needs the right to mount (root here); skipped, saying why, without it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    mount = shutil.which("mount")
+    done = mount and subprocess.run(
+        [mount, "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], capture_output=True
+    )
+    if not done or done.returncode != 0:
+        pytest.skip("a full disk needs a tmpfs mount, which this user may not make")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
