@@ -20,10 +20,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from diffprobe.store.config import load_config
-from diffprobe.store.console import user_errors
+from diffprobe.store.console import OneLineErrors, user_errors
 from diffprobe.store.ranges import parse_int_list
 
 analyze_app = typer.Typer(
+    cls=OneLineErrors,
     help="Analyse cached features: `analyze cka` compares representations (block x block at one t, "
     "t x t at one block, or two stores' blocks) by centered kernel alignment.",
     add_completion=False,
@@ -53,7 +54,7 @@ def cka(
         None, "--against", help="Another store: this store's blocks x its blocks on the same images."
     ),
     pool: Optional[int] = typer.Option(None, "--pool", min=1, help="Stored pool size (default: the smallest held)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split to read (analyze.split, default val)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to read (analyze.split)."),
     estimator: Optional[str] = typer.Option(
         None, "--estimator", help="linear, linear-unbiased, rbf, rbf-unbiased or minibatch (analyze.estimator)."
     ),

@@ -23,12 +23,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from diffprobe.store.config import load_config
-from diffprobe.store.console import err, user_errors
+from diffprobe.store.console import OneLineErrors, err, user_errors
 from diffprobe.store.feature_store import open_store
 from diffprobe.store.files import human_bytes
 from diffprobe.store.ranges import format_int_list
 
-app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False)
+app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False, cls=OneLineErrors)
 out = Console()
 
 ConfigOpt = typer.Option(
