@@ -122,7 +122,8 @@ def run(
         try:
             result = jobs.run(cfg, progress=progress, on_start=on_start, on_chunks=on_chunks, log=log)
         finally:
-            bar.stop()
+            if bar.live.is_started:  # stopping a bar never shown prints an empty line
+                bar.stop()
         result["seconds"] = round(time.perf_counter() - started, 2)
     if as_json:
         print(json.dumps(result))
