@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from diffprobe.store.config import load_config
-from diffprobe.store.console import OneLineErrors, err, user_errors
+from diffprobe.store.console import OneLineErrors, err, user_errors, warn
 from diffprobe.store.feature_store import open_store
 from diffprobe.store.files import human_bytes
 from diffprobe.store.ranges import format_int_list
@@ -101,6 +101,8 @@ def run(
         computed = {"images": 0, "since": time.perf_counter()}
 
         def on_start(job):  # the bar appears once the config, model and store are accepted
+            for name, split in job.source.empty_classes():
+                warn(f"class {name!r} has no images in split {split!r}: no probe can learn or score it there")
             bar.update(task, total=sum(job.plan.split_sizes.values()))
             computed["since"] = time.perf_counter()
             bar.start()

@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from diffprobe.extract.extraction import ComputeSettings, extract_features
-from diffprobe.extract.images import PREPROCESSING, DigitsSource, ImageFolderSource, ImageSource
+from diffprobe.extract.images import PREPROCESSING, DigitsSource, ImageFolderSource, ImageSource, check_readable
 from diffprobe.extract.noise import DERIVATION
 from diffprobe.extract.plan import Plan, make_plan
 from diffprobe.extract.unet import (
@@ -203,6 +203,8 @@ def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, cpu_thre
         class_names=list(job.source.class_names),
         splits={s: (list(job.source.split(s).ids), job.source.split(s).labels) for s in cfg.data.splits},
         chunk_images=cfg.store.chunk_images,
+        files={s: job.source.split(s).files for s in cfg.data.splits},
+        before_create=(lambda: check_readable(job.source, cfg.data.splits)) if cfg.data.on_corrupt == "error" else None,
     )
     try:
         writer.record_run(record)

@@ -458,11 +458,18 @@ class StoreWriter(FeatureStore):
         class_names: list[str],
         splits: dict[str, tuple[list[str], np.ndarray]],
         chunk_images: int,
+        files: dict[str, np.ndarray | None] | None = None,
+        before_create: Callable[[], None] | None = None,
     ) -> StoreWriter:
         """Open the store at ``path`` for writing, creating it if there is none (or only a
         creation that this tool left cut off). The skeleton (root, splits, per-image arrays)
         is built in a hidden sibling folder and renamed into place, so a store either exists
-        whole or not at all. Anything else at ``path`` is refused."""
+        whole or not at all. Anything else at ``path`` is refused.
+
+        ``files``: per split, each image file's (size, mtime_ns), recorded in a new store and
+        compared on resume (a file changed under the same name is refused, named).
+        ``before_create``: called under the lock only when a new store is about to be made
+        (a check of the images that must pass before anything is written)."""
         path = Path(path)
         for split, (ids, _) in splits.items():
             if len(ids) == 0:
@@ -484,11 +491,14 @@ class StoreWriter(FeatureStore):
             if ours and ours.get("initialized"):
                 writer = cls(path)
                 writer._check_fingerprints(fingerprints, splits)  # an existing store keeps its own chunking
+                writer._check_files(files or {})
                 writer._remove_partials()
             else:
                 if path.is_dir() and not (_half_created(path) or not any(path.iterdir())):
                     raise StoreError(f"--store: {path} exists and is not a diffprobe store; pick a new or empty path")
-                _create(path, fingerprints, provenance, blocks, class_names, splits, chunk_images)
+                if before_create is not None:
+                    before_create()
+                _create(path, fingerprints, provenance, blocks, class_names, splits, chunk_images, files or {})
                 writer = cls(path)
         except OSError as e:
             _release_lock(lock)
@@ -530,6 +540,30 @@ class StoreWriter(FeatureStore):
                     f"{self.path}: refusing to extend a store made with a different {section}: {d}{fix}"
                 )
 
+    def _check_files(self, files: dict[str, np.ndarray | None]) -> None:
+        """Refuse a run whose image files differ in size or mtime from those recorded when the
+        store was made (stores made before the record, or of built-in data, have none)."""
+        for split, now in files.items():
+            g = self._split(split) if split in self.splits else None
+            if now is None or g is None or "files" not in g:
+                continue
+            then = g["files"][:]
+            if then.shape != np.shape(now):
+                continue  # another set of images: the dataset fingerprint already refused it
+            changed = np.flatnonzero((then != np.asarray(now)).any(axis=1))
+            if len(changed):
+                i = int(changed[0])
+                what = (
+                    f"size {then[i, 0]} -> {now[i, 0]} bytes"
+                    if then[i, 0] != now[i, 0]
+                    else "modified since (mtime differs)"
+                )
+                raise FingerprintMismatch(
+                    f"{self.path}: refusing to extend a store whose image {str(self.ids(split)[i])!r} of split "
+                    f"{split!r} changed ({what}; {len(changed)} file{'s' if len(changed) > 1 else ''} changed): "
+                    f"its features would mix two pictures; restore the file or extract into a new store"
+                )
+
     def _dataset_change(self, splits: dict[str, tuple[list[str], np.ndarray]]) -> str | None:
         """The first split whose image ids (or labels) differ from the run's, and how."""
         for split, (ids, labels) in splits.items():
@@ -560,7 +594,7 @@ class StoreWriter(FeatureStore):
             _drop_partials(d)
         for split in self.splits:
             g = self._split(split)
-            for name in ("done", "skipped", *_PER_IMAGE[self.schema_version].values()):
+            for name in ("done", "skipped", "files", *_PER_IMAGE[self.schema_version].values()):
                 for sub, _, _ in os.walk(self.path / split / name):
                     _drop_partials(Path(sub))
             features = self.path / split / ("features" if self.schema_version == 1 else "")
@@ -738,7 +772,7 @@ def _step(name: str) -> None:
         creation_hook(name)
 
 
-def _create(path: Path, fingerprints, provenance, blocks, class_names, splits, chunk_images) -> None:
+def _create(path: Path, fingerprints, provenance, blocks, class_names, splits, chunk_images, files) -> None:
     """Build a new store's skeleton in a hidden sibling folder, then rename it to ``path``
     (an empty folder, or a creation cut off, which is cleared first)."""
     tmp = path.with_name(f".{path.name}{_CREATING}{secrets.token_hex(4)}")
@@ -760,6 +794,15 @@ def _create(path: Path, fingerprints, provenance, blocks, class_names, splits, c
             ids, dtype=str
         )
         g.create_array("skipped", shape=(n,), chunks=chunks, dtype="bool", fill_value=False, dimension_names=["image"])
+        if files.get(split) is not None:  # each image file's size and mtime, to notice a changed file
+            g.create_array(
+                "files",
+                shape=(n, 2),
+                chunks=(chunks[0], 2),
+                dtype="int64",
+                dimension_names=["image", "file_stat"],
+                attributes={"columns": ["size", "mtime_ns"]},
+            )[:] = np.asarray(files[split], dtype=np.int64)
         # one row of records per image chunk, so writers of different chunks touch different files
         g.create_array(
             "done",
