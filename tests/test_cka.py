@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from diffprobe.analyze import cka as ck
 from diffprobe.analyze.cli import analyze_app
 from diffprobe.store.config import load_config
-from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
+from diffprobe.store.feature_store import FeatureKey, open_store
+from diffprobe.store.synthetic import write_synthetic_store
 
 from .conftest import REPO
 
@@ -216,22 +217,17 @@ def write_cka_store(path, arrays: dict, n: int, *, ids=None, skipped=(), chunk=1
     """A one-split ('val') store holding ``arrays`` {(block, t): (n, C, P, P) float16}."""
     blocks = [{"number": b, "module": f"m{b}", "channels": C, "spatial": P} for b in range(1, 38)]
     ids = [f"img/{i:04d}" for i in range(n)] if ids is None else ids
-    fingerprints = {"model": {"synthetic": str(path)}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
-    with StoreWriter.create(
+    return write_synthetic_store(
         path,
-        fingerprints=fingerprints,
-        provenance={},
-        blocks=blocks,
+        {"val": {FeatureKey(t, b, P): x for (b, t), x in arrays.items()}},
+        {"val": np.arange(n) % 2},
         class_names=["a", "b"],
-        splits={"val": (ids, np.arange(n) % 2)},
+        ids={"val": ids},
+        skipped={"val": skipped},
         chunk_images=chunk,
-    ) as w:
-        keys = {FeatureKey(t, b, P): x for (b, t), x in arrays.items()}
-        w.ensure_arrays("val", {k: C for k in keys}, "float16", "none")
-        for c in range(-(-n // chunk)):
-            w.write_chunk("val", c, {k: x[c * chunk : (c + 1) * chunk] for k, x in keys.items()})
-        w.write_skipped("val", np.asarray(skipped, dtype=int))
-    return path
+        blocks=blocks,
+        tag=str(path),
+    )
 
 
 N = 90
