@@ -397,3 +397,16 @@ def test_cli_errors_are_one_line_exit_2(stores, args, pattern):
 def test_cli_against_mismatched_ids(stores):
     res = runner.invoke(analyze_app, ["cka", "--t", "90", "--store", str(stores["a"]), "--against", str(stores["c"])])
     assert res.exit_code == 2 and "3 of 90 ids" in res.output and "Traceback" not in res.output
+
+
+def test_the_title_names_the_pool_read_per_block(tmp_path):
+    """Block 19's map is 1x1: asked for pool 2, it is read at its capped pool 1, and the result says so."""
+    blocks = [{"number": b, "module": f"m{b}", "channels": C, "spatial": 1 if b == 19 else P} for b in range(1, 38)]
+    rng = np.random.default_rng(0)
+    feats = {
+        FeatureKey(90, 24, P): rng.normal(size=(40, C, P, P)),
+        FeatureKey(90, 19, 1): rng.normal(size=(40, C, 1, 1)),
+    }
+    path = write_synthetic_store(tmp_path / "s.zarr", {"val": feats}, {"val": np.arange(40) % 2}, blocks=blocks)
+    r = ck.run(_cfg(path), t=(90,), pool=P, plots=False)
+    assert r["rows"] == [19, 24] and r["pool_read"] == "pool 2 (block 19 read at 1)"

@@ -43,19 +43,23 @@ def _rows(key: FeatureKey, split: str, lo: int, hi: int) -> np.ndarray:
     return rng.normal(size=(hi - lo, c, key.pool, key.pool)).astype(np.float16)
 
 
+def _writer(path) -> StoreWriter:
+    return StoreWriter.create(
+        path,
+        fingerprints=_fingerprints(cpu_threads=1),
+        provenance={},
+        blocks=BLOCKS,
+        class_names=["a", "b", "c"],
+        splits=_splits(),
+        chunk_images=CHUNK,
+    )
+
+
 def fill(path, hook=None) -> None:
     """Create (or resume) the test store and write every chunk still missing: what a run does."""
     fs.creation_hook = hook
     try:
-        w = StoreWriter.create(
-            path,
-            fingerprints=_fingerprints(cpu_threads=1),
-            provenance={},
-            blocks=BLOCKS,
-            class_names=["a", "b", "c"],
-            splits=_splits(),
-            chunk_images=CHUNK,
-        )
+        w = _writer(path)
     finally:
         fs.creation_hook = None
     with w:
@@ -302,15 +306,7 @@ def test_a_full_disk_is_one_line_naming_path_need_and_what_is_kept(tmp_path):
         path = small / "s.zarr"
         fill(path)  # the skeleton and the small arrays fit
         big = {FeatureKey(90, 30, 4): 16}
-        with StoreWriter.create(
-            path,
-            fingerprints=_fingerprints(cpu_threads=1),
-            provenance={},
-            blocks=BLOCKS,
-            class_names=["a", "b", "c"],
-            splits=_splits(),
-            chunk_images=CHUNK,
-        ) as w:
+        with _writer(path) as w:
             w.ensure_arrays("train", big, "float32", "none")
             filler = small / "filler"
             with pytest.raises(OSError):
