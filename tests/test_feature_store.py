@@ -20,7 +20,7 @@ from diffprobe.store import feature_store as fs
 from diffprobe.store.errors import FingerprintMismatch, StoreError
 from diffprobe.store.feature_store import FeatureKey, StoreWriter, lock_path, open_store
 
-from .conftest import REPO
+REPO = Path(__file__).resolve().parents[1]  # not from conftest: the killed children must not import torch
 
 SPLITS = {"train": 20, "val": 6}  # val is smaller than a chunk: its feature chunks are capped at 6
 CHUNK = 8
@@ -147,7 +147,7 @@ def test_kills_over_the_whole_creation_window_resume_to_the_same_store(tmp_path,
     assert timed.wait(timeout=60) == 0
     window = time.perf_counter() - start
     outcomes = set()
-    for i, ms in enumerate(np.linspace(0, 1000 * window, 24)):
+    for i, ms in enumerate(np.linspace(0, 1000 * window, 12)):
         path = tmp_path / f"k{i}.zarr"
         proc = _child(path)
         assert proc.stdout.readline() == b"go\n"
