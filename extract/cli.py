@@ -33,7 +33,7 @@ out = Console()
 ConfigOpt = typer.Option(
     None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults)."
 )
-StoreOpt = typer.Option(None, "--store", help="Store path (overrides store.path).")
+StoreOpt = typer.Option(None, "--store", help="Store path (store.path).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 
 

@@ -718,6 +718,11 @@ def _write_failed(path: Path, e: OSError, store: FeatureStore | None = None) -> 
             need = f"; the run still needs about {human_bytes(left)} (uncompressed) for {chunks} array chunks"
         except (OSError, StoreError, KeyError):  # the store cannot be read either: say what is known
             need = ""
+    if store is None:
+        return (
+            f"{where}: cannot write ({e.strerror or e}); the store was not created: free space (or pick "
+            f"another --store) and run `extract run --store {path}` again"
+        )
     return (
         f"{where}: cannot write ({e.strerror or e}){need}; completed chunks are kept: free space "
         f"(or move the store) and run `extract run --store {path}` again to continue"
@@ -776,6 +781,21 @@ def _create(path: Path, fingerprints, provenance, blocks, class_names, splits, c
     """Build a new store's skeleton in a hidden sibling folder, then rename it to ``path``
     (an empty folder, or a creation cut off, which is cleared first)."""
     tmp = path.with_name(f".{path.name}{_CREATING}{secrets.token_hex(4)}")
+    try:
+        _build(tmp, fingerprints, provenance, blocks, class_names, splits, chunk_images, files)
+    except BaseException:  # a failed write (a full disk): nothing is left (a kill's leftovers go next run)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.is_dir():  # empty, or a creation cut off by an earlier version: cleared under the lock
+        shutil.rmtree(path)
+        _step("cleared")
+    os.rename(tmp, path)
+    _fsync_folder(path.parent)
+    _step("renamed")
+
+
+def _build(tmp: Path, fingerprints, provenance, blocks, class_names, splits, chunk_images, files) -> None:
+    """The skeleton of a new store (root, splits, per-image arrays, records) in folder ``tmp``."""
     root = zarr.create_group(
         str(tmp),
         attributes={"schema": "diffprobe-features", "schema_version": SCHEMA_VERSION, "initialized": False},
@@ -825,12 +845,6 @@ def _create(path: Path, fingerprints, provenance, blocks, class_names, splits, c
         }
     )
     _step("attributes")
-    if path.is_dir():  # empty, or a creation cut off by an earlier version: cleared under the lock
-        shutil.rmtree(path)
-        _step("cleared")
-    os.rename(tmp, path)
-    _fsync_folder(path.parent)
-    _step("renamed")
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -342,3 +342,21 @@ def test_contents_differ_when_one_bit_does(tmp_path, reference):
 
 def test_lock_path_is_beside_the_store():
     assert lock_path("runs/a.zarr") == Path("runs/a.zarr.lock")
+
+
+def test_a_full_disk_during_creation_is_one_line_and_leaves_nothing(tmp_path):
+    from .places import tiny_filesystem
+
+    with tiny_filesystem(tmp_path / "small", megabytes=1) as small:
+        with pytest.raises(OSError):
+            with open(small / "filler", "wb") as f:  # the disk fills up during the store's creation
+                while True:
+                    f.write(b"\0" * 4096)
+        os.truncate(small / "filler", os.path.getsize(small / "filler") - 3 * 4096)  # the lock and a file or two
+        path = small / "s.zarr"
+        with pytest.raises(StoreError, match=r"cannot write \(No space left on device\); the store was not created"):
+            fill(path)
+        assert not path.exists() and not list(small.glob(".s.zarr.creating-*"))
+        (small / "filler").unlink()
+        fill(path)  # space freed: the same command makes the store
+        assert open_store(path).n_images("train") == SPLITS["train"]
