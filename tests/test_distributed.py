@@ -70,7 +70,8 @@ def _store_contents(path) -> dict:
 def _assert_identical(a, b):
     ca, cb = _store_contents(a), _store_contents(b)
     assert ca.keys() == cb.keys()
-    assert sum(1 for k in ca if k[1].startswith("t")) == 2 * 4 * 2 - 2  # 4 blocks x 2 pools per split; block 16 is 1x1
+    features = [k for k in ca if k.split("/")[1].startswith("t")]
+    assert len(features) == 2 * 4 * 2 - 2  # 4 blocks x 2 pools per split; block 16 is 1x1
     for k in ca:
         assert ca[k] == cb[k], k
     done = np.asarray(zarr.open_group(str(b), mode="r")["train/done"][:])
@@ -204,7 +205,7 @@ def test_a_chunk_written_twice_keeps_every_byte(reference, tmp_path):
         model, sha = jobs.load_model(job, torch.device("cpu"))
         with jobs.open_writer(job, sha, torch.device("cpu"), 1) as writer:
             arrays = tuple((a.key, a.shape[1:]) for a in job.plan.arrays if a.split == "train")
-            files = [path / "train" / "features" / k.name / "c" / "1" / "0" / "0" / "0" for k, _ in arrays]
+            files = [path / "train" / k.name / "c" / "1" / "0" / "0" / "0" for k, _ in arrays]  # schema 2 layout
             old = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
             time.sleep(0.01)
             work = ChunkWork("train", 1, 4, 8, arrays, "float16", (), True)
