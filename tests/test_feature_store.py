@@ -43,10 +43,10 @@ def _rows(key: FeatureKey, split: str, lo: int, hi: int) -> np.ndarray:
     return rng.normal(size=(hi - lo, c, key.pool, key.pool)).astype(np.float16)
 
 
-def _writer(path) -> StoreWriter:
+def _writer(path, cpu_threads: int = 1) -> StoreWriter:
     return StoreWriter.create(
         path,
-        fingerprints=_fingerprints(cpu_threads=1),
+        fingerprints=_fingerprints(cpu_threads=cpu_threads),
         provenance={},
         blocks=BLOCKS,
         class_names=["a", "b", "c"],
@@ -360,3 +360,11 @@ def test_a_full_disk_during_creation_is_one_line_and_leaves_nothing(tmp_path):
         (small / "filler").unlink()
         fill(path)  # space freed: the same command makes the store
         assert open_store(path).n_images("train") == SPLITS["train"]
+
+
+def test_a_thread_count_refusal_names_the_workers_the_store_was_made_with(tmp_path):
+    path = tmp_path / "s.zarr"
+    with _writer(path) as w:
+        w.record_run({"workers": [{"torch_threads": 1}, {"torch_threads": 1}]})
+    with pytest.raises(FingerprintMismatch, match=r"set extract.threads = 1 \(or --workers 2, as the store was made\)"):
+        _writer(path, cpu_threads=2)
