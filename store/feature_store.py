@@ -542,7 +542,8 @@ class StoreWriter(FeatureStore):
 
     def _check_files(self, files: dict[str, np.ndarray | None]) -> None:
         """Refuse a run whose image files differ in size or mtime from those recorded when the
-        store was made (stores made before the record, or of built-in data, have none)."""
+        store was made (stores made before the record, or of built-in data, have none); images
+        recorded as skipped are exempt (their features are NaN everywhere, and stay so)."""
         for split, now in files.items():
             g = self._split(split) if split in self.splits else None
             if now is None or g is None or "files" not in g:
@@ -550,7 +551,8 @@ class StoreWriter(FeatureStore):
             then = g["files"][:]
             if then.shape != np.shape(now):
                 continue  # another set of images: the dataset fingerprint already refused it
-            changed = np.flatnonzero((then != np.asarray(now)).any(axis=1))
+            # a skipped image has NaN features in every array: a file that changed (was repaired) mixes nothing
+            changed = np.flatnonzero((then != np.asarray(now)).any(axis=1) & ~self.skipped(split).astype(bool))
             if len(changed):
                 i = int(changed[0])
                 what = (
