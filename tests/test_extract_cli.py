@@ -23,7 +23,7 @@ def test_plan_from_counts_alone(tmp_path):
     channels = {a["block"]: a["shape"][1] for a in p["arrays"]}
     pools = {a["block"]: a["pool"] for a in p["arrays"]}
     assert p["bytes"] == sum(n * channels[b] * pools[b] ** 2 * 2 for n in (1281167, 50000) for b in (19, 24))
-    assert p["free_bytes"] == shutil.disk_usage(tmp_path).free
+    assert abs(p["free_bytes"] - shutil.disk_usage(tmp_path).free) < 2**30  # other processes write meanwhile
     r = runner.invoke(app, [*args, "--store", str(tmp_path / "s.zarr")], env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
