@@ -33,6 +33,7 @@ from diffprobe.analyze.engine import (  # noqa: F401  (the engine's public names
 )
 from diffprobe.store.errors import BlockError, DiffprobeError, StoreError  # noqa: F401
 from diffprobe.store.feature_store import fingerprint_digest
+from diffprobe.store.files import check_writable, write_atomically
 from diffprobe.store.finite import all_finite
 
 
@@ -247,14 +248,39 @@ def _stem(p: dict, split: str, opts: CkaOptions, other_fp: str | None) -> str:
 
 
 def write_csv(path: Path, rows, cols, matrix, corner: str) -> Path:
+    """One matrix as CSV, written under a temporary name and renamed: whole or absent."""
     import csv
 
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow([corner, *cols])
-        for label, values in zip(rows, matrix):
-            w.writerow([label, *(repr(float(v)) for v in values)])
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow([corner, *cols])
+            for label, values in zip(rows, matrix):
+                w.writerow([label, *(repr(float(v)) for v in values)])
+
+    return write_atomically(path, write)
+
+
+def pool_read(store, p: dict) -> str:
+    """The pool of a plan as read: "pool 16", or "pool 16 (block 19 read at 8)" where a block's
+    map is smaller than the pool asked for, and its array is stored capped."""
+    if p["mode"] == "timesteps":
+        blocks = [p["block"]]
+    else:
+        blocks = sorted({int(src.label) for src in p["rows"]})
+    capped: dict[int, list[int]] = {}
+    for b in blocks:
+        stored = store.stored_key(b, p["t"] or 0, p["pool"]).pool
+        if stored != p["pool"]:
+            capped.setdefault(stored, []).append(b)
+    if not capped:
+        return f"pool {p['pool']}"
+    from diffprobe.store.ranges import format_int_list
+
+    read = ", ".join(
+        f"block{'s' if len(bs) > 1 else ''} {format_int_list(bs)} read at {q}" for q, bs in sorted(capped.items())
+    )
+    return f"pool {p['pool']} ({read})"
 
 
 def run(
@@ -273,8 +299,10 @@ def run(
     """`analyze cka`: plan, compute, write the heatmap PNG and CSVs beside the store.
 
     ``t``: a timestep or a tuple of them (one for blocks/against; several or None with ``block``).
-    Files go to ``cka-<store fingerprint>/`` beside the store (or ``out_dir``). Returns the
-    `cka_matrix` result plus mode, store, split, t, block, pool, files, folder.
+    Files go to ``cka-<store fingerprint>/`` beside the store (or ``out_dir``), each written
+    under a temporary name and renamed; with ``plots=False`` none are written. The folder is
+    checked writable before any work. Returns the `cka_matrix` result plus mode, store, split,
+    t, block, pool, pool_read, files, folder.
     """
     from diffprobe.store.feature_store import open_store
 
@@ -284,15 +312,17 @@ def run(
     store = open_store(cfg.store.path)
     other = open_store(against) if against is not None else None
     p = plan(store, a.split, t=t, block=block, blocks=blocks, against=other, pool=pool)
-    r = cka_matrix(p["rows"], p["cols"], p["n"], opts, on_progress=on_progress)
     fp = fingerprint(store)
     folder = Path(out_dir) if out_dir is not None else store.path.parent / f"cka-{fp}"
+    if plots:
+        check_writable(folder, "--out DIR (or --no-plots)")
+    r = cka_matrix(p["rows"], p["cols"], p["n"], opts, on_progress=on_progress)
     stem = _stem(p, a.split, opts, fingerprint(other) if other is not None else None)
+    read = pool_read(store, p)
     files = []
     if plots:
         from diffprobe.probe.plots import cka_heatmap
 
-        folder.mkdir(parents=True, exist_ok=True)
         corner = f"{p['row_name']} \\ {p['col_name']}"
         files.append(write_csv(folder / f"{stem}.csv", r["rows"], r["cols"], r["matrix"], corner))
         for key in ("ci_low", "ci_high", "perm_mean", "perm_high"):
@@ -302,9 +332,7 @@ def run(
                 )
         where = f"block {p['block']}" if p["mode"] == "timesteps" else f"t {p['t']}"
         vs = f" vs {other.path.name}" if other is not None else ""
-        title = (
-            f"CKA ({opts.estimator}): {store.path.name}{vs} · split {a.split} · {where} · pool {p['pool']} · N {p['n']}"
-        )
+        title = f"CKA ({opts.estimator}): {store.path.name}{vs} · split {a.split} · {where} · {read} · N {p['n']}"
         files.append(
             cka_heatmap(
                 np.asarray(r["matrix"]),
@@ -325,6 +353,7 @@ def run(
             "t": p["t"],
             "block": p["block"],
             "pool": p["pool"],
+            "pool_read": read,
             "folder": str(folder) if plots else None,
             "files": [str(f) for f in files],
         }

@@ -20,10 +20,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from diffprobe.store.config import load_config
-from diffprobe.store.console import user_errors
+from diffprobe.store.console import OneLineErrors, user_errors
 from diffprobe.store.ranges import parse_int_list
 
 analyze_app = typer.Typer(
+    cls=OneLineErrors,
     help="Analyse cached features: `analyze cka` compares representations (block x block at one t, "
     "t x t at one block, or two stores' blocks) by centered kernel alignment.",
     add_completion=False,
@@ -53,7 +54,7 @@ def cka(
         None, "--against", help="Another store: this store's blocks x its blocks on the same images."
     ),
     pool: Optional[int] = typer.Option(None, "--pool", min=1, help="Stored pool size (default: the smallest held)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split to read (analyze.split, default val)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to read (analyze.split)."),
     estimator: Optional[str] = typer.Option(
         None, "--estimator", help="linear, linear-unbiased, rbf, rbf-unbiased or minibatch (analyze.estimator)."
     ),
@@ -71,9 +72,13 @@ def cka(
     config: Optional[Path] = typer.Option(
         None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults)."
     ),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out", help="Folder for the heatmap and CSVs (default: cka-<store fingerprint>/ beside the store)."
+    ),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Write no heatmap or CSV; print the summary only."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
 ):
-    """CKA matrix between cached representations: heatmap PNG and CSV beside the store, summary printed.
+    """CKA matrix between cached representations: heatmap PNG and CSV beside the store (or --out), summary printed.
 
     Each stored array is read once per matrix, in chunks; memory is bounded by analyze.memory_mb (never N x N for the linear estimators in feature space).
     """
@@ -115,9 +120,20 @@ def cka(
             bar.update(task, completed=done, total=total)
 
         try:
-            r = ck.run(cfg, t=ts, block=block, blocks=bl, against=against, pool=pool, on_progress=on_progress)
+            r = ck.run(
+                cfg,
+                t=ts,
+                block=block,
+                blocks=bl,
+                against=against,
+                pool=pool,
+                out_dir=out_dir,
+                plots=not no_plots,
+                on_progress=on_progress,
+            )
         finally:
-            bar.stop()
+            if bar.live.is_started:  # stopping a bar never shown prints an empty line
+                bar.stop()
     for w in r["warnings"]:
         err.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
     if as_json:
@@ -126,7 +142,7 @@ def cka(
     s = ck.summary(r)
     where = f"block {r['block']}" if r["mode"] == "timesteps" else f"t {r['t']}"
     what = {"blocks": "block x block", "timesteps": "t x t", "against": "block x block across stores"}[r["mode"]]
-    table = Table(title=escape(f"CKA ({r['estimator']}): {what} at {where}, pool {r['pool']}"), show_header=False)
+    table = Table(title=escape(f"CKA ({r['estimator']}): {what} at {where}, {r['pool_read']}"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
     pair = "pair" if r["mode"] != "against" else "cell"
@@ -161,7 +177,8 @@ def cka(
     for name, value in rows:
         table.add_row(name, escape(value))
     out.print(table)
-    out.print(f"heatmap and CSV: {escape(str(r['folder']))}/", highlight=False)
+    if r["folder"] is not None:
+        out.print(f"heatmap and CSV: {escape(str(r['folder']))}/", highlight=False)
     for f in r["files"]:
         out.print(f"  {escape(f)}", highlight=False)
 

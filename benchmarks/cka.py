@@ -131,32 +131,39 @@ def matrix(args) -> dict:
 
 def write_pair(path: Path, n: int, d: int, chunk: int = 512, latent: int = 256, seed: int = 0) -> None:
     """Two related float16 representations of n images, written chunk by chunk (never whole in memory)."""
-    from diffprobe.store.feature_store import FeatureKey, StoreWriter
+    from diffprobe.store.feature_store import FeatureKey
+    from diffprobe.store.synthetic import write_synthetic_store
 
     rng = np.random.default_rng(seed)
     wx = rng.normal(size=(latent, d)).astype(np.float32) / np.sqrt(latent)
     wy = rng.normal(size=(d, d)).astype(np.float32) / np.sqrt(d)
-    blocks = [{"number": b, "module": f"m{b}", "channels": d, "spatial": 1} for b in (1, 2)]
-    fingerprints = {"model": {"synthetic": "cka-pair"}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
-    kx, ky = FeatureKey(0, 1, 1), FeatureKey(0, 2, 1)
-    with StoreWriter.create(
-        path,
-        fingerprints=fingerprints,
-        provenance={},
-        blocks=blocks,
-        class_names=["x"],
-        splits={"val": ([f"img/{i:06d}" for i in range(n)], np.zeros(n, int))},
-        chunk_images=chunk,
-    ) as w:
-        w.ensure_arrays("val", {kx: d, ky: d}, "float16", "none")
-        for c in range(-(-n // chunk)):
-            m = min(chunk, n - c * chunk)
+    made: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # one chunk's (x, y), drawn once for both arrays
+
+    def pair(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        if lo not in made:
+            made.clear()
+            m = hi - lo
             z = rng.normal(size=(m, latent)).astype(np.float32)
             x = z @ wx + 0.5 * rng.normal(size=(m, d)).astype(np.float32) + 1.0
             y = np.tanh(x @ wy) + 0.5 * rng.normal(size=(m, d)).astype(np.float32)
-            w.write_chunk(
-                "val", c, {kx: x.reshape(m, d, 1, 1).astype(np.float16), ky: y.reshape(m, d, 1, 1).astype(np.float16)}
-            )
+            made[lo] = (x.reshape(m, d, 1, 1).astype(np.float16), y.reshape(m, d, 1, 1).astype(np.float16))
+        return made[lo]
+
+    write_synthetic_store(
+        path,
+        {
+            "val": {
+                FeatureKey(0, 1, 1): lambda lo, hi: pair(lo, hi)[0],
+                FeatureKey(0, 2, 1): lambda lo, hi: pair(lo, hi)[1],
+            }
+        },
+        {"val": np.zeros(n, int)},
+        class_names=["x"],
+        ids={"val": [f"img/{i:06d}" for i in range(n)]},
+        chunk_images=chunk,
+        blocks=[{"number": b, "module": f"m{b}", "channels": d, "spatial": 1} for b in (1, 2)],
+        tag="cka-pair",
+    )
 
 
 OURS = """

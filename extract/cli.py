@@ -22,18 +22,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from diffprobe.extract.report import BarReporter
 from diffprobe.store.config import load_config
-from diffprobe.store.console import err, user_errors
-from diffprobe.store.feature_store import open_store
-from diffprobe.store.ranges import format_int_list
+from diffprobe.store.console import OneLineErrors, err, user_errors, warn
+from diffprobe.store.feature_store import FeatureKey, describe_keys, open_store
+from diffprobe.store.files import human_bytes
 
-app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False)
+app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False, cls=OneLineErrors)
 out = Console()
 
 ConfigOpt = typer.Option(
     None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults)."
 )
-StoreOpt = typer.Option(None, "--store", help="Store path (overrides store.path).")
+StoreOpt = typer.Option(None, "--store", help="Store path (store.path).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 
 
@@ -41,13 +42,6 @@ def _config(config, store, **flags):
     overrides = {"store.path": str(store) if store else None}
     overrides.update({k: v for k, v in flags.items()})
     return load_config(config, overrides)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
 
 
 @app.command()
@@ -72,7 +66,6 @@ def run(
     as_json: bool = JsonOpt,
 ):
     """Extract features into the store; resumes where a previous run stopped."""
-    from diffprobe.extract.report import BarReporter
     from diffprobe.extract.run import run as run_extraction
 
     with user_errors():
@@ -90,7 +83,7 @@ def run(
             },
         )
         started = time.perf_counter()
-        report = BarReporter(err, disable=as_json)  # appears once the config, store and model are accepted
+        report = _RunBar(err, disable=as_json)  # appears once the config, store and model are accepted
         try:
             result = run_extraction(cfg, report)
         finally:
@@ -108,6 +101,16 @@ def run(
         )
 
 
+class _RunBar(BarReporter):
+    """`extract run`'s progress bar, with a warning for each class that has no images in a
+    split, given when the run starts."""
+
+    def start(self, job, totals):
+        for name, split in job.source.empty_classes():
+            warn(f"class {name!r} has no images in split {split!r}: no probe can learn or score it there")
+        super().start(job, totals)
+
+
 @app.command()
 def plan(
     config: Optional[Path] = ConfigOpt,
@@ -115,6 +118,11 @@ def plan(
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks (extract.blocks)."),
     t: Optional[str] = typer.Option(None, "--t", help="Timesteps (extract.timesteps)."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Pool sizes (extract.pools)."),
+    images: Optional[str] = typer.Option(
+        None,
+        "--images",
+        help="Plan from image counts alone, without the data, e.g. train=1281167,val=50000.",
+    ),
     calibrate: bool = typer.Option(
         True, "--calibrate/--no-calibrate", help="Time a few U-Net calls on this CPU for its estimate."
     ),
@@ -128,31 +136,44 @@ def plan(
 
     with user_errors():
         cfg = _config(config, store, **{"extract.blocks": blocks, "extract.timesteps": t, "extract.pools": pool})
-        job = jobs.prepare(cfg)
-        p = job.plan
-        cost = estimate(job, resolve_device(cfg.extract.device), calibrate)
+        if images is None:
+            job = jobs.prepare(cfg)
+            cfg, p, spec = job.cfg, job.plan, job.spec
+        else:
+            cfg, p, spec = _plan_from_counts(cfg, _counts(images))
+        free = _free_bytes(cfg.store.path)
+        cost = estimate(cfg, p, spec, resolve_device(cfg.extract.device), calibrate)
+    if free is not None and free < p.nbytes:
+        warn(
+            f"the plan needs {human_bytes(p.nbytes)} (uncompressed) but the file system of {cfg.store.path} "
+            f"has {human_bytes(free)} free"
+        )
     if as_json:
-        print(json.dumps({"store": cfg.store.path, **p.to_dict(), "cost": cost.to_dict()}))
+        print(json.dumps({"store": cfg.store.path, **p.to_dict(), "free_bytes": free, "cost": cost.to_dict()}))
         return
     table = Table(title=escape(f"plan for {cfg.store.path}"))
-    for col in ("split", "array", "t", "block", "pool", "shape", "dtype", "bytes"):
-        table.add_column(col, justify="right" if col in ("t", "block", "pool", "bytes") else "left")
+    for col in ("split", "t", "block", "pool", "per image", "dtype", "bytes"):
+        table.add_column(col, justify="left" if col in ("split", "per image", "dtype") else "right")
     for a in p.arrays:
         table.add_row(
             a.split,
-            a.key.name,
             str(a.key.t),
             str(a.key.block),
             str(a.key.pool),
-            "x".join(map(str, a.shape)),
+            "x".join(map(str, a.shape[1:])),
             a.dtype,
-            _human(a.nbytes),
+            human_bytes(a.nbytes),
         )
     out.print(table)
     for b, r, s in p.capped:
         out.print(f"block {b}: pool {r} capped at its {s}x{s} map (stored as pool {s})", highlight=False)
+    for split, n in p.split_sizes.items():
+        mine = [a for a in p.arrays if a.split == split]
+        out.print(
+            f"{split}: {n} images, {len(mine)} arrays, {human_bytes(sum(a.nbytes for a in mine))}", highlight=False
+        )
     out.print(
-        f"{len(p.arrays)} arrays, {_human(p.nbytes)} in total; "
+        f"{len(p.arrays)} arrays, {human_bytes(p.nbytes)} in total; "
         f"{p.forwards} U-Net forwards ({' + '.join(f'{n} {s}' for s, n in p.split_sizes.items())} images "
         f"x {len(p.timesteps)} timesteps), each stopping after block {max(p.blocks)}",
         highlight=False,
@@ -176,10 +197,12 @@ def _print_cost(c) -> None:
         highlight=False,
     )
     fit = c.largest_forward_batch
-    free = f", {_human(c.free_bytes)} free on {c.device} (forward_batch up to {fit} fits)" if fit is not None else ""
+    free = (
+        f", {human_bytes(c.free_bytes)} free on {c.device} (forward_batch up to {fit} fits)" if fit is not None else ""
+    )
     out.print(
-        f"peak memory of one call: {_human(c.peak_bytes)} ({_human(c.weight_bytes)} float32 weights + "
-        f"{_human(c.call_bytes)} activations){free}",
+        f"peak memory of one call: {human_bytes(c.peak_bytes)} ({human_bytes(c.weight_bytes)} float32 weights + "
+        f"{human_bytes(c.call_bytes)} activations){free}",
         highlight=False,
     )
     out.print(
@@ -188,6 +211,47 @@ def _print_cost(c) -> None:
     )
     for w in c.warnings():
         err.print(f"warning: {escape(w)}", highlight=False)
+
+
+def _counts(text: str) -> dict[str, int]:
+    """``train=1281167,val=50000`` -> {"train": 1281167, "val": 50000} (one-line errors)."""
+    from diffprobe.store.errors import ConfigError
+
+    counts: dict[str, int] = {}
+    for part in text.split(","):
+        name, _, value = part.strip().partition("=")
+        if not name or not value.strip().isdigit() or int(value) < 1 or name in counts:
+            raise ConfigError(
+                f"--images: {part.strip()!r} is not SPLIT=COUNT with a count of 1 or more, "
+                f"each split once (e.g. train=1281167,val=50000)"
+            )
+        counts[name] = int(value)
+    return counts
+
+
+def _plan_from_counts(cfg, counts: dict[str, int]):
+    """``cfg`` (forward_batch resolved), the plan of its model, blocks, timesteps and pools for
+    these image counts, and the model's spec: no data read."""
+    from diffprobe.extract import job as jobs
+    from diffprobe.extract.plan import make_plan
+    from diffprobe.extract.unet import block_table
+
+    spec = jobs.model_spec(cfg)
+    e = cfg.extract
+    plan = make_plan(block_table(spec), counts, e.blocks, e.timesteps, e.pools, cfg.store.dtype, spec.diffusion_steps)
+    return jobs.with_forward_batch(cfg, counts), plan, spec
+
+
+def _free_bytes(path) -> int | None:
+    """Free bytes of the file system the store is (or would be) on; None if it cannot be told."""
+    import shutil
+
+    from diffprobe.store.files import nearest_existing
+
+    try:
+        return shutil.disk_usage(nearest_existing(path)).free
+    except OSError:
+        return None
 
 
 @app.command()
@@ -209,11 +273,8 @@ def status(store: Optional[Path] = StoreOpt, config: Optional[Path] = ConfigOpt,
             highlight=False,
         )
         if complete:
-            out.print(
-                f"  complete: blocks {format_int_list(a['block'] for a in complete)} at t "
-                f"{format_int_list(a['t'] for a in complete)}, pools {format_int_list(a['pool'] for a in complete)}",
-                highlight=False,
-            )
+            keys = [FeatureKey(a["t"], a["block"], a["pool"]) for a in complete]
+            out.print(f"  complete: {describe_keys(keys)}", highlight=False)
         for a in partial:
             out.print(
                 f"  incomplete: t {a['t']} block {a['block']} pool {a['pool']}: "
@@ -229,22 +290,30 @@ def blocks(
     preset_name: Optional[str] = typer.Option(None, "--preset", help="A model preset (model.preset)."),
     as_json: bool = JsonOpt,
 ):
-    """The block table: number -> module, channels, spatial size (derived from the model)."""
+    """The block table: number -> module, channels, spatial size (derived from the model; with
+    --store, the table recorded in that store)."""
     from diffprobe.extract import job as jobs
     from diffprobe.extract.unet import block_table
 
     with user_errors():
-        cfg = _config(config, store, **{"model.preset": preset_name})
-        spec = jobs.model_spec(cfg)
-        table = block_table(spec)
+        if store is not None and preset_name is None:
+            s = open_store(store)
+            rows, title = s.attrs["blocks"], f"blocks of the store {store}"
+            head = {"store": str(store), "blocks": rows}
+        else:
+            cfg = _config(config, store, **{"model.preset": preset_name})
+            spec = jobs.model_spec(cfg)
+            rows = block_table(spec).to_list()
+            title = f"blocks of {cfg.model.preset} at {spec.image_size}x{spec.image_size}"
+            head = {"preset": cfg.model.preset, "image_size": spec.image_size, "blocks": rows}
     if as_json:
-        print(json.dumps({"preset": cfg.model.preset, "image_size": spec.image_size, "blocks": table.to_list()}))
+        print(json.dumps(head))
         return
-    t = Table(title=f"blocks of {cfg.model.preset} at {spec.image_size}x{spec.image_size}")
+    t = Table(title=escape(title))
     for col in ("block", "module", "channels", "spatial"):
         t.add_column(col, justify="left" if col == "module" else "right")
-    for b in table.blocks:
-        t.add_row(str(b.number), b.module, str(b.channels), f"{b.spatial}x{b.spatial}")
+    for b in rows:
+        t.add_row(str(b["number"]), b["module"], str(b["channels"]), f"{b['spatial']}x{b['spatial']}")
     out.print(t)
 
 

@@ -230,9 +230,9 @@ class Estimate:
         }
 
 
-def estimate(job, device: torch.device, calibrate: bool = True) -> Estimate:
-    """The cost of ``job`` (`extract.job.prepare`'s) on ``device``."""
-    cfg, plan, spec = job.cfg, job.plan, job.spec
+def estimate(cfg, plan, spec, device: torch.device, calibrate: bool = True) -> Estimate:
+    """The cost on ``device`` of ``plan`` for ``spec``'s U-Net under ``cfg`` (its forward_batch
+    resolved: `extract.job.prepare`, `extract.job.with_forward_batch`)."""
     fb = cfg.extract.forward_batch
     deepest = max(plan.blocks)
     flops = forward_flops(spec, deepest)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,12 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SplitIndex:
-    """The images of one split: ids (stable strings) and integer labels, in store order."""
+    """The images of one split: ids (stable strings) and integer labels, in store order;
+    for files, each one's (size in bytes, mtime in ns) when listed (None for built-in data)."""
 
     ids: tuple[str, ...]
     labels: np.ndarray  # (N,) int64
+    files: np.ndarray | None = None  # (N, 2) int64: size, mtime_ns
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -69,7 +72,8 @@ def _limit_per_class(index: SplitIndex, max_per_class: int) -> SplitIndex:
         seen[int(y)] = seen.get(int(y), 0) + 1
         if seen[int(y)] <= max_per_class:
             keep.append(i)
-    return SplitIndex(tuple(index.ids[i] for i in keep), index.labels[keep])
+    files = None if index.files is None else index.files[keep]
+    return SplitIndex(tuple(index.ids[i] for i in keep), index.labels[keep], files)
 
 
 class ImageSource:
@@ -87,6 +91,21 @@ class ImageSource:
 
     def describe(self) -> dict:
         raise NotImplementedError
+
+    def unreadable(self, split: str) -> list[tuple[str, Exception]]:
+        """Images of ``split`` that cannot be decoded (id, error); built-in data has none."""
+        return []
+
+    def empty_classes(self) -> list[tuple[str, str]]:
+        """(class, split) pairs with no image: a class no probe can learn there."""
+        out = []
+        for s in self._split_names():
+            counts = np.bincount(self.split(s).labels, minlength=len(self.class_names))
+            out += [(self.class_names[c], s) for c in np.flatnonzero(counts == 0)]
+        return out
+
+    def _split_names(self) -> list[str]:
+        return list(getattr(self, "_splits", {}))
 
 
 class DigitsSource(ImageSource):
@@ -131,6 +150,33 @@ class DigitsSource(ImageSource):
         return {"source": "digits", **self._params}
 
 
+def check_readable(source: ImageSource, splits) -> None:
+    """Raise `ImageError` naming the first image of ``splits`` that does not decode (and how
+    many do not): run before a store is created when ``data.on_corrupt = "error"``, so a bad
+    file stops the run before anything is written."""
+    for split in splits:
+        bad = source.unreadable(split)
+        if bad:
+            image_id, e = bad[0]
+            where = source.path(split, image_id) if isinstance(source, ImageFolderSource) else image_id
+            more = f" ({len(bad)} images of split {split!r} cannot be read)" if len(bad) > 1 else ""
+            raise ImageError(
+                f"{where}: cannot read image ({type(e).__name__}: {e}){more}; nothing was written; "
+                f'remove or fix it, or set data.on_corrupt = "skip" to record it as skipped'
+            )
+
+
+def _files(folder: Path) -> list[tuple[str, tuple[int, int]]]:
+    """The image files of one class folder, sorted: (name, (size, mtime_ns)) from one stat each."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in EXTENSIONS:
+            st = p.stat()
+            if stat.S_ISREG(st.st_mode):
+                out.append((p.name, (st.st_size, st.st_mtime_ns)))
+    return out
+
+
 class ImageFolderSource(ImageSource):
     """``root/<split>/<class>/<file>`` with files ending in .JPEG, .jpg or .png."""
 
@@ -159,10 +205,7 @@ class ImageFolderSource(ImageSource):
                 )
             try:
                 classes = sorted(d.name for d in sdir.iterdir() if d.is_dir())
-                listing = {
-                    c: sorted(p for p in (sdir / c).iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file())
-                    for c in classes
-                }
+                listing = {c: _files(sdir / c) for c in classes}
             except OSError as e:
                 raise ImageError(f"{e.filename or sdir}: cannot list ({e.strerror or e})") from None
             if not classes:
@@ -172,15 +215,17 @@ class ImageFolderSource(ImageSource):
             unknown = sorted(set(classes) - set(class_names))
             if unknown:
                 raise ImageError(f"{sdir}: class folder {unknown[0]!r} is not among the {splits[0]!r} classes")
-            ids, labels = [], []
+            ids, labels, stats = [], [], []
             for c in classes:
                 files = listing[c]
-                ids += [f"{c}/{p.name}" for p in files]
+                ids += [f"{c}/{name}" for name, _ in files]
+                stats += [st for _, st in files]
                 labels += [class_names.index(c)] * len(files)
             if not ids:
                 raise ImageError(f"{sdir}: no images ending in .JPEG, .jpg or .png")
             self._splits[s] = _limit_per_class(
-                SplitIndex(tuple(ids), np.asarray(labels, dtype=np.int64)), max_per_class
+                SplitIndex(tuple(ids), np.asarray(labels, dtype=np.int64), np.asarray(stats, dtype=np.int64)),
+                max_per_class,
             )
         self.class_names = class_names
         self._params = dict(root=str(self.root.resolve()), max_per_class=max_per_class)
@@ -200,6 +245,20 @@ class ImageFolderSource(ImageSource):
         paths = [self.root / split / i for i in ids]
         with ThreadPoolExecutor(self.decode_threads) as pool:  # PIL decodes without the GIL
             return list(pool.map(self._load_one, paths))
+
+    def unreadable(self, split: str) -> list[tuple[str, Exception]]:
+        """Decode every image of ``split`` (no resizing): the ones that fail, with their error."""
+
+        def decode(image_id: str):
+            try:
+                with Image.open(self.root / split / image_id) as im:
+                    im.load()
+                return None
+            except Exception as e:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ...
+                return image_id, e
+
+        with ThreadPoolExecutor(self.decode_threads) as pool:
+            return [r for r in pool.map(decode, self.split(split).ids) if r is not None]
 
     def path(self, split: str, image_id: str) -> Path:
         return self.root / split / image_id

@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from diffprobe.extract.extraction import ComputeSettings
-from diffprobe.extract.images import PREPROCESSING, DigitsSource, ImageFolderSource, ImageSource
+from diffprobe.extract.images import PREPROCESSING, DigitsSource, ImageFolderSource, ImageSource, check_readable
 from diffprobe.extract.noise import DERIVATION
 from diffprobe.extract.plan import Plan, make_plan
 from diffprobe.extract.unet import (
@@ -127,10 +127,17 @@ def prepare(cfg: Config, source: ImageSource | None = None) -> Job:
     sizes = {s: len(source.split(s)) for s in cfg.data.splits}
     e = cfg.extract
     plan = make_plan(table, sizes, e.blocks, e.timesteps, e.pools, cfg.store.dtype, spec.diffusion_steps)
-    if not e.forward_batch:  # auto: resolved once here, so every later step sees one number
-        fb = auto_forward_batch(sizes, e.batch_size, cfg.store.chunk_images, len(e.timesteps), store_attrs(cfg))
-        cfg = dataclasses.replace(cfg, extract=dataclasses.replace(e, forward_batch=fb))
-    return Job(cfg, spec, table, diffusion, source, plan, ckpt)
+    return Job(with_forward_batch(cfg, sizes), spec, table, diffusion, source, plan, ckpt)
+
+
+def with_forward_batch(cfg: Config, sizes: dict[str, int]) -> Config:
+    """``cfg`` with ``extract.forward_batch = 0`` (auto) resolved for ``sizes`` images per split:
+    resolved once, so every later step sees one number."""
+    e = cfg.extract
+    if e.forward_batch:
+        return cfg
+    fb = auto_forward_batch(sizes, e.batch_size, cfg.store.chunk_images, len(e.timesteps), store_attrs(cfg))
+    return dataclasses.replace(cfg, extract=dataclasses.replace(e, forward_batch=fb))
 
 
 AUTO_FORWARD_BATCH = 32  # the most rows per call auto chooses: memory and kernel efficiency both fine there
@@ -287,6 +294,8 @@ def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, cpu_thre
         class_names=list(job.source.class_names),
         splits={s: (list(job.source.split(s).ids), job.source.split(s).labels) for s in cfg.data.splits},
         chunk_images=cfg.store.chunk_images,
+        files={s: job.source.split(s).files for s in cfg.data.splits},
+        before_create=(lambda: check_readable(job.source, cfg.data.splits)) if cfg.data.on_corrupt == "error" else None,
     )
     try:
         writer.record_run(record)

@@ -136,6 +136,24 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _not_a_checkpoint(e: Exception) -> str:
+    """Why torch could not load a file, in diffprobe's words: torch's own message advises
+    ``weights_only=False``, which would run whatever code a pickle carries."""
+    text = str(e)
+    if "Unsupported global" in text:  # a pickle naming classes or functions to import and call
+        return (
+            "holds pickled Python objects besides tensors (classes or code), which diffprobe never "
+            "loads; a checkpoint here is a state dict saved with torch.save(model.state_dict(), path)"
+        )
+    detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    lines = [line.strip() for line in detail.splitlines() if line.strip() and "weights_only" not in line]
+    why = f" ({lines[0][:120]})" if lines else ""
+    return (
+        f"not a torch.save file of tensors{why}; diffprobe loads state dicts saved with "
+        f"torch.save(model.state_dict(), path)"
+    )
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, sha256: str | None = None) -> str:
     """Load a state dict into ``model`` with strict key and shape matching; return its sha256
     (``sha256`` when the caller already knows it: hashing 2 GB takes seconds).
@@ -145,11 +163,14 @@ def load_checkpoint(model: nn.Module, path: str | Path, sha256: str | None = Non
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model.checkpoint: no such file {str(path)!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights_only errors all mean "not a checkpoint"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first})") from None
+    with warnings.catch_warnings(record=True) as caught:  # torch's warnings: shown only for a file it reads
+        warnings.simplefilter("always")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and weights_only errors all mean "not a checkpoint"
+            raise CheckpointError(f"{path}: {_not_a_checkpoint(e)}") from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     expected = model.state_dict()

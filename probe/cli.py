@@ -32,10 +32,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from diffprobe.store.config import Config, load_config
-from diffprobe.store.console import user_errors
+from diffprobe.store.console import OneLineErrors, user_errors
 from diffprobe.store.ranges import parse_int_list
 
 probe_app = typer.Typer(
+    cls=OneLineErrors,
     help="Train heads on features cached by `extract run` (linear, attention, DifFormer) or online (DifFeed).",
     add_completion=False,
     rich_markup_mode=None,  # help text is plain: "[heads]" is a config section, not rich markup; flags show no metavar

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from diffprobe.probe.ledger import ledger_path, read_rows
+from diffprobe.probe.ledger import check_ledger, ledger_path
 from diffprobe.probe.protocol import Selection, select
 from diffprobe.store.config import Config
 from diffprobe.store.errors import StoreError
@@ -58,7 +58,7 @@ def prepare(cfg: Config, subset: str = "all", ledger: bool = True, store: bool =
         torch.set_num_threads(p.threads)
     path = ledger_path(cfg.store.path, p.ledger) if ledger else None
     if path is not None:
-        read_rows(path)  # refuse a foreign ledger before training
+        check_ledger(path)  # foreign or read-only: refused before training
     if not store:
         return Command(cfg, None, None, path)
     opened = open_store(cfg.store.path)

@@ -44,7 +44,9 @@ blocks, timesteps  every block and timestep the head read, comma-separated (``19
                    fusion row leaves ``block`` and ``t`` empty
 =================  ==========================================================================
 
-Appends take an exclusive ``flock`` on the file, so concurrent probes never interleave rows.
+Appends take an exclusive ``flock`` on the file, so concurrent probes never interleave rows,
+and write each row whole or not at all (`append_row`); a reader skips a damaged line with a
+warning naming the file and line (`read_rows`).
 A file whose header differs from these columns is refused rather than extended. Version 2
 of the columns added ``subset``, ``subset_sha`` and ``settings`` (after ``seed``): a ledger
 written before them is refused too; point ``probe.ledger`` at a new file. Version 3 added
@@ -59,10 +61,14 @@ import csv
 import fcntl
 import io
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from diffprobe.store.config import Config
+from diffprobe.store.console import warn as console_warn
 from diffprobe.store.errors import DiffprobeError
+from diffprobe.store.files import nearest_existing, writable
 
 COLUMNS = (
     "timestamp",
@@ -137,55 +143,129 @@ def _header(path: Path, header: str) -> tuple[str, ...]:
     )
 
 
+def check_ledger(path: str | Path) -> list[dict]:
+    """Before any training: refuse a foreign ledger (`read_rows`) and a folder this process
+    cannot write, naming ``--ledger`` as the way out. Returns the ledger's rows."""
+    path = Path(path)
+    rows = read_rows(path)
+    target = nearest_existing(path)
+    if not writable(target):
+        raise LedgerError(
+            f"{path}: cannot write the results ledger ({target} is read-only); "
+            f"pass --ledger PATH (or set probe.ledger) to a writable place"
+        )
+    return rows
+
+
 def append_row(path: str | Path, result) -> dict:
-    """Append the row of ``result`` to the ledger at ``path`` (created with a header if new)."""
+    """Append the row of ``result`` to the ledger at ``path`` (created with a header if new).
+
+    The row (with the header, for a new file) goes out in one ``write`` under an exclusive
+    ``flock`` and is fsynced; a write that fails part-way (a full disk) is cut back to the
+    file's previous length, so the ledger never ends in half a row. A last line without its
+    newline (cut off by an older version) is ended first, so the new row starts a line of
+    its own; readers still skip the cut-off one."""
     path = Path(path)
     row = to_row(result)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+", newline="", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            f.seek(0)
-            header = f.readline().strip()
-            columns = COLUMNS if not header else _header(path, header)
-            if not header:
-                csv.writer(f).writerow(COLUMNS)
-            if columns is COLUMNS_V2:
-                if row["head"] != "linear":
-                    raise LedgerError(
-                        f"{path}: a ledger written before the head columns takes linear-probe "
-                        f"rows only; set probe.ledger to another file for {row['head']} rows"
-                    )
-                row = {c: row[c] for c in COLUMNS_V2}
-            csv.DictWriter(f, columns).writerow(row)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     except OSError as e:
         raise LedgerError(f"{path}: cannot write the results ledger ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, min(size, 4096), 0).decode("utf-8", errors="replace")
+        header = head.split("\n", 1)[0].strip()
+        columns = COLUMNS if not header else _header(path, header)
+        if columns is COLUMNS_V2:
+            if row["head"] != "linear":
+                raise LedgerError(
+                    f"{path}: a ledger written before the head columns takes linear-probe "
+                    f"rows only; set probe.ledger to another file for {row['head']} rows"
+                )
+            row = {c: row[c] for c in COLUMNS_V2}
+        text = io.StringIO()
+        if not header:
+            csv.writer(text).writerow(COLUMNS)
+        elif os.pread(fd, 1, size - 1) != b"\n":
+            text.write("\r\n")  # end a cut-off last line (readers skip it as damaged): the new row stays whole
+        csv.DictWriter(text, columns).writerow(row)
+        data = text.getvalue().encode("utf-8")
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(28, "No space left on device")
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)  # never leave part of a row
+            raise
+    except OSError as e:
+        raise LedgerError(
+            f"{path}: cannot write the results ledger ({e.strerror or e}); nothing was appended"
+        ) from None
+    finally:
+        os.close(fd)
     return row
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """Every row of the ledger at ``path``, numbers and JSON columns parsed ([] if there is none)."""
+def _parse(header: list[str], line: str) -> dict:
+    """One ledger line as a row, numbers and JSON parsed; ValueError (or csv.Error) if damaged."""
+    values = next(csv.reader([line], strict=True))
+    if len(values) != len(header):
+        raise ValueError(f"{len(values)} fields, not {len(header)}")
+    row: dict = dict(zip(header, values))
+    if "head" not in row:  # a version-2 ledger: linear probes only
+        row.update(head="linear", blocks=row["block"], timesteps=row["t"])
+    for c in _INTS:
+        row[c] = None if c in _OPTIONAL and row[c] == "" else int(row[c])
+    for c in _LISTS:
+        row[c] = [int(v) for v in row[c].split(",") if v]
+    for c in _FLOATS:
+        row[c] = float(row[c])
+    for c in _JSON:
+        row[c] = json.loads(row[c])
+    # the last columns can be cut and still parse ("90" -> "9"): a row must agree with itself
+    if not row["blocks"] or not row["timesteps"]:
+        raise ValueError("no blocks or no timesteps")
+    if (row["block"] is not None and row["block"] not in row["blocks"]) or (
+        row["t"] is not None and row["t"] not in row["timesteps"]
+    ):
+        raise ValueError(f"blocks {row['blocks']} / timesteps {row['timesteps']} disagree with block/t")
+    return row
+
+
+def read_rows(path: str | Path, on_damaged: Callable[[str], None] | None = None) -> list[dict]:
+    """Every row of the ledger at ``path``, numbers and JSON columns parsed ([] if there is none).
+
+    A row is one line, ended by a newline; each line is parsed on its own, so a damaged one
+    (cut off by a crash, edited by hand) cannot swallow the lines after it. It is skipped,
+    and ``on_damaged`` (default: a warning on stderr) gets one line naming file and line."""
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames and list(reader.fieldnames) not in (list(COLUMNS), list(COLUMNS_V2)):
-            raise LedgerError(
-                f"{path}: not a diffprobe ledger of these columns (an older one?); set probe.ledger to another file"
-            )
-        rows = list(reader)
-    for row in rows:
-        if "head" not in row:  # a version-2 ledger: linear probes only
-            row.update(head="linear", blocks=row["block"], timesteps=row["t"])
-        for c in _INTS:
-            row[c] = None if c in _OPTIONAL and row[c] == "" else int(row[c])
-        for c in _LISTS:
-            row[c] = [int(v) for v in row[c].split(",") if v]
-        for c in _FLOATS:
-            row[c] = float(row[c])
-        for c in _JSON:
-            row[c] = json.loads(row[c])
+    warn = on_damaged or console_warn
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    except OSError as e:
+        raise LedgerError(f"{path}: cannot read the results ledger ({e.strerror or e})") from None
+    header = next(csv.reader([lines[0].rstrip("\r")]), [])
+    if header and header not in (list(COLUMNS), list(COLUMNS_V2)):
+        raise LedgerError(
+            f"{path}: not a diffprobe ledger of these columns (an older one?); set probe.ledger to another file"
+        )
+    rows = []
+    last = len(lines) - 1  # the text after the last newline: empty unless a row was cut off
+    for number, line in enumerate(lines[1:], start=2):
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        try:
+            if number - 1 == last:
+                raise ValueError("no newline at its end: cut off")
+            rows.append(_parse(header, line))
+        except (ValueError, csv.Error) as e:
+            warn(f"{path}:{number}: damaged ledger row skipped ({str(e)[:100]})")
     return rows
 
 

@@ -52,7 +52,6 @@ def sweep_plots(points: list[dict], folder: str | Path, label: str) -> list[Path
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     cmap = plt.get_cmap("viridis")
     written = []
     for pool in sorted({q["pool"] for q in points}):
@@ -101,12 +100,17 @@ def sweep_plots(points: list[dict], folder: str | Path, label: str) -> list[Path
 
 
 def _save(fig, path: Path) -> Path:
+    """Save under a temporary name, then rename: a full disk leaves no short PNG, and one
+    line (`OutputError`) names the file."""
     import matplotlib.pyplot as plt
 
+    from diffprobe.store.files import write_atomically
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:]))
+    finally:
+        plt.close(fig)
 
 
 def cka_heatmap(
@@ -120,7 +124,6 @@ def cka_heatmap(
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     m = np.asarray(matrix, dtype=float)
     lo, hi = min(0.0, float(np.nanmin(m))), max(1.0, float(np.nanmax(m)))
     fig, ax = plt.subplots(figsize=(max(5.5, 0.26 * len(cols) + 3.0), max(4.5, 0.26 * len(rows) + 2.2)))

@@ -36,3 +36,7 @@ class FingerprintMismatch(StoreError):
 
 class StoreLocked(StoreError):
     """Another `extract run` holds the store's write lock."""
+
+
+class OutputError(DiffprobeError):
+    """A result file or folder (CSV, picture, ledger) that cannot be written."""

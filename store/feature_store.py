@@ -1,21 +1,36 @@
 """The Zarr feature store: the only module that knows its layout.
 
-Layout (Zarr v3, one group per run)::
+Layout (Zarr v3, one group per run; schema version 2)::
 
     run.zarr/                      attrs: schema, fingerprints, provenance, blocks, classes
-      <split>/                     attrs: n_images, chunk_images, dataset fingerprint
-        labels      (N,)  int64
-        ids         (N,)  string   image ids (index for digits, relative path for folders)
+      <split>/                     attrs: n_images, chunk_images, done_columns,
+                                          coordinates ("label skipped", for xarray)
+        image       (N,)  string   image ids (index for digits, relative path for folders)
+        label       (N,)  int64
         skipped     (N,)  bool     images that could not be read (their features are NaN)
-        features/t{t}_b{block}_p{pool}   (N, C, p, p) float16, chunks of chunk_images images
+        t{t}_b{block}_p{pool}      (N, C, p, p) float16, chunks of chunk_images images (at
+                                   most N); attrs t, block, pool, module
         done        (n_chunks, K) uint8  completion records: [c, j] = 1 once image chunk c of
                                          feature array j is written (columns named in the
                                          split's attrs "done_columns"; one row per chunk)
+    run.zarr.lock                  beside the store, outside the Zarr tree: the writers' lock
 
-A chunk's completion records are written after its data, so a run killed at any moment
-leaves records only for chunks that are whole; a resumed run redoes the others. Readers
-refuse arrays that are not complete. Pool sizes larger than a block's map are stored at
-the map size (p = spatial) and looked up that way.
+Every array names its dimensions (Zarr v3 ``dimension_names``): ``image`` along the images,
+and for features ``channel{C}``, ``y{p}``, ``x{p}`` (one xarray Dataset cannot hold two sizes
+of one dimension). So a split opens as an xarray Dataset with the ids as its index::
+
+    ds = xarray.open_zarr("runs/digits-tiny.zarr", group="val", chunks=None, consolidated=False)
+    ds["t90_b24_p2"].sel(image=ds.image[ds.label == 3])   # or .sel(image="digits/0007")
+
+Schema version 1 (``ids``, ``labels``, features in a ``features/`` subgroup, no dimension
+names, the lock inside the store) is still read, and extended in its own layout.
+
+A store is created whole or not at all: its skeleton is built in a hidden sibling folder and
+renamed into place. A chunk's completion records are written after its data, so a run killed
+at any moment leaves records only for chunks that are whole; a resumed run removes the
+temporary files the killed writes left and redoes the other chunks. Readers refuse arrays
+that are not complete. Pool sizes larger than a block's map are stored at the map size
+(p = spatial) and looked up that way.
 
     s = open_store("runs/digits-tiny.zarr")
     x = s.features("train", block=24, t=90, pool=2)   # numpy (N, C, 2, 2)
@@ -31,6 +46,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +56,21 @@ import numpy as np
 import zarr
 import zarr.codecs
 
+from .choices import Codec
 from .errors import FingerprintMismatch, StoreError, StoreLocked
+from .files import human_bytes
 from .ranges import format_int_list
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _NAME = re.compile(r"^t(\d+)_b(\d+)_p(\d+)$")
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's temporary files (LocalStore._atomic_write)
 FINGERPRINT_SECTIONS = ("model", "preprocessing", "noise", "compute", "dataset")
+WRITE_THREADS = 8  # zarr's per-call latency, not bandwidth, bounds many small chunk writes
+_CREATING = ".creating-"  # the hidden sibling a new store's skeleton is built in: .<name>.creating-<hex>
+
+# What each schema version calls the per-image arrays, and where its feature arrays live.
+_PER_IMAGE = {1: {"ids": "ids", "labels": "labels"}, 2: {"ids": "image", "labels": "label"}}
 
 
 @dataclass(frozen=True, order=True)
@@ -75,23 +100,38 @@ def fingerprint_digest(fingerprints: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def lock_path(path: str | Path) -> Path:
+    """The writers' lock of the store at ``path``: ``<name>.lock`` beside it, outside the Zarr tree."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
 def _columns(group) -> list[str]:
     """The completion records' column names of a split group (one per feature array)."""
     return list(cast(list, group.attrs.get("done_columns", [])))
 
 
 def _codecs(codec: str) -> dict:
-    if codec == "none":
+    try:
+        codec = Codec(codec)
+    except ValueError:
+        raise StoreError(
+            f"store.codec: unknown codec {codec!r}; allowed: {', '.join(repr(c.value) for c in Codec)}"
+        ) from None
+    if codec is Codec.NONE:
         return {"compressors": None}
-    if codec == "zstd":
+    if codec is Codec.ZSTD:
         return {"compressors": zarr.codecs.ZstdCodec(level=1)}
-    if codec == "blosc-lz4":
-        return {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2)}
-    raise StoreError(f"store.codec: unknown codec {codec!r}; allowed: 'none', 'zstd', 'blosc-lz4'")
+    return {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2)}
 
 
 def _n_chunks(n: int, chunk: int) -> int:
     return -(-n // chunk)
+
+
+def _feature_dims(channels: int, pool: int) -> list[str]:
+    """A feature array's dimension names: sizes in the names, so one Dataset holds them all."""
+    return ["image", f"channel{channels}", f"y{pool}", f"x{pool}"]
 
 
 class FeatureStore:
@@ -100,19 +140,20 @@ class FeatureStore:
     def __init__(self, path: str | Path, mode: Literal["r", "r+"] = "r"):
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
-            raise StoreError(f"{self.path}: no diffprobe store here (run `extract run --store {self.path}`)")
+            raise StoreError(_not_a_store(self.path))
         self._root = zarr.open_group(str(self.path), mode=mode)
         attrs: dict[str, Any] = dict(self._root.attrs.asdict())
         if attrs.get("schema") == "diffprobe-features" and not attrs.get("initialized"):
             raise StoreError(
                 f"{self.path}: the store's creation was cut off; run `extract run --store {self.path}` again"
             )
-        if attrs.get("schema") != "diffprobe-features" or attrs.get("schema_version") != SCHEMA_VERSION:
+        if attrs.get("schema") != "diffprobe-features" or attrs.get("schema_version") not in READABLE_VERSIONS:
             raise StoreError(
                 f"{self.path}: not a diffprobe feature store of schema version {SCHEMA_VERSION} "
                 f"(found {attrs.get('schema')!r} version {attrs.get('schema_version')!r})"
             )
         self.attrs = attrs
+        self.schema_version = int(attrs["schema_version"])
         self._spatial = {b["number"]: b["spatial"] for b in attrs["blocks"]}
 
     # -- what it holds -------------------------------------------------------------
@@ -133,6 +174,17 @@ class FeatureStore:
         if split not in self.attrs["splits"]:
             raise StoreError(f"{self.path}: no split {split!r}; the store holds {', '.join(self.splits)}")
         return self._root[split]
+
+    def _features_group(self, split: str):
+        """The group holding ``split``'s feature arrays: the split itself (v2) or its ``features/`` (v1)."""
+        g = self._split(split)
+        return g["features"] if self.schema_version == 1 else g
+
+    def _feature_names(self, split: str) -> list[str]:
+        return [n for n in self._features_group(split).array_keys() if _NAME.match(n)]
+
+    def _per_image(self, split: str, what: str):
+        return self._split(split)[_PER_IMAGE[self.schema_version][what]]
 
     def keys(self, split: str, complete_only: bool = True) -> list[FeatureKey]:
         """The feature arrays of ``split`` (by default only those with every chunk done)."""
@@ -155,7 +207,7 @@ class FeatureStore:
         columns = _columns(g)
         records = g["done"][:].astype(bool) if columns else np.zeros((0, 0), dtype=bool)
         masks = {}
-        for name in g["features"].array_keys():
+        for name in self._feature_names(split):
             if name in columns:  # an array without a column yet has no complete chunk
                 masks[FeatureKey.parse(name)] = records[:, columns.index(name)]
             else:
@@ -181,8 +233,8 @@ class FeatureStore:
 
     def _array(self, split: str, block: int, t: int, pool: int):
         key = self.stored_key(block, t, pool)
-        g = self._split(split)
-        if "features" not in g or key.name not in g["features"]:
+        features = self._features_group(split)
+        if key.name not in features:
             raise StoreError(
                 f"{self.path}: no features for block {block}, t {t}, pool {pool} in split "
                 f"{split!r}; it holds {self.describe_holdings(split)}"
@@ -193,7 +245,7 @@ class FeatureStore:
                 f"{self.path}: block {block}, t {t}, pool {pool} in split {split!r} is incomplete "
                 f"({done}/{self.n_chunks(split)} chunks); run `extract run --store {self.path}` to finish it"
             )
-        return g["features"][key.name]
+        return features[key.name]
 
     def feature_array(self, split: str, block: int, t: int, pool: int):
         """The complete (N, C, p, p) Zarr array of (block, t, pool), unread: slicing it reads only
@@ -210,26 +262,27 @@ class FeatureStore:
         return arr[:]
 
     def labels(self, split: str) -> np.ndarray:
-        return self._split(split)["labels"][:]
+        return self._per_image(split, "labels")[:]
 
     def ids(self, split: str) -> np.ndarray:
-        return np.asarray(self._split(split)["ids"][:].tolist(), dtype=str)
+        return np.asarray(self._per_image(split, "ids")[:].tolist(), dtype=str)
 
     def skipped(self, split: str) -> np.ndarray:
         return self._split(split)["skipped"][:]
 
     def describe_holdings(self, split: str) -> str:
-        keys = self.keys(split)
-        if not keys:
-            return "no complete feature arrays"
-        return (
-            f"blocks {format_int_list(k.block for k in keys)} at t {format_int_list(k.t for k in keys)}, "
-            f"pools {format_int_list(k.pool for k in keys)}"
-        )
+        """The complete arrays of ``split``, blocks grouped by the timesteps and pools they hold:
+        "blocks 3,8,24 at t 90, pools 1-2; block 16 at t 90, pool 1"."""
+        return describe_keys(self.keys(split))
 
     def status(self) -> dict:
         """Per split: images, chunks and each array's completed chunks."""
-        out: dict[str, Any] = {"path": str(self.path), "fingerprints": self.fingerprints, "splits": {}}
+        out: dict[str, Any] = {
+            "path": str(self.path),
+            "schema_version": self.schema_version,
+            "fingerprints": self.fingerprints,
+            "splits": {},
+        }
         for split in self.splits:
             n = self.n_chunks(split)
             arrays = {
@@ -244,6 +297,70 @@ class FeatureStore:
                 "complete_arrays": sum(a["chunks_done"] == n for a in arrays.values()),
             }
         return out
+
+    def remaining_bytes(self) -> tuple[int, int]:
+        """(bytes, chunks) that the incomplete chunks of every array still need, uncompressed."""
+        total = chunks = 0
+        for split in self.splits:
+            per = self.chunk_images(split)
+            n = self.n_images(split)
+            features = self._features_group(split)
+            for key, mask in self.done_masks(split).items():
+                arr = features[key.name]
+                row = int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
+                for c in np.flatnonzero(~mask).tolist():
+                    total += (min(n, (c + 1) * per) - c * per) * row
+                    chunks += 1
+        return total, chunks
+
+    def contents(self) -> dict[str, str]:
+        """sha256 of every array's bytes (features, done records, skipped, labels, ids) and of
+        the record columns' names, per split: equal for two bit-identical stores."""
+        out = {}
+        for split in self.splits:
+            g = self._split(split)
+            out[f"{split}/done_columns"] = _sha(json.dumps(_columns(g)).encode())
+            out[f"{split}/done"] = _sha(np.asarray(g["done"][:]).tobytes())
+            out[f"{split}/skipped"] = _sha(self.skipped(split).tobytes())
+            out[f"{split}/labels"] = _sha(self.labels(split).tobytes())
+            out[f"{split}/ids"] = _sha("\n".join(self.ids(split)).encode())
+            features = self._features_group(split)
+            for name in sorted(self._feature_names(split)):
+                out[f"{split}/{name}"] = _sha(features[name][:].tobytes())
+        return out
+
+
+def describe_keys(keys) -> str:
+    """Feature keys as text, blocks grouped by the (timesteps, pools) they hold, per block."""
+    keys = list(keys)
+    if not keys:
+        return "no complete feature arrays"
+    groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    for b in sorted({k.block for k in keys}):
+        ts = format_int_list(k.t for k in keys if k.block == b)
+        groups.setdefault((ts, tuple(sorted({k.pool for k in keys if k.block == b}))), []).append(b)
+    return "; ".join(
+        f"block{'s' if len(bs) > 1 else ''} {format_int_list(bs)} at t {ts}, "
+        f"pool{'s' if len(pools) > 1 else ''} {format_int_list(pools)}"
+        for (ts, pools), bs in groups.items()
+    )
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _not_a_store(path: Path) -> str:
+    """Why ``path`` opens as no store, and how to go on: a creation cut off says so."""
+    cut_off = sorted(path.parent.glob(f".{path.name}{_CREATING}*")) if path.parent.is_dir() else []
+    half = path.is_dir() and _half_created(path)
+    if cut_off or half:
+        what = f"a creation cut off ({cut_off[0].name} beside it)" if cut_off else "a creation cut off"
+        return (
+            f"{path}: no complete diffprobe store here, only {what}; `extract run --store {path}` "
+            f"with the same settings creates it again and continues"
+        )
+    return f"{path}: no diffprobe store here (run `extract run --store {path}`)"
 
 
 def open_store(path: str | Path) -> FeatureStore:
@@ -270,6 +387,22 @@ def _diff(a, b, prefix="") -> str | None:
     if a != b:
         return f"{prefix}: store has {_short(a)}, this run has {_short(b)}"
     return None
+
+
+# The setting that makes a run match the store, per fingerprint key whose fix is a setting.
+_FIXES: dict[str, Callable[[Any], str]] = {
+    "compute.cpu_threads": lambda v: f"set extract.threads = {v} to continue this store",
+    "compute.forward_batch": lambda v: f"set extract.forward_batch = {v} to continue this store",
+    "compute.autocast": lambda v: f"set extract.autocast = {json.dumps(v)} to continue this store",
+    "compute.dtype": lambda v: f"set store.dtype = {json.dumps(v)} to continue this store",
+    "compute.device_type": lambda v: f"set extract.device = {json.dumps(v)} to continue this store",
+    "noise.seed": lambda v: f"set extract.noise_seed = {v} to continue this store",
+}
+
+
+def _fix(key: str, stored) -> str:
+    fix = _FIXES.get(key)
+    return f"; {fix(stored)}" if fix and stored is not None else ""
 
 
 class StoreWriter(FeatureStore):
@@ -305,7 +438,7 @@ class StoreWriter(FeatureStore):
     def check_owner(self) -> None:
         """Raise `StoreLocked` unless the run named ``owner`` still holds the store's lock."""
         try:
-            holder = (self.path / ".lock").read_text(errors="replace").strip()
+            holder = lock_path(self.path).read_text(errors="replace").strip()
         except OSError as e:
             raise StoreError(f"{self.path}: cannot read the store's lock ({e.strerror or e})") from None
         if holder != self.owner:
@@ -325,29 +458,51 @@ class StoreWriter(FeatureStore):
         class_names: list[str],
         splits: dict[str, tuple[list[str], np.ndarray]],
         chunk_images: int,
+        files: dict[str, np.ndarray | None] | None = None,
+        before_create: Callable[[], None] | None = None,
     ) -> StoreWriter:
+        """Open the store at ``path`` for writing, creating it if there is none (or only a
+        creation that this tool left cut off). The skeleton (root, splits, per-image arrays)
+        is built in a hidden sibling folder and renamed into place, so a store either exists
+        whole or not at all. Anything else at ``path`` is refused.
+
+        ``files``: per split, each image file's (size, mtime_ns), recorded in a new store and
+        compared on resume (a file changed under the same name is refused, named).
+        ``before_create``: called under the lock only when a new store is about to be made
+        (a check of the images that must pass before anything is written)."""
         path = Path(path)
         for split, (ids, _) in splits.items():
             if len(ids) == 0:
                 raise StoreError(f"split {split!r} has no images; nothing to extract")
         if path.exists() and not path.is_dir():
             raise StoreError(f"--store: {path} exists and is not a directory")
-        ours = _read_root_attrs(path)
-        if ours is None and path.is_dir() and any(c.name != ".lock" for c in path.iterdir()):
+        if _read_root_attrs(path) is None and path.is_dir() and not _half_created(path):
             raise StoreError(f"--store: {path} exists and is not a diffprobe store; pick a new or empty path")
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             lock = _acquire_lock(path)
         except OSError as e:
             raise StoreError(f"--store: cannot write {path} ({e.strerror or e})") from None
         try:
+            _step("locked")
+            for leftover in path.parent.glob(f".{path.name}{_CREATING}*"):  # ours, and no one else's: we hold the lock
+                shutil.rmtree(leftover)
             ours = _read_root_attrs(path)  # again, under the lock
             if ours and ours.get("initialized"):
                 writer = cls(path)
-                writer._check_fingerprints(fingerprints)  # an existing store keeps its own chunking
+                writer._check_fingerprints(fingerprints, splits)  # an existing store keeps its own chunking
+                writer._check_files(files or {})
+                writer._remove_partials()
             else:
-                _initialise(path, fingerprints, provenance, blocks, class_names, splits, chunk_images)
+                if path.is_dir() and not (_half_created(path) or not any(path.iterdir())):
+                    raise StoreError(f"--store: {path} exists and is not a diffprobe store; pick a new or empty path")
+                if before_create is not None:
+                    before_create()
+                _create(path, fingerprints, provenance, blocks, class_names, splits, chunk_images, files or {})
                 writer = cls(path)
+        except OSError as e:
+            _release_lock(lock)
+            raise StoreError(_write_failed(path, e)) from None
         except BaseException:
             _release_lock(lock)
             raise
@@ -367,42 +522,150 @@ class StoreWriter(FeatureStore):
     def __exit__(self, *exc):
         self.close()
 
-    def _check_fingerprints(self, fingerprints: dict) -> None:
+    def _check_fingerprints(self, fingerprints: dict, splits: dict | None = None) -> None:
+        """Refuse a run whose fingerprints differ, naming the first difference and, where a
+        setting fixes it, that setting; for another dataset, the image ids gained and lost."""
         stored = self.fingerprints
         for section in FINGERPRINT_SECTIONS:
             d = _diff(stored.get(section), fingerprints.get(section), section)
             if d:
+                key = d.split(":", 1)[0]
+                if section == "dataset" and splits is not None:
+                    d = self._dataset_change(splits) or d
+                fix = _fix(key, _lookup(stored, key))
+                workers = len(cast(list, self.attrs.get("runs", [{}]))[-1].get("workers", []))
+                if key == "compute.cpu_threads" and workers:
+                    fix = fix.replace(" to continue", f" (or --workers {workers}, as the store was made) to continue")
                 raise FingerprintMismatch(
-                    f"{self.path}: refusing to extend a store made with a different {section}: {d}"
+                    f"{self.path}: refusing to extend a store made with a different {section}: {d}{fix}"
                 )
+
+    def _check_files(self, files: dict[str, np.ndarray | None]) -> None:
+        """Refuse a run whose image files differ in size or mtime from those recorded when the
+        store was made (stores made before the record, or of built-in data, have none); images
+        recorded as skipped are exempt (their features are NaN everywhere, and stay so)."""
+        for split, now in files.items():
+            g = self._split(split) if split in self.splits else None
+            if now is None or g is None or "files" not in g:
+                continue
+            then = g["files"][:]
+            if then.shape != np.shape(now):
+                continue  # another set of images: the dataset fingerprint already refused it
+            # a skipped image has NaN features in every array: a file that changed (was repaired) mixes nothing
+            changed = np.flatnonzero((then != np.asarray(now)).any(axis=1) & ~self.skipped(split).astype(bool))
+            if len(changed):
+                i = int(changed[0])
+                what = (
+                    f"size {then[i, 0]} -> {now[i, 0]} bytes"
+                    if then[i, 0] != now[i, 0]
+                    else "modified since (mtime differs)"
+                )
+                raise FingerprintMismatch(
+                    f"{self.path}: refusing to extend a store whose image {str(self.ids(split)[i])!r} of split "
+                    f"{split!r} changed ({what}; {len(changed)} file{'s' if len(changed) > 1 else ''} changed): "
+                    f"its features would mix two pictures; restore the file or extract into a new store"
+                )
+
+    def _dataset_change(self, splits: dict[str, tuple[list[str], np.ndarray]]) -> str | None:
+        """The first split whose image ids (or labels) differ from the run's, and how."""
+        for split, (ids, labels) in splits.items():
+            if split not in self.splits:
+                return f"split {split!r} is not in the store (it holds {', '.join(self.splits)})"
+            have = list(self.ids(split))
+            if have == list(ids):
+                if not np.array_equal(self.labels(split), np.asarray(labels)):
+                    return f"split {split!r}: the same images with other labels"
+                continue
+            removed = sorted(set(have) - set(ids))
+            added = sorted(set(ids) - set(have))
+            parts = [
+                f"{len(v)} image{'s' if len(v) != 1 else ''} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                for v, what in ((removed, "removed"), (added, "added"))
+                if v
+            ]
+            return f"split {split!r}: " + ("; ".join(parts) or "the same images in another order")
+        return None
+
+    def _remove_partials(self) -> None:
+        """Remove the temporary files (``*.<hex>.partial``) that writes killed mid-way left, and
+        feature arrays whose creation was cut off (a folder with no metadata): only this tool
+        writes here, and the lock says no write is in flight. Chunk folders are listed only
+        for chunks without a completion record, so a large complete store costs one listing
+        per array."""
+        for d in (self.path, *(self.path / s for s in self.splits)):
+            _drop_partials(d)
+        for split in self.splits:
+            g = self._split(split)
+            for name in ("done", "skipped", "files", *_PER_IMAGE[self.schema_version].values()):
+                for sub, _, _ in os.walk(self.path / split / name):
+                    _drop_partials(Path(sub))
+            features = self.path / split / ("features" if self.schema_version == 1 else "")
+            _drop_partials(features)
+            columns = _columns(g)
+            done = g["done"][:].astype(bool) if columns else np.zeros((self.n_chunks(split), 0), dtype=bool)
+            for entry in os.scandir(features):
+                if not (entry.is_dir() and _NAME.match(entry.name)):
+                    continue
+                folder: Path = Path(entry.path)
+                if not (folder / "zarr.json").is_file():  # created no further than its temporary metadata
+                    if all(_PARTIAL.search(p.name) for p in folder.rglob("*") if p.is_file()):
+                        shutil.rmtree(folder)
+                    continue
+                _drop_partials(folder)
+                if not (folder / "c").is_dir():
+                    continue
+                complete = done[:, columns.index(entry.name)] if entry.name in columns else None
+                for c in os.listdir(folder / "c"):
+                    if c.isdigit() and (complete is None or int(c) >= len(complete) or not complete[int(c)]):
+                        for sub, _, _ in os.walk(folder / "c" / c):
+                            _drop_partials(Path(sub))
+
+    def _write_error(self, e: OSError) -> StoreError:
+        return StoreError(_write_failed(self.path, e, self))
 
     def record_run(self, provenance: dict) -> None:
         """Append one run's provenance to the store's history (``attrs["runs"]``)."""
-        self._root.attrs["runs"] = [*cast(list, self._root.attrs.get("runs", [])), provenance]
+        try:
+            self._root.attrs["runs"] = [*cast(list, self._root.attrs.get("runs", [])), provenance]
+        except OSError as e:
+            raise self._write_error(e) from None
 
     def ensure_arrays(self, split: str, shapes: dict[FeatureKey, int], dtype: str, codec: str) -> None:
-        """Create the feature arrays (key -> channels) not yet in ``split``, then their record columns."""
+        """Create the feature arrays (key -> channels) not yet in ``split``, then their record columns.
+
+        A feature array's chunk is ``chunk_images`` images, or the whole split when it is smaller."""
         g = self._split(split)
-        features = g["features"]
-        have = set(features.array_keys())
+        features = self._features_group(split)
+        have = set(self._feature_names(split))
         n, chunk = self.n_images(split), self.chunk_images(split)
         missing = [(k, c) for k, c in shapes.items() if k.name not in have]
-        _parallel(
-            lambda kc: features.create_array(
-                kc[0].name,
-                shape=(n, kc[1], kc[0].pool, kc[0].pool),
-                chunks=(chunk, kc[1], kc[0].pool, kc[0].pool),
+        modules = {b["number"]: b.get("module") for b in self.attrs["blocks"]}
+        named = self.schema_version >= 2
+
+        def make(kc):
+            key, channels = kc
+            features.create_array(
+                key.name,
+                shape=(n, channels, key.pool, key.pool),
+                chunks=(min(chunk, n) if named else chunk, channels, key.pool, key.pool),
                 dtype=dtype,
                 fill_value=float("nan"),
+                dimension_names=_feature_dims(channels, key.pool) if named else None,
+                attributes={"t": key.t, "block": key.block, "pool": key.pool, "module": modules.get(key.block)}
+                if named
+                else None,
                 **_codecs(codec),
-            ),
-            missing,
-        )
-        columns = _columns(g)
-        new = [k.name for k in shapes if k.name not in columns]
-        if new:  # widen the record array first, then name the columns: a new column reads as 0
-            g["done"].resize((_n_chunks(n, chunk), len(columns) + len(new)))
-            g.attrs["done_columns"] = columns + new
+            )
+
+        try:
+            _parallel(make, missing)
+            columns = _columns(g)
+            new = [k.name for k in shapes if k.name not in columns]
+            if new:  # widen the record array first, then name the columns: a new column reads as 0
+                g["done"].resize((_n_chunks(n, chunk), len(columns) + len(new)))
+                g.attrs["done_columns"] = columns + new
+        except OSError as e:
+            raise self._write_error(e) from None
         self.__dict__.pop("_columns", None)
 
     def write_chunk(self, split: str, chunk: int, data: dict[FeatureKey, np.ndarray]) -> None:
@@ -410,27 +673,85 @@ class StoreWriter(FeatureStore):
         if self._attached:
             self.check_owner()
         lo = chunk * self.chunk_images(split)
-        arrays = {k: self._open(split, k) for k in data}
-        _parallel(lambda kx: arrays[kx[0]].__setitem__(slice(lo, lo + len(kx[1])), kx[1]), data.items())
-        columns = self.__dict__.setdefault("_columns", {})
-        if split not in columns:
-            columns[split] = {name: j for j, name in enumerate(self._split(split).attrs["done_columns"])}
-        cols = sorted(columns[split][k.name] for k in data)
-        self._split(split)["done"].set_orthogonal_selection((chunk, cols), np.ones(len(cols), dtype=np.uint8))
+        try:
+            arrays = {k: self._open(split, k) for k in data}
+            _parallel(lambda kx: arrays[kx[0]].__setitem__(slice(lo, lo + len(kx[1])), kx[1]), data.items())
+            columns = self.__dict__.setdefault("_columns", {})
+            if split not in columns:
+                columns[split] = {name: j for j, name in enumerate(self._split(split).attrs["done_columns"])}
+            cols = sorted(columns[split][k.name] for k in data)
+            self._split(split)["done"].set_orthogonal_selection((chunk, cols), np.ones(len(cols), dtype=np.uint8))
+        except OSError as e:
+            raise self._write_error(e) from None
 
     def _open(self, split: str, key: FeatureKey):
         """The Zarr feature array of one key, opened once per writer (each open reads metadata)."""
         cache = self.__dict__.setdefault("_arrays", {})
         if (split, key) not in cache:
-            cache[(split, key)] = self._split(split)["features"][key.name]
+            cache[(split, key)] = self._features_group(split)[key.name]
         return cache[(split, key)]
 
     def write_skipped(self, split: str, indices: np.ndarray) -> None:
         if len(indices):
             if self._attached:
                 self.check_owner()
-            arr = self._split(split)["skipped"]
-            arr[np.asarray(indices)] = True
+            try:
+                arr = self._split(split)["skipped"]
+                arr[np.asarray(indices)] = True
+            except OSError as e:
+                raise self._write_error(e) from None
+
+
+def _lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)  # type: ignore[assignment]
+    return d
+
+
+def _write_failed(path: Path, e: OSError, store: FeatureStore | None = None) -> str:
+    """One line for a write that failed: where, why, what is kept and what is still needed."""
+    where = e.filename or path
+    need = ""
+    if store is not None:
+        try:
+            left, chunks = store.remaining_bytes()
+            need = f"; the run still needs about {human_bytes(left)} (uncompressed) for {chunks} array chunks"
+        except (OSError, StoreError, KeyError):  # the store cannot be read either: say what is known
+            need = ""
+    if store is None:
+        return (
+            f"{where}: cannot write ({e.strerror or e}); the store was not created: free space (or pick "
+            f"another --store) and run `extract run --store {path}` again"
+        )
+    return (
+        f"{where}: cannot write ({e.strerror or e}){need}; completed chunks are kept: free space "
+        f"(or move the store) and run `extract run --store {path}` again to continue"
+    )
+
+
+def _drop_partials(folder: Path) -> None:
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if _PARTIAL.search(name):
+            (folder / name).unlink(missing_ok=True)
+
+
+def _half_created(path: Path) -> bool:
+    """Whether folder ``path`` holds nothing but a creation cut off by this tool: an earlier
+    version built stores in place, leaving its lock, zarr's temporary files, or metadata
+    whose root says ``initialized: false``."""
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except FileNotFoundError:
+        return all(c.name == ".lock" or (c.is_file() and _PARTIAL.search(c.name)) for c in path.iterdir())
+    except (OSError, ValueError):
+        return False
+    return attrs.get("schema") == "diffprobe-features" and attrs.get("initialized") is False
 
 
 def _read_root_attrs(path: Path) -> dict | None:
@@ -441,35 +762,69 @@ def _read_root_attrs(path: Path) -> dict | None:
         return None
     if attrs.get("schema") != "diffprobe-features":
         return None
-    if attrs.get("schema_version") != SCHEMA_VERSION:
+    if attrs.get("schema_version") not in READABLE_VERSIONS:
         raise StoreError(
             f"{path}: a diffprobe store of schema version {attrs.get('schema_version')!r}; "
-            f"this diffprobe writes version {SCHEMA_VERSION}"
+            f"this diffprobe reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     return attrs
 
 
-def _initialise(path, fingerprints, provenance, blocks, class_names, splits, chunk_images) -> None:
-    """Create a new store, or redo one whose creation was cut off (it holds no features yet)."""
-    for child in path.iterdir():  # only Zarr nodes: the root metadata and node folders
-        if child.name == "zarr.json":
-            child.unlink()
-        elif child.is_dir() and (child / "zarr.json").is_file():
-            shutil.rmtree(child)
-    # overwrite=False: mode "w" would also delete the .lock this process holds
+# Steps of a store's creation; a test kills the process at each (`_step`).
+creation_hook: Callable[[str], None] | None = None
+
+
+def _step(name: str) -> None:
+    if creation_hook is not None:
+        creation_hook(name)
+
+
+def _create(path: Path, fingerprints, provenance, blocks, class_names, splits, chunk_images, files) -> None:
+    """Build a new store's skeleton in a hidden sibling folder, then rename it to ``path``
+    (an empty folder, or a creation cut off, which is cleared first)."""
+    tmp = path.with_name(f".{path.name}{_CREATING}{secrets.token_hex(4)}")
+    try:
+        _build(tmp, fingerprints, provenance, blocks, class_names, splits, chunk_images, files)
+    except BaseException:  # a failed write (a full disk): nothing is left (a kill's leftovers go next run)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.is_dir():  # empty, or a creation cut off by an earlier version: cleared under the lock
+        shutil.rmtree(path)
+        _step("cleared")
+    os.rename(tmp, path)
+    _fsync_folder(path.parent)
+    _step("renamed")
+
+
+def _build(tmp: Path, fingerprints, provenance, blocks, class_names, splits, chunk_images, files) -> None:
+    """The skeleton of a new store (root, splits, per-image arrays, records) in folder ``tmp``."""
     root = zarr.create_group(
-        str(path),
-        overwrite=False,
+        str(tmp),
         attributes={"schema": "diffprobe-features", "schema_version": SCHEMA_VERSION, "initialized": False},
     )
+    _step("root")
     for split, (ids, labels) in splits.items():
         n = len(ids)
-        g = root.create_group(split, attributes={"n_images": n, "chunk_images": chunk_images})
+        g = root.create_group(
+            split, attributes={"n_images": n, "chunk_images": chunk_images, "coordinates": "label skipped"}
+        )
         chunks = (min(chunk_images, n),)
-        g.create_array("labels", shape=(n,), chunks=chunks, dtype="int64")[:] = np.asarray(labels, dtype=np.int64)
-        g.create_array("ids", shape=(n,), chunks=chunks, dtype=str)[:] = np.asarray(ids, dtype=str)
-        g.create_array("skipped", shape=(n,), chunks=chunks, dtype="bool", fill_value=False)
-        g.create_group("features")
+        g.create_array("label", shape=(n,), chunks=chunks, dtype="int64", dimension_names=["image"])[:] = np.asarray(
+            labels, dtype=np.int64
+        )
+        g.create_array("image", shape=(n,), chunks=chunks, dtype=str, dimension_names=["image"])[:] = np.asarray(
+            ids, dtype=str
+        )
+        g.create_array("skipped", shape=(n,), chunks=chunks, dtype="bool", fill_value=False, dimension_names=["image"])
+        if files.get(split) is not None:  # each image file's size and mtime, to notice a changed file
+            g.create_array(
+                "files",
+                shape=(n, 2),
+                chunks=(chunks[0], 2),
+                dtype="int64",
+                dimension_names=["image", "file_stat"],
+                attributes={"columns": ["size", "mtime_ns"]},
+            )[:] = np.asarray(files[split], dtype=np.int64)
         # one row of records per image chunk, so writers of different chunks touch different files
         g.create_array(
             "done",
@@ -478,7 +833,9 @@ def _initialise(path, fingerprints, provenance, blocks, class_names, splits, chu
             dtype="uint8",
             fill_value=0,
             compressors=None,
+            dimension_names=["chunk", "done_column"],
         )
+        _step(f"split {split}")
     root.attrs.update(
         {
             "fingerprints": fingerprints,
@@ -486,23 +843,33 @@ def _initialise(path, fingerprints, provenance, blocks, class_names, splits, chu
             "blocks": blocks,
             "class_names": list(class_names),
             "splits": list(splits),
+            "initialized": True,
         }
     )
-    root.attrs["initialized"] = True  # last: a store cut off before this is redone from scratch
+    _step("attributes")
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _parallel(fn, items) -> list:
-    """``[fn(item) for item in items]`` on a few threads: Zarr's per-call latency, not bandwidth,
-    dominates many small chunk reads and writes (measured: ~1.4x faster than a loop for 400 writes)."""
+    """``[fn(item) for item in items]`` on `WRITE_THREADS` threads: Zarr's per-call latency, not
+    bandwidth, dominates many small chunk reads and writes (measured: ~1.4x faster than a loop
+    for 400 writes)."""
     items = list(items)
     if len(items) <= 1:
         return [fn(item) for item in items]
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(WRITE_THREADS) as pool:
         return list(pool.map(fn, items))  # re-raises the first error
 
 
 def _acquire_lock(path: Path):
-    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from diffprobe.analyze import cka as ck
 from diffprobe.analyze.cli import analyze_app
 from diffprobe.store.config import load_config
-from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
+from diffprobe.store.feature_store import FeatureKey, open_store
+from diffprobe.store.synthetic import write_synthetic_store
 
 from .conftest import REPO
 
@@ -216,22 +217,17 @@ def write_cka_store(path, arrays: dict, n: int, *, ids=None, skipped=(), chunk=1
     """A one-split ('val') store holding ``arrays`` {(block, t): (n, C, P, P) float16}."""
     blocks = [{"number": b, "module": f"m{b}", "channels": C, "spatial": P} for b in range(1, 38)]
     ids = [f"img/{i:04d}" for i in range(n)] if ids is None else ids
-    fingerprints = {"model": {"synthetic": str(path)}, "preprocessing": {}, "noise": {}, "compute": {}, "dataset": {}}
-    with StoreWriter.create(
+    return write_synthetic_store(
         path,
-        fingerprints=fingerprints,
-        provenance={},
-        blocks=blocks,
+        {"val": {FeatureKey(t, b, P): x for (b, t), x in arrays.items()}},
+        {"val": np.arange(n) % 2},
         class_names=["a", "b"],
-        splits={"val": (ids, np.arange(n) % 2)},
+        ids={"val": ids},
+        skipped={"val": skipped},
         chunk_images=chunk,
-    ) as w:
-        keys = {FeatureKey(t, b, P): x for (b, t), x in arrays.items()}
-        w.ensure_arrays("val", {k: C for k in keys}, "float16", "none")
-        for c in range(-(-n // chunk)):
-            w.write_chunk("val", c, {k: x[c * chunk : (c + 1) * chunk] for k, x in keys.items()})
-        w.write_skipped("val", np.asarray(skipped, dtype=int))
-    return path
+        blocks=blocks,
+        tag=str(path),
+    )
 
 
 N = 90
@@ -401,3 +397,16 @@ def test_cli_errors_are_one_line_exit_2(stores, args, pattern):
 def test_cli_against_mismatched_ids(stores):
     res = runner.invoke(analyze_app, ["cka", "--t", "90", "--store", str(stores["a"]), "--against", str(stores["c"])])
     assert res.exit_code == 2 and "3 of 90 ids" in res.output and "Traceback" not in res.output
+
+
+def test_the_title_names_the_pool_read_per_block(tmp_path):
+    """Block 19's map is 1x1: asked for pool 2, it is read at its capped pool 1, and the result says so."""
+    blocks = [{"number": b, "module": f"m{b}", "channels": C, "spatial": 1 if b == 19 else P} for b in range(1, 38)]
+    rng = np.random.default_rng(0)
+    feats = {
+        FeatureKey(90, 24, P): rng.normal(size=(40, C, P, P)),
+        FeatureKey(90, 19, 1): rng.normal(size=(40, C, 1, 1)),
+    }
+    path = write_synthetic_store(tmp_path / "s.zarr", {"val": feats}, {"val": np.arange(40) % 2}, blocks=blocks)
+    r = ck.run(_cfg(path), t=(90,), pool=P, plots=False)
+    assert r["rows"] == [19, 24] and r["pool_read"] == "pool 2 (block 19 read at 1)"

@@ -67,7 +67,7 @@ def test_run_status_and_resume(tmp_path):
         (["run", "--t", "1000"], "extract.timesteps: t 1000 is out of range; this diffusion has t 0-999"),
         (["run", "--pool", "0"], "extract.pools: 0 is out of range"),
         (["run", "--batch-size", "0"], "extract.batch_size: 0 is out of range"),
-        (["plan", "--device", "gpu"], "No such option"),
+        (["plan", "--device", "gpu"], "error: no such option"),
         (["run", "--device", "gpu"], "extract.device: 'gpu' is not a device"),
         (["status", "--store", "/nonexistent/x.zarr"], "no diffprobe store here"),
     ],

@@ -62,25 +62,18 @@ def reference(tmp_path_factory):
 
 
 def _store_contents(path) -> dict:
-    """Every array of every split (features, done records, skipped, labels, ids) as bytes, and
+    """sha256 of every array of every split (features, done records, skipped, labels, ids) and of
     the completion-record column names: what two identical stores share bit for bit."""
-    root = zarr.open_group(str(path), mode="r")
-    out = {}
-    for split in root.attrs["splits"]:
-        g = root[split]
-        out[(split, "done_columns")] = list(g.attrs["done_columns"])
-        for name in ("done", "skipped", "labels"):
-            out[(split, name)] = np.asarray(g[name][:]).tobytes()
-        out[(split, "ids")] = list(g["ids"][:].tolist())
-        for name in g["features"].array_keys():
-            out[(split, name)] = g["features"][name][:].tobytes()
-    return out
+    from diffprobe.store.feature_store import open_store
+
+    return open_store(path).contents()
 
 
 def _assert_identical(a, b):
     ca, cb = _store_contents(a), _store_contents(b)
     assert ca.keys() == cb.keys()
-    assert sum(1 for k in ca if k[1].startswith("t")) == 2 * 4 * 2 - 2  # 4 blocks x 2 pools per split; block 16 is 1x1
+    features = [k for k in ca if k.split("/")[1].startswith("t")]
+    assert len(features) == 2 * 4 * 2 - 2  # 4 blocks x 2 pools per split; block 16 is 1x1
     for k in ca:
         assert ca[k] == cb[k], k
     done = np.asarray(zarr.open_group(str(b), mode="r")["train/done"][:])
@@ -128,7 +121,9 @@ def test_two_local_workers_write_the_single_process_store(reference, tmp_path):
     assert len(run["workers"]) == 2 and {w["torch_threads"] for w in run["workers"]} == {1}
     assert len({w["address"] for w in run["workers"]}) == 2
     # the lock is released, and says no run owns the store any more
-    assert (os.path.getsize(os.path.join(cfg.store.path, ".lock"))) == 0
+    from diffprobe.store.feature_store import lock_path
+
+    assert os.path.getsize(lock_path(cfg.store.path)) == 0
 
 
 def test_scheduler_on_loopback_through_the_cli(cluster, reference, tmp_path):
@@ -192,7 +187,7 @@ def test_a_chunk_written_twice_keeps_every_byte(reference, tmp_path):
         model, sha = jobs.load_model(job, torch.device("cpu"))
         with jobs.open_writer(job, sha, torch.device("cpu"), 1) as writer:
             arrays = tuple((a.key, a.shape[1:]) for a in job.plan.arrays if a.split == "train")
-            files = [path / "train" / "features" / k.name / "c" / "1" / "0" / "0" / "0" for k, _ in arrays]
+            files = [path / "train" / k.name / "c" / "1" / "0" / "0" / "0" for k, _ in arrays]  # schema 2 layout
             old = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
             time.sleep(0.01)
             work = ChunkWork("train", 1, 4, 8, arrays, "float16", (), True)

@@ -167,7 +167,7 @@ def broken(tmp_path_factory):
         (["--store", "/nonexistent/x.zarr"], "no diffprobe store here"),
         (
             ["--block", "19"],
-            "no features for block 19, t 90, pool 2 in split 'train'; it holds blocks 24 at t 90, pools 2",
+            "no features for block 19, t 90, pool 2 in split 'train'; it holds block 24 at t 90, pool 2",
         ),
         (["--t", "150"], "no features for block 24, t 150, pool 2"),
         (["--block", "40"], "block 40 does not exist: this model has blocks 1-37"),
