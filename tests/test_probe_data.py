@@ -158,7 +158,7 @@ def test_arrays_with_different_chunking_are_an_error(tmp_path):
     y = np.arange(64) % 2
     x = {FeatureKey(90, b, P): rng.normal(size=(64, C, P, P)).astype(np.float16) for b in (19, 24)}
     path = write_synthetic_store(tmp_path / "s.zarr", {"train": x, "val": x}, {"train": y, "val": y}, chunk_images=16)
-    g = zarr.open_group(str(path / "train" / "features"), mode="r+")
+    g = zarr.open_group(str(path / "train"), mode="r+")
     name = FeatureKey(90, 24, P).name
     data = g[name][:]
     del g[name]
