@@ -59,11 +59,11 @@ def store_source(store, split: str, block: int, t: int, pool: int, rows: np.ndar
     return Source(label, name, dim, read, int(arr.chunks[0]))
 
 
-def options_from_config(a, **overrides) -> CkaOptions:
-    """`CkaOptions` from an `AnalyzeConfig` (None overrides ignored)."""
-    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(CkaOptions)}
+def options_from_config(a, cls=CkaOptions, **overrides):
+    """Options of type ``cls`` (`CkaOptions`, `AlignOptions`) from an `AnalyzeConfig` (None overrides ignored)."""
+    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls)}
     kw.update({k: v for k, v in overrides.items() if v is not None})
-    return CkaOptions(**kw)
+    return cls(**kw)
 
 
 def _usable(store, split: str) -> np.ndarray:
@@ -158,7 +158,7 @@ def align(store, other, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise StoreError(
             f"--against: the image ids of split {split!r} differ: {only_a} of {len(ia)} ids in "
             f"{store.path} are not in {other.path} and {only_b} of {len(ib)} there are not here; "
-            f"CKA across stores needs the same images"
+            f"comparing stores needs the same images"
         )
     ua, ub = _usable(store, split), _usable(other, split)
     pos_b = {v: j for j, v in enumerate(ib.tolist())}
@@ -240,10 +240,10 @@ def plan(store, split: str, *, t=None, block=None, blocks=None, ts=None, against
     }
 
 
-def _stem(p: dict, split: str, opts: CkaOptions, other_fp: str | None) -> str:
+def _stem(p: dict, split: str, tag: str, other_fp: str | None) -> str:
     where = f"b{p['block']}" if p["mode"] == "timesteps" else f"t{p['t']}"
     mode = f"against-{other_fp}" if p["mode"] == "against" else p["mode"]
-    return f"{mode}-{where}-p{p['pool']}-{split}-{opts.estimator}"
+    return f"{mode}-{where}-p{p['pool']}-{split}-{tag}"
 
 
 def write_csv(path: Path, rows, cols, matrix, corner: str) -> Path:
@@ -276,18 +276,56 @@ def run(
     Files go to ``cka-<store fingerprint>/`` beside the store (or ``out_dir``). Returns the
     `cka_matrix` result plus mode, store, split, t, block, pool, files, folder.
     """
+    opts = options_from_config(cfg.analyze, **option_overrides)
+    return run_matrix(
+        cfg,
+        lambda p: cka_matrix(p["rows"], p["cols"], p["n"], opts, on_progress=on_progress),
+        folder_prefix="cka",
+        tag=opts.estimator,
+        name=f"CKA ({opts.estimator})",
+        value="CKA",
+        t=t,
+        block=block,
+        blocks=blocks,
+        against=against,
+        pool=pool,
+        out_dir=out_dir,
+        plots=plots,
+    )
+
+
+def run_matrix(
+    cfg,
+    compute: Callable[[dict], dict],
+    *,
+    folder_prefix: str,
+    tag: str,
+    name: str,
+    value: str,
+    t=None,
+    block=None,
+    blocks=None,
+    against=None,
+    pool=None,
+    out_dir=None,
+    plots: bool = True,
+) -> dict:
+    """Open the store(s), `plan`, ``compute(plan)`` (a `cka_matrix`-shaped result), write its CSVs
+    (and those of ci_low/ci_high/perm_mean/perm_high) and heatmap to
+    ``<folder_prefix>-<store fingerprint>/`` beside the store (or ``out_dir``), file names ending
+    in ``tag``; ``name`` titles the heatmap, ``value`` labels its colour bar. Shared by
+    `analyze cka` and `analyze align`."""
     from diffprobe.store.feature_store import open_store
 
     a = cfg.analyze
     t = (t,) if isinstance(t, int) else t
-    opts = options_from_config(a, **option_overrides)
     store = open_store(cfg.store.path)
     other = open_store(against) if against is not None else None
     p = plan(store, a.split, t=t, block=block, blocks=blocks, against=other, pool=pool)
-    r = cka_matrix(p["rows"], p["cols"], p["n"], opts, on_progress=on_progress)
+    r = compute(p)
     fp = fingerprint(store)
-    folder = Path(out_dir) if out_dir is not None else store.path.parent / f"cka-{fp}"
-    stem = _stem(p, a.split, opts, fingerprint(other) if other is not None else None)
+    folder = Path(out_dir) if out_dir is not None else store.path.parent / f"{folder_prefix}-{fp}"
+    stem = _stem(p, a.split, tag, fingerprint(other) if other is not None else None)
     files = []
     if plots:
         from diffprobe.probe.plots import cka_heatmap
@@ -302,9 +340,7 @@ def run(
                 )
         where = f"block {p['block']}" if p["mode"] == "timesteps" else f"t {p['t']}"
         vs = f" vs {other.path.name}" if other is not None else ""
-        title = (
-            f"CKA ({opts.estimator}): {store.path.name}{vs} · split {a.split} · {where} · pool {p['pool']} · N {p['n']}"
-        )
+        title = f"{name}: {store.path.name}{vs} · split {a.split} · {where} · pool {p['pool']} · N {p['n']}"
         files.append(
             cka_heatmap(
                 np.asarray(r["matrix"]),
@@ -314,6 +350,7 @@ def run(
                 p["col_name"],
                 title,
                 folder / f"{stem}.png",
+                label=value,
             )
         )
     r.update(
