@@ -135,6 +135,78 @@ def linear(
 
 
 @probe_app.command()
+def knn(
+    block: int = typer.Option(..., "--block", min=1, help="Block number (1-based, as in `extract blocks`)."),
+    t: int = typer.Option(..., "--t", min=0, help="Timestep t."),
+    pool: int = typer.Option(2, "--pool", min=1, help="Pool size p (capped at the block's map, as stored)."),
+    k: Optional[str] = typer.Option(None, "--k", help="Numbers of neighbours, e.g. '10,20,100,200' (probe.knn_k)."),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", help="T of the exp(similarity / T) votes (probe.knn_temperature)."
+    ),
+    weighting: Optional[str] = typer.Option(None, "--weighting", help="exp or uniform (probe.knn_weighting)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="cosine or l2 (probe.knn_metric)."),
+    store: Optional[Path] = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    label_fraction: Optional[float] = FractionOpt,
+    shots: Optional[int] = ShotsOpt,
+    subset: Optional[Path] = SubsetOpt,
+    ledger: Optional[str] = LedgerOpt,
+    as_json: bool = JsonOpt,
+):
+    """kNN classifier (DINOv2's) on train's cached (block, t, pool) features; top-1/top-5 on val for each k.
+
+    No training: the fitted part of train is the database; the held-out part scores each k. One ledger row per k.
+    """
+    from diffprobe.probe import knn as kn
+
+    with user_errors():
+        cfg = load_config(
+            config,
+            {
+                "store.path": str(store) if store else None,
+                "probe.seed": seed,
+                "probe.device": device,
+                "probe.ledger": ledger,
+                "probe.knn_k": k,
+                "probe.knn_temperature": temperature,
+                "probe.knn_weighting": weighting,
+                "probe.knn_metric": metric,
+            },
+        )
+        r = kn.run(cfg, block, t, pool, subset=_subset(label_fraction, shots, subset))
+    if as_json:
+        print(json.dumps(r))
+        return
+    hp = r["hyperparameters"]
+    votes = f"exp(sim / {hp['temperature']:g})" if hp["weighting"] == "exp" else "uniform"
+    table = Table(
+        title=escape(f"kNN probe ({hp['metric']}, {votes}): block {r['block']}, t {r['t']}, pool {r['pool']}")
+    )
+    for col in ("k", "held-out top-1", "val top-1", "val top-5"):
+        table.add_column(col, justify="right")
+    for x in r["per_k"]:
+        mark = " *" if x["hyperparameters"]["k"] == hp["k"] else ""
+        table.add_row(f"{x['hyperparameters']['k']}{mark}", _pct(x["heldout_top1"]), _pct(x["top1"]), _pct(x["top5"]))
+    out.print(table)
+    pool_note = "" if r["stored_pool"] == r["pool"] else f" (stored at pool {r['stored_pool']})"
+    for name, value in [
+        ("chosen", f"k {hp['k']} (*: best held-out top-1)"),
+        ("features", f"{r['dim']} per image{pool_note}"),
+        (
+            "images",
+            f"{r['n_train']} in the database, {r['n_heldout']} held out, {r['n_val']} val, {r['n_classes']} classes",
+        ),
+        ("label subset", r["subset"] + ("" if r["subset_file"] is None else f" (ids: {r['subset_file']})")),
+        ("time", f"{r['seconds']:.1f} s on {r['device']}" + (", streamed" if r["streamed"] else "")),
+        ("store", f"{r['store']} ({r['fingerprint']})"),
+        ("ledger", f"{r['ledger']} ({len(r['per_k'])} rows)"),
+    ]:
+        out.print(f"{name}: {escape(value)}", highlight=False)
+
+
+@probe_app.command()
 def sweep(
     blocks: Optional[str] = typer.Option(
         None, "--blocks", help="Blocks, e.g. '1-37' or '19,24,30' (default: all held)."

@@ -54,10 +54,12 @@ def block_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
             r = over.nonzero().squeeze(1)
             sv, si = torch.sort(s[r], dim=1, descending=True, stable=True)
             v[r], i[r] = sv[:, :k], si[:, :k]
-    i, o = i.sort(dim=1)  # ties inside the k: smaller column first
-    v = v.gather(1, o)
-    v, o = v.sort(dim=1, descending=True, stable=True)
-    return v, i.gather(1, o)
+    if k > 1 and bool((v[:, 1:] == v[:, :-1]).any()):  # ties inside the k: smaller column first
+        i, o = i.sort(dim=1)
+        v = v.gather(1, o)
+        v, o = v.sort(dim=1, descending=True, stable=True)
+        i = i.gather(1, o)
+    return v, i
 
 
 class RunningTopK:
@@ -73,9 +75,13 @@ class RunningTopK:
         """Merge (queries x database block) similarities ``s`` whose column 0 is database index ``offset``."""
         if offset < self._next:
             raise ValueError(f"database blocks must come in increasing order: {offset} after {self._next}")
-        bv, bi = block_topk(s, self.k)
-        v = torch.cat([self.values, bv.to(self.values.dtype)], dim=1)
-        i = torch.cat([self.index, bi + offset], dim=1)
-        v, o = v.sort(dim=1, descending=True, stable=True)
-        self.values, self.index = v[:, : self.k], i.gather(1, o)[:, : self.k]
         self._next = offset + s.shape[1]
+        bv, bi = block_topk(s, self.k)
+        bv, bi = bv.to(self.values.dtype), bi + offset
+        if self.values.shape[1] == 0:
+            self.values, self.index = bv, bi
+            return
+        # the running list's indices are all smaller and each list is ordered by (value desc,
+        # index asc), so the concatenation's column order is the index order among equal values
+        v, o = block_topk(torch.cat([self.values, bv], dim=1), self.k)
+        self.values, self.index = v, torch.cat([self.index, bi], dim=1).gather(1, o)

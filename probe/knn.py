@@ -1,0 +1,259 @@
+"""The kNN probe: DINOv2's k-nearest-neighbour classifier on one cached feature set; no training.
+
+    from diffprobe.store import open_store
+    from diffprobe.probe.knn import knn_probe
+    rows = knn_probe(open_store("runs/digits-tiny.zarr"), block=24, t=90, pool=2, ks=(10, 20))
+    rows[0]["top1"], rows[0]["hyperparameters"]      # one result per k, in ascending k
+
+`run(cfg, block, t, pool)` is `probe knn`: settings from ``[probe]``'s ``knn_*`` keys, one
+ledger row per k (head ``knn``).
+
+Protocol (DINOv2's ``eval/knn.py``, on the probe protocol of `probe.protocol`):
+
+1. The database is train's fitted part (`probe.protocol.select`: train minus the seeded
+   held-out part, and only the label subset with ``--label-fraction``/``--shots``/``--subset``);
+   the queries are the held-out part (its top-1 is ``heldout_top1``) and val (top-1, top-5).
+2. Features are L2-normalised (``cosine``; ``l2`` keeps them and uses minus half the squared
+   distance, `probe.neighbours`); the similarity of every query to every database image is
+   computed in (query block x database block) products, with a running top-max(k) per query,
+   so memory does not grow with the database (`budget`). Ties go to the earlier database
+   image (store order), whatever the blocks.
+3. Votes, from that one top-max(k): for each k, class scores are the sums over the first k
+   neighbours of softmax(similarity / T) over the max(k) (``exp``: DINOv2's weighting; the
+   softmax's normaliser is common to a query's classes, so this ranks like exp(sim / T)), or
+   of 1 (``uniform``: a majority vote, scikit-learn's ``KNeighborsClassifier``). Classes are
+   ranked by score, ties to the smaller class index; top-1 and top-5 follow.
+
+Reading goes through the shared data layer (`diffprobe.probe.data.FeatureData`): in memory
+when the split fits its share of ``probe.memory_mb``, else streamed chunk by chunk. On a GPU
+the products run there (``probe.device``).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+
+from diffprobe.probe.data import FeatureData
+from diffprobe.probe.digest import fingerprint_digest, settings_digest
+from diffprobe.probe.metrics import per_class_accuracy
+from diffprobe.probe.neighbours import RunningTopK, normalise, similarities
+from diffprobe.probe.protocol import Selection, select
+from diffprobe.store.choices import Head, KnnMetric, KnnWeighting, allowed
+from diffprobe.store.config import Config, ProbeConfig
+from diffprobe.store.device import resolve_device
+from diffprobe.store.errors import ConfigError, DiffprobeError
+from diffprobe.store.feature_store import FeatureStore, open_store
+
+TOP5 = 5
+
+
+class KnnError(DiffprobeError):
+    """A kNN request that cannot be answered as asked (k against the images)."""
+
+
+def settings_hash(p: ProbeConfig) -> str:
+    """12 hex digits naming what changes a kNN row besides its k: the held-out fraction, T, votes, similarity."""
+    return settings_digest(
+        {
+            "head": Head.KNN,
+            "holdout_fraction": p.holdout_fraction,
+            "temperature": p.knn_temperature,
+            "weighting": p.knn_weighting,
+            "metric": p.knn_metric,
+        }
+    )
+
+
+def check_ks(ks, n_fit: int) -> tuple[int, ...]:
+    """The ks, sorted and distinct; each must be in 1 .. n_fit - 1."""
+    ks = tuple(sorted({int(k) for k in ks}))
+    if not ks:
+        raise KnnError("--k: give at least one k")
+    if ks[0] < 1:
+        raise KnnError(f"--k {ks[0]}: k must be >= 1")
+    if ks[-1] >= n_fit:
+        raise KnnError(f"--k {ks[-1]}: k must be below the train images fitted on ({n_fit}); allowed: 1..{n_fit - 1}")
+    return ks
+
+
+def budget(memory_mb: float, dim: int, kmax: int, n_queries: int, n_db: int) -> tuple[float, float, int, int]:
+    """How ``memory_mb`` is shared: (train's and val's shares in MB, for `FeatureData`; query
+    rows per block; database rows per product). A quarter holds train's stored rows (database
+    and held-out queries together, or a streamed window of each), an eighth val's; a quarter
+    a query block in float32 with its top-k; a quarter one product's float32 similarities and
+    the top-k's scratch (about twice their size). Whatever the database size."""
+    total = memory_mb * 2**20
+    q_rows = max(1, min(n_queries, int(total / 4 // (4 * dim + 12 * kmax))))
+    d_rows = max(kmax, int(total / 4 // (8 * q_rows)))
+    return memory_mb / 4, memory_mb / 8, q_rows, min(d_rows, max(n_db, 1))
+
+
+def top_neighbours(
+    queries, database: FeatureData, kmax: int, metric: str, q_rows: int, d_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, database positions), each (n_queries, kmax) best first, of every query of
+    ``queries`` (a `FeatureData`) against ``database`` (read once per query block)."""
+    values, index = [], []
+    for (xq,), _ in queries.sequential(q_rows):
+        q = normalise(xq.reshape(len(xq), -1).float(), metric)
+        top = RunningTopK(len(q), kmax, q.device)
+        at = 0
+        for (xd,), _ in database.sequential(d_rows):
+            db = normalise(xd.reshape(len(xd), -1).float(), metric)
+            top.add(similarities(q, db, metric), at)
+            at += len(db)
+        values.append(top.values)
+        index.append(top.index)
+    return torch.cat(values), torch.cat(index)
+
+
+def class_ranks(
+    sims: torch.Tensor, labels: torch.Tensor, n_classes: int, ks, temperature: float, weighting: str
+) -> dict[int, torch.Tensor]:
+    """For each k, the top-min(5, classes) classes of each query, best first: (n, top) long.
+
+    ``sims``, ``labels``: the (n, max k) neighbour similarities (best first) and their labels."""
+    if weighting == KnnWeighting.EXP:
+        w = torch.softmax(sims.double() / temperature, dim=1)
+    elif weighting == KnnWeighting.UNIFORM:
+        w = torch.ones_like(sims, dtype=torch.float64)
+    else:
+        raise ConfigError(f"probe.knn_weighting: {weighting!r} is not allowed; allowed: {allowed(KnnWeighting)}")
+    top = min(TOP5, n_classes)
+    out = {}
+    for k in ks:
+        scores = torch.zeros(len(sims), n_classes, dtype=torch.float64, device=sims.device)
+        scores.scatter_add_(1, labels[:, :k], w[:, :k])
+        out[k] = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top]
+    return out
+
+
+def knn_probe(
+    store: FeatureStore,
+    block: int,
+    t: int,
+    pool: int = 2,
+    ks=None,
+    seed: int = 0,
+    settings: ProbeConfig | None = None,
+    device: str | torch.device = "cpu",
+    subset: str = "all",
+    selection: Selection | None = None,
+) -> list[dict]:
+    """The kNN classifier on ``store``'s (block, t, pool): one result per k (ascending), each with
+    the keys of `probe.linear.linear_probe` (top1, top5, per_class, heldout_top1, hyperparameters
+    {k, temperature, weighting, metric}, grid (every k's held-out top-1), split sizes, ...) plus
+    ``head`` ("knn"), ``blocks``, ``timesteps``.
+
+    ``ks`` None: ``settings.knn_k``; temperature, weighting and metric come from ``settings``."""
+    started = time.perf_counter()
+    p = settings or ProbeConfig()
+    if p.knn_metric not in tuple(KnnMetric):
+        raise ConfigError(f"probe.knn_metric: {p.knn_metric!r} is not allowed; allowed: {allowed(KnnMetric)}")
+    device = resolve_device(device, "probe.device") if isinstance(device, str) else device
+    key = store.stored_key(block, t, pool)
+    for split in ("train", "val"):
+        store.feature_array(split, block, t, pool)  # a cell the store lacks: named before anything is read
+    sel = selection if selection is not None else select(store, seed, p, subset)
+    ks = check_ks(p.knn_k if ks is None else ks, len(sel.fit))
+    kmax = ks[-1]
+    classes = store.class_names
+    train_rows = np.flatnonzero(sel.usable)  # usable position -> store row
+    cell = [(block, t, pool)]
+    dim = int(np.prod(store.feature_array("train", block, t, pool).shape[1:]))
+    db_mb, q_mb, q_rows, d_rows = budget(p.memory_mb, dim, kmax, max(len(sel.hold), len(sel.y_val)), len(sel.fit))
+    # train's fitted part (the database) and held-out part (queries): read once when both fit together
+    database, held = FeatureData.parts(
+        store,
+        "train",
+        cell,
+        [(train_rows[sel.fit], sel.y[sel.fit]), (train_rows[sel.hold], None)],
+        sel.usable,
+        memory_mb=db_mb,
+        device=device,
+    )
+    val_rows = np.flatnonzero(sel.usable_val)
+    val = FeatureData(store, "val", cell, val_rows, None, sel.usable_val, memory_mb=q_mb, device=device)
+    y_db = torch.from_numpy(sel.y[sel.fit]).to(device)
+    scored = {}
+    for name, queries in (("held", held), ("val", val)):
+        sims, idx = top_neighbours(queries, database, kmax, p.knn_metric, q_rows, d_rows)
+        scored[name] = class_ranks(sims, y_db[idx], len(classes), ks, p.knn_temperature, p.knn_weighting)
+    y_held = torch.from_numpy(sel.y[sel.hold]).to(device)
+    y_val = torch.from_numpy(sel.y_val).to(device)
+
+    def hits(ranks: torch.Tensor, y: torch.Tensor, top: int) -> float:
+        return int((ranks[:, :top] == y[:, None]).any(1).sum()) / len(y) if len(y) else 0.0
+
+    point = {"temperature": p.knn_temperature, "weighting": p.knn_weighting, "metric": p.knn_metric}
+    grid = [{"k": k, **point, "heldout_top1": hits(scored["held"][k], y_held, 1)} for k in ks]
+    seconds = round(time.perf_counter() - started, 3)
+    common = {
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "head": Head.KNN,
+        "store": str(store.path),
+        "fingerprint": fingerprint_digest(store.fingerprints),
+        "n_train": len(sel.fit),
+        "n_heldout": len(sel.hold),
+        "n_val": len(sel.y_val),
+        "n_classes": len(classes),
+        "recipe": Head.KNN,
+        "seed": seed,
+        "subset": sel.subset,
+        "subset_sha": sel.subset_sha,
+        "settings": settings_hash(p),
+        "device": str(device),
+        "streamed": not database.in_memory,
+        "block": block,
+        "t": t,
+        "pool": pool,
+        "stored_pool": key.pool,
+        "dim": dim,
+        "blocks": [block],
+        "timesteps": [t],
+        "grid": grid,
+        "seconds": seconds,
+    }
+    out = []
+    for g in grid:
+        ranks = scored["val"][g["k"]]
+        out.append(
+            {
+                **common,
+                "hyperparameters": {"k": g["k"], **point},
+                "heldout_top1": g["heldout_top1"],
+                "top1": hits(ranks, y_val, 1),
+                "top5": hits(ranks, y_val, TOP5),
+                "per_class": per_class_accuracy(ranks[:, 0].cpu().numpy(), sel.y_val, classes),
+            }
+        )
+    return out
+
+
+def best(results: list[dict]) -> dict:
+    """The result of the k with the best held-out top-1 (ties: the smaller k): chosen without val."""
+    return max(results, key=lambda r: (r["heldout_top1"], -r["hyperparameters"]["k"]))
+
+
+def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, subset: str = "all") -> dict:
+    """`probe knn`: `knn_probe` with ``cfg.probe``, one ledger row per k.
+
+    Returns the result of the k chosen on the held-out part (`best`: the same keys as `probe
+    linear`'s, with ``ledger`` and ``subset_file``) plus ``per_k``: every k's result."""
+    from diffprobe.probe.ledger import ledger_path, read_rows, record
+
+    p = cfg.probe
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    store = open_store(cfg.store.path)
+    if ledger:
+        read_rows(ledger_path(cfg.store.path, p.ledger))  # refuse a foreign ledger before reading features
+    sel = select(store, p.seed, p, subset)
+    results = knn_probe(store, block, t, pool, seed=p.seed, settings=p, device=p.device, selection=sel)
+    for r in results:
+        record(cfg, r, sel.fit_ids, ledger)
+    return {**best(results), "per_k": results}
