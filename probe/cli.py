@@ -222,9 +222,11 @@ def sweep(
     shots: Optional[int] = ShotsOpt,
     subset: Optional[Path] = SubsetOpt,
     ledger: Optional[str] = LedgerOpt,
+    head: str = typer.Option("linear", "--head", help="linear, or knn (the kNN classifier; probe.knn_* keys)."),
+    k: Optional[str] = typer.Option(None, "--k", help="--head knn: numbers of neighbours (probe.knn_k)."),
     as_json: bool = JsonOpt,
 ):
-    """One linear probe per (block, t, pool) the train and val splits hold; heatmaps as PNG.
+    """One linear probe (or kNN classifier, --head knn) per (block, t, pool) the train and val splits hold; heatmaps as PNG.
 
     Each cell appends a ledger row; cells already in the ledger for the same store, recipe, seed, label subset and settings are skipped, so an interrupted sweep resumes.
     """
@@ -242,6 +244,7 @@ def sweep(
                 "probe.seed": seed,
                 "probe.device": device,
                 "probe.ledger": ledger,
+                "probe.knn_k": k,
             },
         )
         lists = [
@@ -270,19 +273,25 @@ def sweep(
                 bar.update(task, advance=1, cell=f"block {key.block}, t {key.t}, pool {key.pool}")
 
         try:
-            r = sw.run(cfg, *lists, subset=spec, on_plan=on_plan, on_cell=on_cell)
+            r = sw.run(cfg, *lists, subset=spec, on_plan=on_plan, on_cell=on_cell, head=head)
         finally:
             bar.stop()
     if as_json:
         print(json.dumps(r))
         return
     best = r["best"]
-    table = Table(title=escape(f"linear-probe sweep ({r['recipe']}): {len(r['cells'])} cells"), show_header=False)
+    what = "kNN sweep" if head == "knn" else f"linear-probe sweep ({r['recipe']})"
+    n_cells = r["trained"] + r["skipped"]
+    table = Table(title=escape(f"{what}: {n_cells} cells"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
     for name, value in [
         ("trained", f"{r['trained']} (skipped {r['skipped']} already in the ledger)"),
-        ("best val top-1", f"{_pct(best['top1'])} at block {best['block']}, t {best['t']}, pool {best['pool']}"),
+        (
+            "best val top-1",
+            f"{_pct(best['top1'])} at block {best['block']}, t {best['t']}, pool {best['pool']}"
+            + (f", k {best['k']}" if "k" in best else ""),
+        ),
         (
             "label subset",
             f"{r['subset']}, {r['n_train']} images fitted"

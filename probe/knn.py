@@ -19,10 +19,11 @@ Protocol (DINOv2's ``eval/knn.py``, on the probe protocol of `probe.protocol`):
    so memory does not grow with the database (`budget`). Ties go to the earlier database
    image (store order), whatever the blocks.
 3. Votes, from that one top-max(k): for each k, class scores are the sums over the first k
-   neighbours of softmax(similarity / T) over the max(k) (``exp``: DINOv2's weighting; the
-   softmax's normaliser is common to a query's classes, so this ranks like exp(sim / T)), or
-   of 1 (``uniform``: a majority vote, scikit-learn's ``KNeighborsClassifier``). Classes are
-   ranked by score, ties to the smaller class index; top-1 and top-5 follow.
+   neighbours of exp((similarity - the nearest's) / T) (``exp``: DINOv2's softmax(sim / T)
+   without the per-query normaliser, which changes no ranking and makes a k's scores
+   independent of the other ks asked for), or of 1 (``uniform``: a majority vote, as
+   scikit-learn's ``KNeighborsClassifier``). Classes are ranked by score, ties to the smaller
+   class index; top-1 and top-5 follow.
 
 Reading goes through the shared data layer (`diffprobe.probe.data.FeatureData`): in memory
 when the split fits its share of ``probe.memory_mb``, else streamed chunk by chunk. On a GPU
@@ -118,7 +119,9 @@ def class_ranks(
 
     ``sims``, ``labels``: the (n, max k) neighbour similarities (best first) and their labels."""
     if weighting == KnnWeighting.EXP:
-        w = torch.softmax(sims.double() / temperature, dim=1)
+        # DINOv2's softmax(sim / T) without its per-query normaliser: the same ranking, and a k's
+        # scores do not depend on the largest k asked for
+        w = torch.exp((sims.double() - sims[:, :1].double()) / temperature)
     elif weighting == KnnWeighting.UNIFORM:
         w = torch.ones_like(sims, dtype=torch.float64)
     else:
@@ -257,3 +260,106 @@ def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, sub
     for r in results:
         record(cfg, r, sel.fit_ids, ledger)
     return {**best(results), "per_k": results}
+
+
+# ------------------------------------------------------------------ probe sweep --head knn
+
+
+def _done(ledger, fingerprint: str, seed: int, sel: Selection, settings: str) -> dict:
+    """kNN ledger rows of the same store, seed, subset and settings, by (stored cell, k) (the last one wins)."""
+    from diffprobe.probe.ledger import read_rows
+    from diffprobe.store.feature_store import FeatureKey
+
+    same = {"fingerprint": fingerprint, "seed": seed, "subset": sel.subset, "subset_sha": sel.subset_sha}
+    return {
+        (FeatureKey(r["t"], r["block"], r["stored_pool"]), r["hyperparameters"]["k"]): r
+        for r in read_rows(ledger)
+        if r["head"] == Head.KNN and r["settings"] == settings and all(r[k] == v for k, v in same.items())
+    }
+
+
+def sweep_run(
+    cfg: Config, blocks=None, ts=None, pools=None, subset: str = "all", plots: bool = True, on_plan=None, on_cell=None
+) -> dict:
+    """`probe sweep --head knn`: `knn_probe` on every (block, t, pool) of `probe.sweep.plan`, each k's
+    row appended as its cell is done; cells whose rows (same store, seed, subset, settings, k)
+    are in the ledger are skipped, so a stopped sweep resumes. Plots per k in ``k<k>/`` of the
+    sweep folder. Returns the keys of `probe.sweep.run`; ``cells`` holds one summary per (cell, k)."""
+    from diffprobe.probe import sweep as sw
+    from diffprobe.probe.ledger import append_row, ledger_path
+    from diffprobe.probe.subsets import write_subset
+    from diffprobe.store.feature_store import FeatureKey
+
+    started = time.perf_counter()
+    p = cfg.probe
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    store = open_store(cfg.store.path)
+    cells, grid = sw.plan(store, blocks, ts, pools)
+    ledger = ledger_path(cfg.store.path, p.ledger)
+    sel = select(store, p.seed, p, subset)
+    ks = check_ks(p.knn_k, len(sel.fit))
+    fingerprint, settings = fingerprint_digest(store.fingerprints), settings_hash(p)
+    done = _done(ledger, fingerprint, p.seed, sel, settings)
+    if on_plan:
+        on_plan(len(cells), sum(all((c, k) in done for k in ks) for c in cells))
+    found: dict = {}
+    trained = 0
+    for key in cells:
+        missing = [k for k in ks if (key, k) not in done]
+        for k in ks:
+            if k not in missing:
+                found[key, k] = (done[key, k], False)
+        if missing:
+            for r in knn_probe(store, key.block, key.t, key.pool, missing, p.seed, p, p.device, subset, sel):
+                append_row(ledger, r)
+                found[key, r["hyperparameters"]["k"]] = (r, True)
+            trained += 1
+        if on_cell:
+            on_cell(key, bool(missing))
+    summaries = [
+        {
+            "block": key.block,
+            "t": key.t,
+            "pool": key.pool,
+            "k": k,
+            "top1": found[key, k][0]["top1"],
+            "top5": found[key, k][0]["top5"],
+            "heldout_top1": found[key, k][0]["heldout_top1"],
+            "hyperparameters": found[key, k][0]["hyperparameters"],
+            "seconds": found[key, k][0]["seconds"],
+            "trained": found[key, k][1],
+        }
+        for key in cells
+        for k in ks
+    ]
+    subset_file = str(write_subset(ledger.parent, sel.fit_ids, sel.subset_sha)) if subset != "all" else None
+    folder = sw.plot_folder(ledger, fingerprint, Head.KNN, p.seed, sel.subset_sha, settings)
+    files: list[str] = []
+    if plots:
+        from diffprobe.probe.plots import sweep_plots
+
+        for k in ks:
+            top1 = {FeatureKey(c["t"], c["block"], c["pool"]): c["top1"] for c in summaries if c["k"] == k}
+            points = [{"block": g["block"], "t": g["t"], "pool": g["pool"], "top1": top1[g["key"]]} for g in grid]
+            label = f"{store.path.name} · kNN k {k}" + ("" if subset == "all" else f" · {subset}")
+            files += [str(f) for f in sweep_plots(points, folder / f"k{k}", label)]
+    return {
+        "store": str(store.path),
+        "head": Head.KNN,
+        "cells": summaries,
+        "trained": trained,
+        "skipped": len(cells) - trained,
+        "fingerprint": fingerprint,
+        "settings": settings,
+        "recipe": Head.KNN,
+        "seed": p.seed,
+        "subset": subset,
+        "subset_sha": sel.subset_sha,
+        "n_train": len(sel.fit),
+        "ledger": str(ledger),
+        "subset_file": subset_file,
+        "plots": {"folder": str(folder) if plots else None, "files": files},
+        "best": max(summaries, key=lambda c: c["top1"]),
+        "seconds": round(time.perf_counter() - started, 3),
+    }

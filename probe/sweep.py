@@ -1,4 +1,5 @@
-"""`probe sweep`: one linear probe per (block, t, pool) the store holds, resumable, with heatmaps.
+"""`probe sweep`: one linear probe (or, ``--head knn``, kNN classifier: `probe.knn.sweep_run`) per
+(block, t, pool) the store holds, resumable, with heatmaps.
 
     from diffprobe.probe.sweep import plan, sweep, run
     cells = plan(store, blocks=(19, 24), ts=None, pools=(2,))      # None: everything held
@@ -33,8 +34,9 @@ import torch
 from diffprobe.probe import linear as lin
 from diffprobe.probe.ledger import append_row, ledger_path, read_rows
 from diffprobe.probe.protocol import Selection, select
+from diffprobe.store.choices import Head
 from diffprobe.store.config import Config, ProbeConfig
-from diffprobe.store.errors import StoreError
+from diffprobe.store.errors import ConfigError, StoreError
 from diffprobe.store.feature_store import FeatureKey, FeatureStore, open_store
 
 
@@ -208,8 +210,11 @@ def run(
     plots: bool = True,
     on_plan: Callable[[int, int], None] | None = None,
     on_cell: Callable[[FeatureKey, bool], None] | None = None,
+    head: str = "linear",
 ) -> dict:
     """`probe sweep`: plan, sweep into ``cfg.probe.ledger``, write the subset's ids and the plots.
+
+    ``head`` "knn": the kNN classifier in every cell instead (`probe.knn.sweep_run`).
 
     ``on_plan(cells, already_done)`` is called once the plan is made (a progress bar's total).
     Returns the `sweep` result (``selection`` dropped) plus ``store``, ``recipe``, ``seed``,
@@ -218,6 +223,12 @@ def run(
     """
     from diffprobe.probe.subsets import write_subset
 
+    if head == Head.KNN:
+        from diffprobe.probe.knn import sweep_run
+
+        return sweep_run(cfg, blocks, ts, pools, subset, plots, on_plan, on_cell)
+    if head != Head.LINEAR:
+        raise ConfigError(f"--head: {head!r} is not allowed; allowed: 'linear', 'knn'")
     started = time.perf_counter()
     p = cfg.probe
     if p.threads:
