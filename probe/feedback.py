@@ -49,7 +49,7 @@ from diffprobe.probe.heads import AttentionHead, FeedbackLayer, auto_dim
 from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import choose, val_scores
 from diffprobe.probe.protocol import holdout_mask
-from diffprobe.probe.train import count_parameters, head_settings_hash, seeded, train_sgd
+from diffprobe.probe.train import count_parameters, head_settings_hash, seeded, train_heads
 from diffprobe.store.choices import Head
 from diffprobe.store.config import Config, HeadsConfig, ProbeConfig
 from diffprobe.store.device import resolve_device
@@ -318,26 +318,31 @@ def feedback_probe(
     data = Images(source, diffusion, "train", fit, t, noise_seed, device)
     data_held = Images(source, diffusion, "train", hold, t, noise_seed, device)
     build = lambda: DifFeed(unet, table, pairs, blocks, target, pool, len(classes), h)
-    models, step = [], [0]
-    for lr in h.feedback_lr:
-        model = seeded(build, seed).to(device)
-        gen = torch.Generator().manual_seed(seed)
-        tt = lambda n: torch.full((n,), t, dtype=torch.long, device=device)
+    step = [0]
+    models = [seeded(build, seed).to(device) for _ in h.feedback_lr]
+    gen = torch.Generator().manual_seed(seed)
+    tt = lambda n: torch.full((n,), t, dtype=torch.long, device=device)
 
-        def batches(_epoch):
-            for idx, x in data.batches(h.feedback_batch_size, gen):
-                yield x, data.y[torch.tensor(idx, device=device)]
+    def batches(_epoch):
+        for idx, x in data.batches(h.feedback_batch_size, gen):
+            yield x, data.y[torch.tensor(idx, device=device)]
 
-        def loss_of(x, y, m=model):
-            with autocast:
-                loss = F.cross_entropy(m(x, tt(len(x))).float(), y)
-            step[0] += 1
-            if on_step:
-                on_step(step[0])
-            return loss
+    def loss_of(m, x, y):
+        with autocast:
+            loss = F.cross_entropy(m(x, tt(len(x))).float(), y)
+        step[0] += 1
+        if on_step:
+            on_step(step[0])
+        return loss
 
-        train_sgd(model, model.parameters(), lr, h, batches, loss_of, scaler=scaler)
-        models.append(model)
+    train_heads(
+        models,
+        h.feedback_lr,
+        h,
+        batches,
+        loss_of,
+        make_scaler=(lambda: torch.amp.GradScaler(device.type)) if scaler else None,
+    )  # every lr from the same batches
     held_logits = [predict(m, data_held, h.feedback_batch_size, autocast) for m in models]
     best, scored = choose(held_logits, data_held.y)
     for s, lr in zip(scored, h.feedback_lr):
