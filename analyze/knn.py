@@ -36,7 +36,7 @@ replicates' deviations from their mean. Bootstrap needs each representation in m
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,7 +146,7 @@ def _read(src: Source, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def neighbours(
-    src: Source, n: int, opts, subsets: list[np.ndarray] = (), progress: Callable[[int], None] | None = None
+    src: Source, n: int, opts, subsets: Sequence[np.ndarray] = (), progress: Callable[[int], None] | None = None
 ) -> tuple[Lists, list[Lists], int]:
     """``src``'s kNN lists over its ``n`` images, the lists within each of ``subsets`` (sorted
     image indices), and how many times it was read. Memory: ``opts.memory_mb``."""
@@ -175,7 +175,8 @@ def neighbours(
     # streamed: query windows held while every database window is read
     rows = max(1, min(block, int(budget / 4 / (src.dim * item))))
     windows = _windows(n, src.chunk, rows)
-    values, index = [], []
+    vals: list[torch.Tensor] = []
+    idxs: list[torch.Tensor] = []
     for q0, q1 in windows:
         q = _read(src, q0, q1, dtype)
         top = RunningTopK(len(q), k, "cpu", dtype)
@@ -184,11 +185,11 @@ def neighbours(
             s = similarities(q, db, "cosine")
             _mask_self(s, q0, d0)
             top.add(s, d0)
-        values.append(top.values)
-        index.append(top.index)
+        vals.append(top.values)
+        idxs.append(top.index)
         if progress:
             progress(q1 - q0)
-    return _lists(torch.cat(index), torch.cat(values), n), [], len(windows)
+    return _lists(torch.cat(idxs), torch.cat(vals), n), [], len(windows)
 
 
 # ------------------------------------------------------------------ matrices

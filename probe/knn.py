@@ -159,16 +159,17 @@ def knn_probe(
         raise ConfigError(f"probe.knn_metric: {p.knn_metric!r} is not allowed; allowed: {allowed(KnnMetric)}")
     device = resolve_device(device, "probe.device") if isinstance(device, str) else device
     key = store.stored_key(block, t, pool)
-    for split in ("train", "val"):
-        store.feature_array(split, block, t, pool)  # a cell the store lacks: named before anything is read
+    arr = store.feature_array("train", block, t, pool)  # a cell the store lacks: named before anything is read
     sel = selection if selection is not None else select(store, seed, p, subset)
     ks = check_ks(p.knn_k if ks is None else ks, len(sel.fit))
     kmax = ks[-1]
     classes = store.class_names
     train_rows = np.flatnonzero(sel.usable)  # usable position -> store row
     cell = [(block, t, pool)]
-    dim = int(np.prod(store.feature_array("train", block, t, pool).shape[1:]))
+    dim = int(np.prod(arr.shape[1:]))
     db_mb, q_mb, q_rows, d_rows = budget(p.memory_mb, dim, kmax, max(len(sel.hold), len(sel.y_val)), len(sel.fit))
+    val_rows = np.flatnonzero(sel.usable_val)  # val's cell is checked before train is read
+    val = FeatureData(store, "val", cell, val_rows, None, sel.usable_val, memory_mb=q_mb, device=device)
     # train's fitted part (the database) and held-out part (queries): read once when both fit together
     database, held = FeatureData.parts(
         store,
@@ -179,8 +180,6 @@ def knn_probe(
         memory_mb=db_mb,
         device=device,
     )
-    val_rows = np.flatnonzero(sel.usable_val)
-    val = FeatureData(store, "val", cell, val_rows, None, sel.usable_val, memory_mb=q_mb, device=device)
     y_db = torch.from_numpy(sel.y[sel.fit]).to(device)
     scored = {}
     for name, queries in (("held", held), ("val", val)):

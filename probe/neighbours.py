@@ -54,11 +54,14 @@ def block_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
             r = over.nonzero().squeeze(1)
             sv, si = torch.sort(s[r], dim=1, descending=True, stable=True)
             v[r], i[r] = sv[:, :k], si[:, :k]
-    if k > 1 and bool((v[:, 1:] == v[:, :-1]).any()):  # ties inside the k: smaller column first
-        i, o = i.sort(dim=1)
-        v = v.gather(1, o)
-        v, o = v.sort(dim=1, descending=True, stable=True)
-        i = i.gather(1, o)
+    if k > 1:  # rows with ties inside the k: smaller column first
+        tied = (v[:, 1:] == v[:, :-1]).any(1)
+        if bool(tied.any()):
+            r = tied.nonzero().squeeze(1)
+            ir, o = i[r].sort(dim=1)
+            vr = v[r].gather(1, o)
+            vr, o = vr.sort(dim=1, descending=True, stable=True)
+            v[r], i[r] = vr, ir.gather(1, o)
     return v, i
 
 
