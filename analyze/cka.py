@@ -257,8 +257,29 @@ def write_csv(path: Path, rows, cols, matrix, corner: str) -> Path:
     return path
 
 
-def run(
+def run(cfg, **kw) -> dict:
+    """`analyze cka`: plan, compute, write the heatmap PNG and CSVs beside the store.
+
+    Keywords: ``t`` (a timestep or a tuple of them: one for blocks/against; several or None with
+    ``block``), ``block``, ``blocks``, ``against``, ``pool``, ``out_dir``, ``plots``,
+    ``on_progress`` (`run_matrix`), and `CkaOptions` fields overriding ``cfg.analyze`` (None
+    ignored). Files go to ``cka-<store fingerprint>/`` beside the store (or ``out_dir``).
+    Returns the `cka_matrix` result plus mode, store, split, t, block, pool, files, folder.
+    """
+    return run_matrix(
+        cfg,
+        CkaOptions,
+        lambda p, opts, progress: cka_matrix(p["rows"], p["cols"], p["n"], opts, on_progress=progress),
+        lambda opts: ("cka", opts.estimator, f"CKA ({opts.estimator})", "CKA"),
+        **kw,
+    )
+
+
+def run_matrix(
     cfg,
+    options_type,
+    compute: Callable,
+    names: Callable,
     *,
     t=None,
     block=None,
@@ -270,59 +291,21 @@ def run(
     on_progress: Callable[[int, int], None] | None = None,
     **option_overrides,
 ) -> dict:
-    """`analyze cka`: plan, compute, write the heatmap PNG and CSVs beside the store.
-
-    ``t``: a timestep or a tuple of them (one for blocks/against; several or None with ``block``).
-    Files go to ``cka-<store fingerprint>/`` beside the store (or ``out_dir``). Returns the
-    `cka_matrix` result plus mode, store, split, t, block, pool, files, folder.
-    """
-    opts = options_from_config(cfg.analyze, **option_overrides)
-    return run_matrix(
-        cfg,
-        lambda p: cka_matrix(p["rows"], p["cols"], p["n"], opts, on_progress=on_progress),
-        folder_prefix="cka",
-        tag=opts.estimator,
-        name=f"CKA ({opts.estimator})",
-        value="CKA",
-        t=t,
-        block=block,
-        blocks=blocks,
-        against=against,
-        pool=pool,
-        out_dir=out_dir,
-        plots=plots,
-    )
-
-
-def run_matrix(
-    cfg,
-    compute: Callable[[dict], dict],
-    *,
-    folder_prefix: str,
-    tag: str,
-    name: str,
-    value: str,
-    t=None,
-    block=None,
-    blocks=None,
-    against=None,
-    pool=None,
-    out_dir=None,
-    plots: bool = True,
-) -> dict:
-    """Open the store(s), `plan`, ``compute(plan)`` (a `cka_matrix`-shaped result), write its CSVs
-    (and those of ci_low/ci_high/perm_mean/perm_high) and heatmap to
-    ``<folder_prefix>-<store fingerprint>/`` beside the store (or ``out_dir``), file names ending
-    in ``tag``; ``name`` titles the heatmap, ``value`` labels its colour bar. Shared by
-    `analyze cka` and `analyze align`."""
+    """One matrix command (`analyze cka`, `analyze align`): ``options_type`` from ``cfg.analyze``
+    and ``option_overrides``; open the store(s); `plan`; ``compute(plan, options, on_progress)``
+    (a `cka_matrix`-shaped result); write its CSVs (and those of ci_low/ci_high/perm_mean/
+    perm_high) and heatmap to ``<prefix>-<store fingerprint>/`` beside the store (or ``out_dir``).
+    ``names(options)`` gives (prefix, the file names' tag, the heatmap's title, its colour bar)."""
     from diffprobe.store.feature_store import open_store
 
+    opts = options_from_config(cfg.analyze, options_type, **option_overrides)
+    folder_prefix, tag, name, value = names(opts)
     a = cfg.analyze
     t = (t,) if isinstance(t, int) else t
     store = open_store(cfg.store.path)
     other = open_store(against) if against is not None else None
     p = plan(store, a.split, t=t, block=block, blocks=blocks, against=other, pool=pool)
-    r = compute(p)
+    r = compute(p, opts, on_progress)
     fp = fingerprint(store)
     folder = Path(out_dir) if out_dir is not None else store.path.parent / f"{folder_prefix}-{fp}"
     stem = _stem(p, a.split, tag, fingerprint(other) if other is not None else None)

@@ -39,41 +39,61 @@ def _analyze(ctx: typer.Context):
         typer.echo(ctx.get_help())
 
 
+# options shared by `analyze cka` and `analyze align`
+TOpt = typer.Option(
+    None,
+    "--t",
+    help="Timestep: one for block x block (--t 90); with --block, the timesteps of the t x t matrix (default: all held).",
+)
+BlockOpt = typer.Option(None, "--block", min=1, help="t x t matrix at this block.")
+BlocksOpt = typer.Option(
+    None, "--blocks", help="Blocks of a block x block matrix, e.g. '1-37' or '19,24,30' (default: all held)."
+)
+AgainstOpt = typer.Option(None, "--against", help="Another store: this store's blocks x its blocks on the same images.")
+PoolOpt = typer.Option(None, "--pool", min=1, help="Stored pool size (default: the smallest held).")
+SplitOpt = typer.Option(None, "--split", help="Split to read (analyze.split, default val).")
+BootstrapOpt = typer.Option(
+    None,
+    "--bootstrap",
+    min=0,
+    help="Bootstrap replicates (half-samples of the images) for 95% intervals (analyze.bootstrap).",
+)
+PermutationsOpt = typer.Option(
+    None, "--permutations", min=0, help="Shuffled-pairing baseline replicates (analyze.permutations)."
+)
+SeedOpt = typer.Option(None, "--seed", min=0, help="Seed of bootstrap, permutations, minibatches (analyze.seed).")
+StoreOpt = typer.Option(None, "--store", help="Store path (overrides store.path).")
+ConfigOpt = typer.Option(
+    None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults)."
+)
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
+
+
+def _config(config, store, split, bootstrap, permutations, seed, **analyze) -> object:
+    """The config with the flags shared by `analyze cka` and `analyze align` (and ``analyze``: more analyze.* keys)."""
+    common = {"split": split, "bootstrap": bootstrap, "permutations": permutations, "seed": seed, **analyze}
+    return load_config(
+        config, {"store.path": str(store) if store else None, **{f"analyze.{k}": v for k, v in common.items()}}
+    )
+
+
 @analyze_app.command()
 def cka(
-    t: Optional[str] = typer.Option(
-        None,
-        "--t",
-        help="Timestep: one for block x block (--t 90); with --block, "
-        "the timesteps of the t x t matrix (default: all held).",
-    ),
-    block: Optional[int] = typer.Option(None, "--block", min=1, help="t x t matrix at this block."),
-    blocks: Optional[str] = typer.Option(
-        None, "--blocks", help="Blocks of a block x block matrix, e.g. '1-37' or '19,24,30' (default: all held)."
-    ),
-    against: Optional[Path] = typer.Option(
-        None, "--against", help="Another store: this store's blocks x its blocks on the same images."
-    ),
-    pool: Optional[int] = typer.Option(None, "--pool", min=1, help="Stored pool size (default: the smallest held)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split to read (analyze.split, default val)."),
+    t: Optional[str] = TOpt,
+    block: Optional[int] = BlockOpt,
+    blocks: Optional[str] = BlocksOpt,
+    against: Optional[Path] = AgainstOpt,
+    pool: Optional[int] = PoolOpt,
+    split: Optional[str] = SplitOpt,
     estimator: Optional[str] = typer.Option(
         None, "--estimator", help="linear, linear-unbiased, rbf, rbf-unbiased or minibatch (analyze.estimator)."
     ),
-    bootstrap: Optional[int] = typer.Option(
-        None,
-        "--bootstrap",
-        min=0,
-        help="Bootstrap replicates (half-samples of the images) for 95% intervals (analyze.bootstrap).",
-    ),
-    permutations: Optional[int] = typer.Option(
-        None, "--permutations", min=0, help="Shuffled-pairing baseline replicates (analyze.permutations)."
-    ),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of bootstrap, permutations, minibatches."),
-    store: Optional[Path] = typer.Option(None, "--store", help="Store path (overrides store.path)."),
-    config: Optional[Path] = typer.Option(
-        None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults)."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
+    bootstrap: Optional[int] = BootstrapOpt,
+    permutations: Optional[int] = PermutationsOpt,
+    seed: Optional[int] = SeedOpt,
+    store: Optional[Path] = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    as_json: bool = JsonOpt,
 ):
     """CKA matrix between cached representations: heatmap PNG and CSV beside the store, summary printed.
 
@@ -82,17 +102,7 @@ def cka(
     from diffprobe.analyze import cka as ck
 
     with user_errors():
-        cfg = load_config(
-            config,
-            {
-                "store.path": str(store) if store else None,
-                "analyze.split": split,
-                "analyze.estimator": estimator,
-                "analyze.bootstrap": bootstrap,
-                "analyze.permutations": permutations,
-                "analyze.seed": seed,
-            },
-        )
+        cfg = _config(config, store, split, bootstrap, permutations, seed, estimator=estimator)
         ts, bl = _cells(t, block, blocks)
         r = _with_bar(
             "cka",
@@ -196,35 +206,20 @@ def _report(r: dict, what_name: str, how: str, as_json: bool) -> None:
 
 @analyze_app.command()
 def align(
-    t: Optional[str] = typer.Option(
-        None,
-        "--t",
-        help="Timestep: one for block x block (--t 90); with --block, "
-        "the timesteps of the t x t matrix (default: all held).",
-    ),
-    block: Optional[int] = typer.Option(None, "--block", min=1, help="t x t matrix at this block."),
-    blocks: Optional[str] = typer.Option(
-        None, "--blocks", help="Blocks of a block x block matrix, e.g. '1-37' or '19,24,30' (default: all held)."
-    ),
-    against: Optional[Path] = typer.Option(
-        None, "--against", help="Another store: this store's blocks x its blocks on the same images."
-    ),
-    pool: Optional[int] = typer.Option(None, "--pool", min=1, help="Stored pool size (default: the smallest held)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split to read (analyze.split, default val)."),
+    t: Optional[str] = TOpt,
+    block: Optional[int] = BlockOpt,
+    blocks: Optional[str] = BlocksOpt,
+    against: Optional[Path] = AgainstOpt,
+    pool: Optional[int] = PoolOpt,
+    split: Optional[str] = SplitOpt,
     metric: Optional[str] = typer.Option(None, "--metric", help="mutual-knn or cknna (analyze.knn_metric)."),
     k: Optional[int] = typer.Option(None, "--k", help="Nearest neighbours k (analyze.knn_k)."),
-    bootstrap: Optional[int] = typer.Option(
-        None, "--bootstrap", help="Bootstrap replicates (half-samples of the images) for 95% intervals."
-    ),
-    permutations: Optional[int] = typer.Option(
-        None, "--permutations", help="Shuffled-pairing baseline replicates (analyze.permutations)."
-    ),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of bootstrap and permutations (analyze.seed)."),
-    store: Optional[Path] = typer.Option(None, "--store", help="Store path (overrides store.path)."),
-    config: Optional[Path] = typer.Option(
-        None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults)."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
+    bootstrap: Optional[int] = BootstrapOpt,
+    permutations: Optional[int] = PermutationsOpt,
+    seed: Optional[int] = SeedOpt,
+    store: Optional[Path] = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    as_json: bool = JsonOpt,
 ):
     """kNN alignment matrix (mutual-knn or cknna, Huh et al. 2024) between cached representations: heatmap
     PNG and CSV beside the store, summary printed.
@@ -234,18 +229,7 @@ def align(
     from diffprobe.analyze import align as al
 
     with user_errors():
-        cfg = load_config(
-            config,
-            {
-                "store.path": str(store) if store else None,
-                "analyze.split": split,
-                "analyze.knn_metric": metric,
-                "analyze.knn_k": k,
-                "analyze.bootstrap": bootstrap,
-                "analyze.permutations": permutations,
-                "analyze.seed": seed,
-            },
-        )
+        cfg = _config(config, store, split, bootstrap, permutations, seed, knn_metric=metric, knn_k=k)
         ts, bl = _cells(t, block, blocks)
         r = _with_bar(
             "align",

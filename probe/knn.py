@@ -286,8 +286,6 @@ def sweep_run(
     sweep folder. Returns the keys of `probe.sweep.run`; ``cells`` holds one summary per (cell, k)."""
     from diffprobe.probe import sweep as sw
     from diffprobe.probe.ledger import append_row, ledger_path
-    from diffprobe.probe.subsets import write_subset
-    from diffprobe.store.feature_store import FeatureKey
 
     started = time.perf_counter()
     p = cfg.probe
@@ -332,33 +330,11 @@ def sweep_run(
         for key in cells
         for k in ks
     ]
-    subset_file = str(write_subset(ledger.parent, sel.fit_ids, sel.subset_sha)) if subset != "all" else None
     folder = sw.plot_folder(ledger, fingerprint, Head.KNN, p.seed, sel.subset_sha, settings)
     files: list[str] = []
-    if plots:
-        from diffprobe.probe.plots import sweep_plots
-
-        for k in ks:
-            top1 = {FeatureKey(c["t"], c["block"], c["pool"]): c["top1"] for c in summaries if c["k"] == k}
-            points = [{"block": g["block"], "t": g["t"], "pool": g["pool"], "top1": top1[g["key"]]} for g in grid]
-            label = f"{store.path.name} · kNN k {k}" + ("" if subset == "all" else f" · {subset}")
-            files += [str(f) for f in sweep_plots(points, folder / f"k{k}", label)]
-    return {
-        "store": str(store.path),
-        "head": Head.KNN,
-        "cells": summaries,
-        "trained": trained,
-        "skipped": len(cells) - trained,
-        "fingerprint": fingerprint,
-        "settings": settings,
-        "recipe": Head.KNN,
-        "seed": p.seed,
-        "subset": subset,
-        "subset_sha": sel.subset_sha,
-        "n_train": len(sel.fit),
-        "ledger": str(ledger),
-        "subset_file": subset_file,
-        "plots": {"folder": str(folder) if plots else None, "files": files},
-        "best": max(summaries, key=lambda c: c["top1"]),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    for k in ks if plots else ():
+        label = f"{store.path.name} · kNN k {k}" + ("" if subset == "all" else f" · {subset}")
+        files += sw.cell_plots([c for c in summaries if c["k"] == k], grid, folder / f"k{k}", label)
+    result = {"head": Head.KNN, "cells": summaries, "trained": trained, "skipped": len(cells) - trained}
+    result.update(fingerprint=fingerprint, settings=settings)
+    return sw.finish(store, result, Head.KNN, cfg, sel, subset, ledger, folder if plots else None, files, started)
