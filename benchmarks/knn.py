@@ -6,8 +6,9 @@ align` matrices, and kNN next to the linear probe.
     python benchmarks/knn.py align [--n 1000,2000,4000]          # 37 x 37 on the store; N for a minute
     python benchmarks/knn.py compare [--top 5]                   # top-1 at k 10/20 vs linear, best cells
 
-``sweep``: `probe sweep --head knn` as a fresh process over every (block, t, pool) the store
-holds, default ks (10, 20, 100, 200), into a ledger in a temporary folder, plots included.
+``sweep``: `probe sweep --head knn` (`probe.sweep.run`, in this process, 1 torch thread as
+benchmarks/probe_sweep.py) over every (block, t, pool) the store holds, default ks (10, 20,
+100, 200), into a ledger in a temporary folder, plots included.
 ``scale``: a synthetic store of N train x ``--val`` val images of 1,024 x 2 x 2 = 4,096 float16
 features (100 classes, chunks of 512), then `probe knn` (ks 10, 20, 100, 200) in a fresh process:
 wall seconds and peak RSS (``ru_maxrss`` of the child); queries are val plus the held-out 10% of
@@ -52,26 +53,37 @@ def _save(part: str, result: dict) -> None:
 
 
 def sweep(args) -> None:
+    from diffprobe.probe import sweep as sw
+    from diffprobe.store.config import load_config
+
     runs = []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            ledger = str(Path(tmp) / "l.csv")
-            cmd = [str(BIN / "probe"), "sweep", "--head", "knn", "--store", args.store, "--ledger", ledger, "--json"]
-            wall, out = _child(cmd)
-            r = json.loads(out)
-            runs.append({"wall_s": round(wall, 2), "inner_s": r["seconds"]})
-    best = {k: r["best"][k] for k in ("block", "t", "pool", "k", "top1")}
+            cfg = load_config(
+                REPO / "pipeline.toml",
+                {
+                    "store.path": args.store,
+                    "probe.threads": args.threads,
+                    "probe.device": "cpu",
+                    "probe.ledger": str(Path(tmp) / "l.csv"),
+                },
+            )
+            started = time.perf_counter()
+            r = sw.run(cfg, head="knn")
+            runs.append({"wall_s": round(time.perf_counter() - started, 2)})
+            print(json.dumps(runs[-1]), flush=True)
     _save(
         "sweep",
         {
             "store": args.store,
+            "threads": args.threads,
             "cells": r["trained"] + r["skipped"],
             "ks": sorted({c["k"] for c in r["cells"]}),
             "rows": len(r["cells"]),
             "plots": len(r["plots"]["files"]),
             "runs": runs,
             "wall_s_median": statistics.median(x["wall_s"] for x in runs),
-            "best": best,
+            "best": {k: r["best"][k] for k in ("block", "t", "pool", "k", "top1")},
         },
     )
 
@@ -243,6 +255,9 @@ def main():
     s = sub.add_parser("sweep")
     s.add_argument("--store", default=str(STORE))
     s.add_argument("--repeats", type=int, default=1)
+    s.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (probe.threads), as benchmarks/probe_sweep.py"
+    )
     s = sub.add_parser("scale")
     s.add_argument("--n", default="25000,50000")
     s.add_argument("--val", type=int, default=10000)

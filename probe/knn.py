@@ -33,6 +33,7 @@ the products run there (``probe.device``).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import numpy as np
@@ -81,30 +82,61 @@ def check_ks(ks, n_fit: int) -> tuple[int, ...]:
     return ks
 
 
-def budget(memory_mb: float, dim: int, kmax: int, n_queries: int, n_db: int) -> tuple[float, float, int, int]:
-    """How ``memory_mb`` is shared: (train's and val's shares in MB, for `FeatureData`; query
-    rows per block; database rows per product). A quarter holds train's stored rows (database
-    and held-out queries together, or a streamed window of each), an eighth val's; a quarter
-    a query block in float32 with its top-k; a quarter one product's float32 similarities and
-    the top-k's scratch (about twice their size). Whatever the database size."""
+def budget(memory_mb: float, dim: int, kmax: int, n_queries: int, n_db: int) -> tuple[int, int]:
+    """How ``memory_mb`` is shared: (query rows per block, database rows per product). An
+    eighth holds train's stored rows (`FeatureData`: whole, or, streamed, one window for the
+    database and one for the held-out queries), an eighth val's; a quarter a query block in
+    float32 with its top-k; a quarter one product's float32 similarities and the top-k's
+    scratch (about twice their size). Whatever the database size."""
     total = memory_mb * 2**20
     q_rows = max(1, min(n_queries, int(total / 4 // (4 * dim + 12 * kmax))))
     d_rows = max(kmax, int(total / 4 // (8 * q_rows)))
-    return memory_mb / 4, memory_mb / 8, q_rows, min(d_rows, max(n_db, 1))
+    return q_rows, min(d_rows, max(n_db, 1))
+
+
+SHARE = 8  # train's and val's FeatureData each hold memory_mb / SHARE (see `budget`)
+
+
+def rows_of(data: FeatureData, keep: np.ndarray | None, step: int) -> Iterator[torch.Tensor]:
+    """``data``'s rows (flattened), in order, in blocks of ``step`` (the last fewer): all of
+    them, or those whose ``keep`` (a mask over ``data``'s rows) is set."""
+    at, held, n_held = 0, [], 0
+    for (x,), _ in data.sequential(step):
+        x = x.reshape(len(x), -1)
+        if keep is not None:
+            m = keep[at : at + len(x)]
+            at += len(x)
+            x = x if m.all() else x[torch.from_numpy(np.flatnonzero(m)).to(x.device)]
+        held.append(x)
+        n_held += len(x)
+        while n_held >= step:
+            block = torch.cat(held) if len(held) > 1 else held[0]
+            yield block[:step]
+            held, n_held = [block[step:]], n_held - step
+    if n_held:
+        yield torch.cat(held)
 
 
 def top_neighbours(
-    queries, database: FeatureData, kmax: int, metric: str, q_rows: int, d_rows: int
+    queries: FeatureData,
+    database: FeatureData,
+    kmax: int,
+    metric: str,
+    q_rows: int,
+    d_rows: int,
+    keep_queries: np.ndarray | None = None,
+    keep_database: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(similarities, database positions), each (n_queries, kmax) best first, of every query of
-    ``queries`` (a `FeatureData`) against ``database`` (read once per query block)."""
+    ``queries`` against ``database`` (read once per query block); ``keep_*`` restrict either to
+    some of its rows (masks; positions then count the kept rows only)."""
     values, index = [], []
-    for (xq,), _ in queries.sequential(q_rows):
-        q = normalise(xq.reshape(len(xq), -1).float(), metric)
+    for xq in rows_of(queries, keep_queries, q_rows):
+        q = normalise(xq.float(), metric)
         top = RunningTopK(len(q), kmax, q.device)
         at = 0
-        for (xd,), _ in database.sequential(d_rows):
-            db = normalise(xd.reshape(len(xd), -1).float(), metric)
+        for xd in rows_of(database, keep_database, d_rows):
+            db = normalise(xd.float(), metric)
             top.add(similarities(q, db, metric), at)
             at += len(db)
         values.append(top.values)
@@ -159,31 +191,26 @@ def knn_probe(
         raise ConfigError(f"probe.knn_metric: {p.knn_metric!r} is not allowed; allowed: {allowed(KnnMetric)}")
     device = resolve_device(device, "probe.device") if isinstance(device, str) else device
     key = store.stored_key(block, t, pool)
-    arr = store.feature_array("train", block, t, pool)  # a cell the store lacks: named before anything is read
     sel = selection if selection is not None else select(store, seed, p, subset)
     ks = check_ks(p.knn_k if ks is None else ks, len(sel.fit))
     kmax = ks[-1]
     classes = store.class_names
-    train_rows = np.flatnonzero(sel.usable)  # usable position -> store row
     cell = [(block, t, pool)]
-    dim = int(np.prod(arr.shape[1:]))
-    db_mb, q_mb, q_rows, d_rows = budget(p.memory_mb, dim, kmax, max(len(sel.hold), len(sel.y_val)), len(sel.fit))
-    val_rows = np.flatnonzero(sel.usable_val)  # val's cell is checked before train is read
-    val = FeatureData(store, "val", cell, val_rows, None, sel.usable_val, memory_mb=q_mb, device=device)
-    # train's fitted part (the database) and held-out part (queries): read once when both fit together
-    database, held = FeatureData.parts(
-        store,
-        "train",
-        cell,
-        [(train_rows[sel.fit], sel.y[sel.fit]), (train_rows[sel.hold], None)],
-        sel.usable,
-        memory_mb=db_mb,
-        device=device,
-    )
+    # train's usable rows hold the database (the fitted part) and the held-out queries: one
+    # reader, read once when it fits its share; val's cell is checked before anything is read
+    usable_rows = np.flatnonzero(sel.usable)
+    share = p.memory_mb / SHARE
+    train = FeatureData(store, "train", cell, usable_rows, None, sel.usable, memory_mb=share, device=device)
+    val_rows = np.flatnonzero(sel.usable_val)
+    val = FeatureData(store, "val", cell, val_rows, None, sel.usable_val, memory_mb=share, device=device)
+    dim = train.dims[0]
+    q_rows, d_rows = budget(p.memory_mb, dim, kmax, max(len(sel.hold), len(sel.y_val)), len(sel.fit))
+    is_fit, is_held = np.zeros(len(usable_rows), bool), np.zeros(len(usable_rows), bool)
+    is_fit[sel.fit], is_held[sel.hold] = True, True
     y_db = torch.from_numpy(sel.y[sel.fit]).to(device)
     scored = {}
-    for name, queries in (("held", held), ("val", val)):
-        sims, idx = top_neighbours(queries, database, kmax, p.knn_metric, q_rows, d_rows)
+    for name, queries, keep in (("held", train, is_held), ("val", val, None)):
+        sims, idx = top_neighbours(queries, train, kmax, p.knn_metric, q_rows, d_rows, keep, is_fit)
         scored[name] = class_ranks(sims, y_db[idx], len(classes), ks, p.knn_temperature, p.knn_weighting)
     y_held = torch.from_numpy(sel.y[sel.hold]).to(device)
     y_val = torch.from_numpy(sel.y_val).to(device)
@@ -209,7 +236,7 @@ def knn_probe(
         "subset_sha": sel.subset_sha,
         "settings": settings_hash(p),
         "device": str(device),
-        "streamed": not database.in_memory,
+        "streamed": not train.in_memory,
         "block": block,
         "t": t,
         "pool": pool,
