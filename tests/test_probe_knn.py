@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn.neighbors import KNeighborsClassifier
 from typer.testing import CliRunner
 
@@ -219,3 +220,16 @@ def test_sweep_head_knn_resumes_and_plots(tmp_path):
     assert again["best"]["top1"] == max(c["top1"] for c in again["cells"])
     res = runner.invoke(probe_app, [*args, "--blocks", "24", "--t", "90", "--k", "200"])
     assert res.exit_code == 2 and "--k 200: k must be below" in res.output and len(read_rows(ledger)) == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_equals_cpu(store_path):
+    store = open_store(store_path)
+    p = ProbeConfig(knn_k=KS, knn_weighting="uniform")
+    cpu = kn.knn_probe(store, 24, 90, 1, settings=p, device="cpu")
+    gpu = kn.knn_probe(store, 24, 90, 1, settings=p, device="cuda")
+    assert gpu[0]["device"].startswith("cuda")
+    assert [(r["top1"], r["top5"], r["per_class"]) for r in gpu] == [
+        (r["top1"], r["top5"], r["per_class"]) for r in cpu
+    ]
