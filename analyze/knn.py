@@ -67,41 +67,56 @@ class AlignOptions(_AlignOptionsBase):  # type: ignore[misc,valid-type]
     memory_mb (the `AnalyzeConfig` keys, same defaults and checks)."""
 
 
+_BROADCAST = 50_000_000  # pairs matched by one (n, k, k) comparison up to this many booleans, else by sorted keys
+
+
 @dataclass(frozen=True)
 class Lists:
-    """One representation's kNN graph over n images as sorted keys i * n + j and similarities K[i, j]."""
+    """One representation's kNN graph: row i holds its k neighbours ``index[i]`` and their
+    similarities ``sims[i]`` (any order within the row)."""
 
-    keys: np.ndarray  # int64, ascending
-    sims: np.ndarray  # float64, aligned with keys
-    n: int
+    index: np.ndarray  # (n, k) int64
+    sims: np.ndarray  # (n, k) float64
+
+    @property
+    def n(self) -> int:
+        return len(self.index)
 
 
-def _lists(index: torch.Tensor, values: torch.Tensor, n: int) -> Lists:
-    idx = index.cpu().numpy().astype(np.int64)
-    keys = (np.arange(len(idx), dtype=np.int64)[:, None] * n + idx).ravel()
-    order = np.argsort(keys, kind="stable")
-    return Lists(keys[order], values.cpu().numpy().astype(np.float64).ravel()[order], n)
+def _lists(index: torch.Tensor, values: torch.Tensor) -> Lists:
+    return Lists(index.cpu().numpy().astype(np.int64), values.cpu().numpy().astype(np.float64))
 
 
 def _permuted(a: Lists, perm: np.ndarray) -> Lists:
     """The lists of the representation whose image i is ``a``'s image perm[i]."""
     inv = np.empty_like(perm)
     inv[perm] = np.arange(len(perm))
-    r, c = np.divmod(a.keys, a.n)
-    keys = inv[r] * a.n + inv[c]
-    order = np.argsort(keys, kind="stable")
-    return Lists(keys[order], a.sims[order], a.n)
+    return Lists(inv[a.index[perm]], a.sims[perm])
+
+
+def _matches(a: Lists, b: Lists) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rows i, columns j, K[i, j], L[i, j]) of every j in both kNN_A(i) and kNN_B(i), by (i, j)."""
+    n, k = a.index.shape
+    if n * k * k <= _BROADCAST:  # small k: compare each row's lists directly
+        r, p, q = np.nonzero(a.index[:, :, None] == b.index[:, None, :])
+        c, kv, lv = a.index[r, p], a.sims[r, p], b.sims[r, q]
+        order = np.lexsort((c, r))
+        return r[order], c[order], kv[order], lv[order]
+    rows = np.repeat(np.arange(n, dtype=np.int64), k)
+    ka, kb = rows * n + a.index.ravel(), rows * n + b.index.ravel()
+    common, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
+    r, c = np.divmod(common, n)
+    return r, c, a.sims.ravel()[ia], b.sims.ravel()[ib]
 
 
 def pair_stats(a: Lists, b: Lists, k: int) -> tuple[float, float]:
     """(mutual-kNN, HSIC(M*K, M*L)) of two representations' lists (M: j in both kNN(i))."""
     n = a.n
-    common, ia, ib = np.intersect1d(a.keys, b.keys, assume_unique=True, return_indices=True)
-    mutual = len(common) / (n * k)
-    kv, lv = a.sims[ia], b.sims[ib]
-    r, c = np.divmod(common, n)
+    r, c, kv, lv = _matches(a, b)
+    mutual = len(r) / (n * k)
     t1 = 0.0
-    if len(common):
+    if len(r):
+        common = r * n + c  # ascending
         rev = c * n + r  # (j, i) of each (i, j): tr(K~ L~^T) pairs K~[i, j] with L~[j, i]
         pos = np.minimum(np.searchsorted(common, rev), len(common) - 1)
         hit = common[pos] == rev
@@ -164,13 +179,13 @@ def neighbours(
     if whole:
         x = torch.cat([_read(src, lo, hi, dtype) for lo, hi in _windows(n, src.chunk, 4096)])
         values, index = _knn_in_memory(x, k, block)
-        full = _lists(index, values, n)
+        full = _lists(index, values)
         if progress:
             progress(n)
         subs = []
         for idx in subsets:
             v, i = _knn_in_memory(x[torch.from_numpy(idx)], k, block)
-            subs.append(_lists(i, v, len(idx)))
+            subs.append(_lists(i, v))
         return full, subs, 1
     # streamed: query windows held while every database window is read
     rows = max(1, min(block, int(budget / 4 / (src.dim * item))))
@@ -189,7 +204,7 @@ def neighbours(
         idxs.append(top.index)
         if progress:
             progress(q1 - q0)
-    return _lists(torch.cat(idxs), torch.cat(vals), n), [], len(windows)
+    return _lists(torch.cat(idxs), torch.cat(vals)), [], len(windows)
 
 
 # ------------------------------------------------------------------ matrices

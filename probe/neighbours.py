@@ -46,14 +46,18 @@ def similarities(q: torch.Tensor, db: torch.Tensor, metric: str) -> torch.Tensor
 def block_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``min(k, columns)`` best columns of each row of ``s``, ordered by (value desc, column asc)."""
     k = min(k, s.shape[1])
-    v, i = s.topk(k, dim=1)
     if k < s.shape[1]:
-        # topk picks arbitrarily among values tied at the cut: redo those rows with a stable sort
-        over = (s >= v[:, -1:]).sum(1) > k
+        # topk picks arbitrarily among values tied at the cut (the (k+1)-th equal to the k-th):
+        # redo those rows with a stable sort
+        v, i = s.topk(k + 1, dim=1)
+        over = v[:, k] == v[:, k - 1]
+        v, i = v[:, :k].contiguous(), i[:, :k].contiguous()
         if bool(over.any()):
             r = over.nonzero().squeeze(1)
             sv, si = torch.sort(s[r], dim=1, descending=True, stable=True)
             v[r], i[r] = sv[:, :k], si[:, :k]
+    else:
+        v, i = s.topk(k, dim=1)
     if k > 1:  # rows with ties inside the k: smaller column first
         tied = (v[:, 1:] == v[:, :-1]).any(1)
         if bool(tied.any()):

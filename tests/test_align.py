@@ -69,6 +69,14 @@ def brute_cknna(x, y, k):
     )
 
 
+def keyed(lists):
+    """A representation's neighbour lists as sorted keys i * n + j and their similarities."""
+    n = lists.n
+    keys = (np.arange(n)[:, None] * n + lists.index).ravel()
+    order = np.argsort(keys)
+    return keys[order], lists.sims.ravel()[order]
+
+
 def related(seed, n=70, d=9, noise=0.6):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)) + 0.5
@@ -133,9 +141,20 @@ def test_permutation_replicate_equals_recomputing_on_shuffled_images():
     lx, _, _ = kn.neighbours(array_source(x), len(x), opts)
     relabelled = kn._permuted(ly, pi)
     recomputed, _, _ = kn.neighbours(array_source(y[pi]), len(y), opts)
-    assert np.array_equal(relabelled.keys, recomputed.keys)
-    assert np.allclose(relabelled.sims, recomputed.sims, atol=1e-12)
+    (ka, sa), (kb, sb) = keyed(relabelled), keyed(recomputed)
+    assert np.array_equal(ka, kb) and np.allclose(sa, sb, atol=1e-12)
     assert kn.pair_stats(lx, relabelled, 6)[1] == pytest.approx(kn.pair_stats(lx, recomputed, 6)[1], abs=1e-12)
+
+
+def test_both_ways_of_matching_neighbours_agree(monkeypatch):
+    x, y = related(12, n=90)
+    for k in (3, 20):
+        want = (kn.mutual_knn(x, y, k, precision="float64"), kn.cknna(x, y, k, precision="float64"))
+        monkeypatch.setattr(kn, "_BROADCAST", 0)  # sorted keys instead of the (n, k, k) comparison
+        got = (kn.mutual_knn(x, y, k, precision="float64"), kn.cknna(x, y, k, precision="float64"))
+        monkeypatch.undo()
+        assert got[0] == want[0] and got[1] == pytest.approx(want[1], abs=1e-12)
+        assert want[1] == pytest.approx(brute_cknna(x, y, k), abs=1e-9)
 
 
 def test_streamed_neighbours_equal_in_memory_and_blocks_do_not_matter():
@@ -149,10 +168,10 @@ def test_streamed_neighbours_equal_in_memory_and_blocks_do_not_matter():
     small = kn.AlignOptions(knn_k=7, memory_mb=1.0)  # 720 KB of features: windows of 128 rows
     streamed, _, reads_s = kn.neighbours(array_source(x, chunk=64), n, small)
     assert reads == 1 and reads_s == 5
-    assert np.array_equal(whole.keys, streamed.keys) and np.array_equal(whole.sims, streamed.sims)
+    assert np.array_equal(whole.index, streamed.index) and np.array_equal(whole.sims, streamed.sims)
     ref = brute_knn_mask(x, 7)[1]
     got = np.zeros((n, n))
-    r, c = np.divmod(whole.keys, n)
+    r, c = np.divmod(keyed(whole)[0], n)
     got[r, c] = 1
     assert np.array_equal(got, ref)
 
