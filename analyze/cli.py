@@ -103,24 +103,22 @@ def cka(
 
     with user_errors():
         cfg = _config(config, store, split, bootstrap, permutations, seed, estimator=estimator)
-        ts, bl = _cells(t, block, blocks)
-        r = _with_bar(
-            "cka",
-            as_json,
-            lambda bar: ck.run(cfg, t=ts, block=block, blocks=bl, against=against, pool=pool, on_progress=bar),
-        )
+        r = _matrix("cka", ck.run, cfg, t, block, blocks, against, pool, as_json)
     _report(r, f"CKA ({r['estimator']})", f"{r['form']} form, each array read {r['reads']}x", as_json)
 
 
-def _cells(t, block, blocks):
-    """--t and --blocks parsed; --blocks with --block refused."""
+def _matrix(name: str, run, cfg, t, block, blocks, against, pool, quiet: bool) -> dict:
+    """``run`` (`analyze.cka.run`, `analyze.align.run`) on the parsed cell flags, under a progress
+    bar; --blocks with --block refused."""
     from diffprobe.analyze.cka import CkaError
 
     ts = None if t is None else parse_int_list(t, "--t")
     bl = None if blocks is None else parse_int_list(blocks, "--blocks")
     if block is not None and bl is not None:
         raise CkaError("--blocks: not with --block (a t x t matrix is of one block)")
-    return ts, bl
+    return _with_bar(
+        name, quiet, lambda bar: run(cfg, t=ts, block=block, blocks=bl, against=against, pool=pool, on_progress=bar)
+    )
 
 
 def _with_bar(name: str, quiet: bool, work):
@@ -230,12 +228,7 @@ def align(
 
     with user_errors():
         cfg = _config(config, store, split, bootstrap, permutations, seed, knn_metric=metric, knn_k=k)
-        ts, bl = _cells(t, block, blocks)
-        r = _with_bar(
-            "align",
-            as_json,
-            lambda bar: al.run(cfg, t=ts, block=block, blocks=bl, against=against, pool=pool, on_progress=bar),
-        )
+        r = _matrix("align", al.run, cfg, t, block, blocks, against, pool, as_json)
     _report(r, f"{r['metric']} (k {r['k']})", f"exact kNN, each array read {r['reads']}x", as_json)
 
 
