@@ -5,11 +5,13 @@
     probe linear --block 24 --t 90 --label-fraction 0.01   # or --shots 5, --subset 1percent.txt
     probe sweep                                     # every (block, t, pool) held; heatmaps
     probe sweep --blocks 19-30 --t 90,150 --pool 2 --shots 10 --json
+    probe knn --block 24 --t 90 [--k 10,20,100,200]  # DINOv2's kNN classifier; one ledger row per k
+    probe sweep --head knn                          # the kNN classifier in every cell
     probe attention --block 24 --t 150 [--pool 16]    # attention head on the stored P x P map
     probe fusion --blocks 19,24,30 --t 90,150,300     # DifFormer over blocks x timesteps
     probe feedback [--blocks 21,24,27,30,33,36 --target 24 --t 150]   # DifFeed, runs the U-Net
 
-A thin typer layer over probe.linear, probe.sweep, probe.attention and probe.feedback; errors a user can fix print one line and exit with
+A thin typer layer over probe.linear, probe.knn, probe.sweep, probe.attention and probe.feedback; errors a user can fix print one line and exit with
 code 2.
 """
 
