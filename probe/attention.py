@@ -29,24 +29,23 @@ top-1/top-5/per-class on val, the same ledger. Differences:
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffprobe.probe import linear as lin
-from diffprobe.probe.data import FeatureData
+from diffprobe.probe.command import prepare
+from diffprobe.probe.data import FeatureData, train_parts, val_data
 from diffprobe.probe.heads import AttentionHead, FusionHead, auto_dim
 from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import choose, val_scores
 from diffprobe.probe.protocol import Selection, select
+from diffprobe.probe.result import ProbeResult
 from diffprobe.probe.train import count_parameters, head_settings_hash, seeded, train_heads
 from diffprobe.store.choices import Head
 from diffprobe.store.config import Config, HeadsConfig, ProbeConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import StoreError
-from diffprobe.store.feature_store import FeatureStore, open_store
+from diffprobe.store.feature_store import FeatureStore
 
 _ROWS = 512  # images per forward when scoring
 
@@ -92,29 +91,6 @@ def default_pool(store: FeatureStore, cells: list[tuple[int, int]], h: HeadsConf
     raise AssertionError("unreachable: check_held found every cell")
 
 
-def _train_data(store: FeatureStore, cells, sel: Selection, p: ProbeConfig, device, stream=None):
-    """(fit, held-out) `FeatureData` of train: only those rows are read (in memory iff both fit
-    ``probe.memory_mb`` together, counted in the stored dtype's bytes; else streamed)."""
-    rows = np.flatnonzero(sel.usable)
-    return FeatureData.parts(
-        store,
-        "train",
-        cells,
-        [(rows[sel.fit], sel.y[sel.fit]), (rows[sel.hold], sel.y[sel.hold])],
-        sel.usable,
-        memory_mb=p.memory_mb,
-        device=device,
-        stream=stream,
-    )
-
-
-def _val_data(store: FeatureStore, cells, sel: Selection, p: ProbeConfig, device, stream=None) -> FeatureData:
-    rows = np.flatnonzero(sel.usable_val)
-    return FeatureData(
-        store, "val", cells, rows, sel.y_val, sel.usable_val, memory_mb=p.memory_mb, device=device, stream=stream
-    )
-
-
 def _grid_train(build, fit: FeatureData, held: FeatureData, lrs, h: HeadsConfig, seed: int, device, inputs, on_step):
     """Train one head per lr from the same init and the same batches, in one pass over ``fit``
     (`train.train_heads`); score them all in one pass over ``held``. Returns the heads, the
@@ -154,26 +130,6 @@ def _predict(models, data: FeatureData, inputs) -> tuple[list[torch.Tensor], tor
     return [torch.cat(o) for o in out], torch.cat(ys)
 
 
-def _base(store, sel, classes, started, device, seed, settings, head) -> dict:
-    return {
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "head": head,
-        "store": str(store.path),
-        "fingerprint": lin.store_fingerprint(store),
-        "n_train": len(sel.fit),
-        "n_heldout": len(sel.hold),
-        "n_val": len(sel.y_val),
-        "n_classes": len(classes),
-        "seed": seed,
-        "subset": sel.subset,
-        "subset_sha": sel.subset_sha,
-        "settings": settings,
-        "recipe": "sgd",
-        "seconds": round(time.perf_counter() - started, 3),
-        "device": str(device),
-    }
-
-
 def _architecture(model, h: HeadsConfig, dim: int, tokens: int) -> dict:
     return {
         "dim": dim,
@@ -201,7 +157,7 @@ def attention_probe(
     selection: Selection | None = None,
     stream: bool | None = None,
     on_step=None,
-) -> dict:
+) -> ProbeResult:
     """Train the attention head on ``store``'s train split at (block, t, pool), score it on val.
 
     ``pool`` None: the largest the store holds up to ``heads.pool``. Returns the keys of
@@ -218,7 +174,7 @@ def attention_probe(
     key = store.stored_key(block, t, pool)
     sel = selection if selection is not None else select(store, seed, p, subset)
     cells = [(block, t, pool)]
-    fit, held = _train_data(store, cells, sel, p, device, stream)
+    fit, held = train_parts(store, cells, sel, memory_mb=p.memory_mb, device=device, stream=stream)
     c, sp = fit.shapes[0][0], fit.shapes[0][-1]
     dim = h.dim or auto_dim([c], h.num_heads)
     build = lambda: AttentionHead(c, sp, len(classes), dim, h.depth, h.num_heads, h.mlp_ratio)
@@ -227,27 +183,34 @@ def attention_probe(
     model = models[best]
     streamed = not fit.in_memory
     del fit, held, models
-    val = _val_data(store, cells, sel, p, device, stream)
+    val = val_data(store, cells, sel, memory_mb=p.memory_mb, device=device, stream=stream)
     (logits,), _ = _predict([model], val, inputs)
     streamed = streamed or not val.in_memory
     point = {"lr": h.attention_lr[best], "weight_decay": h.weight_decay}
-    return {
-        **_base(store, sel, classes, started, device, seed, head_settings_hash(Head.ATTENTION, h, p), Head.ATTENTION),
-        "block": block,
-        "t": t,
-        "pool": pool,
-        "stored_pool": key.pool,
-        "dim": c * sp * sp,
-        "blocks": [block],
-        "timesteps": [t],
-        "hyperparameters": {**point, **_architecture(model, h, dim, sp * sp)},
-        "architecture": _architecture(model, h, dim, sp * sp),
-        "grid": scored,
-        "heldout_top1": scored[best]["heldout_top1"],
+    arch = _architecture(model, h, dim, sp * sp)
+    return ProbeResult.of(
+        store,
+        sel,
+        head=Head.ATTENTION,
+        block=block,
+        t=t,
+        pool=pool,
+        stored_pool=key.pool,
+        dim=c * sp * sp,
+        blocks=[block],
+        timesteps=[t],
+        recipe="sgd",
+        hyperparameters={**point, **arch},
+        architecture=arch,
+        seed=seed,
+        settings=head_settings_hash(Head.ATTENTION, h, p),
+        grid=scored,
+        heldout_top1=scored[best]["heldout_top1"],
         **val_scores(logits, sel.y_val, classes),
-        "seconds": round(time.perf_counter() - started, 3),
-        "streamed": streamed,
-    }
+        device=str(device),
+        seconds=round(time.perf_counter() - started, 3),
+        streamed=streamed,
+    )
 
 
 # ------------------------------------------------------------------ DifFormer
@@ -266,7 +229,7 @@ def fusion_probe(
     selection: Selection | None = None,
     stream: bool | None = None,
     on_step=None,
-) -> dict:
+) -> ProbeResult:
     """Train DifFormer on ``store``'s (blocks x timesteps) maps at ``pool``, score it on val.
 
     Every (block, t) must be held at ``pool`` (each block capped at its map size); the first
@@ -288,7 +251,7 @@ def fusion_probe(
     sel = selection if selection is not None else select(store, seed, p, subset)
 
     arrays = [(b, t, pool) for b, t in cells]  # t-major: cell i * len(blocks) + j is (blocks[j], timesteps[i])
-    fit, held = _train_data(store, arrays, sel, p, device, stream)
+    fit, held = train_parts(store, arrays, sel, memory_mb=p.memory_mb, device=device, stream=stream)
     inputs = [(s[0], s[-1]) for s in fit.shapes[: len(blocks)]]
     dim = h.dim or auto_dim([c for c, _ in inputs], h.num_heads)
     nb = len(blocks)
@@ -298,65 +261,72 @@ def fusion_probe(
     model = models[best]
     streamed = not fit.in_memory
     del fit, held, models
-    val = _val_data(store, arrays, sel, p, device, stream)
+    val = val_data(store, arrays, sel, memory_mb=p.memory_mb, device=device, stream=stream)
     (logits,), _ = _predict([model], val, to_inputs)
     streamed = streamed or not val.in_memory
     tokens = sum(sp * sp for _, sp in inputs)
     point = {"lr": h.fusion_lr[best], "weight_decay": h.weight_decay}
     extra = {"blocks": blocks, "timesteps": timesteps}
-    return {
-        **_base(store, sel, classes, started, device, seed, head_settings_hash(Head.FUSION, h, p, extra), Head.FUSION),
-        "block": None,
-        "t": None,
-        "pool": pool,
-        "stored_pool": max(sp for _, sp in inputs),
-        "stored_pools": [sp for _, sp in inputs],
-        "dim": sum(c * sp * sp for c, sp in inputs),
+    arch = _architecture(model, h, dim, tokens)
+    return ProbeResult.of(
+        store,
+        sel,
+        head=Head.FUSION,
+        block=None,
+        t=None,
+        pool=pool,
+        stored_pool=max(sp for _, sp in inputs),
+        dim=sum(c * sp * sp for c, sp in inputs),
         **extra,
-        "hyperparameters": {**point, **_architecture(model, h, dim, tokens)},
-        "architecture": _architecture(model, h, dim, tokens),
-        "grid": scored,
-        "heldout_top1": scored[best]["heldout_top1"],
+        recipe="sgd",
+        hyperparameters={**point, **arch},
+        architecture=arch,
+        seed=seed,
+        settings=head_settings_hash(Head.FUSION, h, p, extra),
+        grid=scored,
+        heldout_top1=scored[best]["heldout_top1"],
         **val_scores(logits, sel.y_val, classes),
-        "seconds": round(time.perf_counter() - started, 3),
-        "streamed": streamed,
-    }
+        device=str(device),
+        seconds=round(time.perf_counter() - started, 3),
+        streamed=streamed,
+        extra={"stored_pools": [sp for _, sp in inputs]},
+    )
 
 
 # ------------------------------------------------------------------ the commands
 
 
-def _prepare(cfg: Config, ledger: bool):
-    from diffprobe.probe.ledger import ledger_path, read_rows
-
-    if cfg.probe.threads:
-        torch.set_num_threads(cfg.probe.threads)
-    store = open_store(cfg.store.path)
-    if ledger:
-        read_rows(ledger_path(cfg.store.path, cfg.probe.ledger))  # refuse a foreign ledger before training
-    return store
-
-
 def run_attention(
-    cfg: Config, block: int, t: int, pool: int | None = None, ledger: bool = True, subset: str = "all"
-) -> dict:
-    """`probe attention`: `attention_probe` with ``cfg``'s settings, and the ledger row."""
-    store = _prepare(cfg, ledger)
+    cfg: Config,
+    block: int,
+    t: int,
+    pool: int | None = None,
+    ledger: bool = True,
+    subset: str = "all",
+    on_step=None,
+) -> ProbeResult:
+    """`probe attention`: `attention_probe` with ``cfg``'s settings, and the ledger row.
+    ``on_step(train.Step)`` after every training step (a progress bar)."""
+    cmd = prepare(cfg, subset, ledger)
     p = cfg.probe
-    sel = select(store, p.seed, p, subset)
-    r = attention_probe(store, block, t, pool, p.seed, cfg.heads, p, p.device, selection=sel)
-    return record(cfg, r, sel.fit_ids, ledger)
+    r = attention_probe(cmd.store, block, t, pool, p.seed, cfg.heads, p, p.device, selection=cmd.sel, on_step=on_step)
+    return record(cfg, r, ledger)
 
 
 def run_fusion(
-    cfg: Config, blocks=None, timesteps=None, pool: int | None = None, ledger: bool = True, subset: str = "all"
-) -> dict:
+    cfg: Config,
+    blocks=None,
+    timesteps=None,
+    pool: int | None = None,
+    ledger: bool = True,
+    subset: str = "all",
+    on_step=None,
+) -> ProbeResult:
     """`probe fusion`: `fusion_probe` with ``cfg``'s settings (blocks, timesteps default to [heads])."""
-    store = _prepare(cfg, ledger)
+    cmd = prepare(cfg, subset, ledger)
     p = cfg.probe
-    sel = select(store, p.seed, p, subset)
     r = fusion_probe(
-        store,
+        cmd.store,
         blocks or cfg.heads.fusion_blocks,
         timesteps or cfg.heads.fusion_timesteps,
         pool,
@@ -364,6 +334,7 @@ def run_fusion(
         cfg.heads,
         p,
         p.device,
-        selection=sel,
+        selection=cmd.sel,
+        on_step=on_step,
     )
-    return record(cfg, r, sel.fit_ids, ledger)
+    return record(cfg, r, ledger)

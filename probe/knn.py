@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 import numpy as np
 import torch
@@ -44,11 +43,12 @@ from diffprobe.probe.digest import fingerprint_digest, settings_digest
 from diffprobe.probe.metrics import per_class_accuracy
 from diffprobe.probe.neighbours import RunningTopK, normalise, similarities
 from diffprobe.probe.protocol import Selection, select
+from diffprobe.probe.result import ProbeResult
 from diffprobe.store.choices import Head, KnnMetric, KnnWeighting, allowed
 from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import ConfigError, DiffprobeError
-from diffprobe.store.feature_store import FeatureStore, open_store
+from diffprobe.store.feature_store import FeatureStore
 
 TOP5 = 5
 
@@ -221,71 +221,61 @@ def knn_probe(
     point = {"temperature": p.knn_temperature, "weighting": p.knn_weighting, "metric": p.knn_metric}
     grid = [{"k": k, **point, "heldout_top1": hits(scored["held"][k], y_held, 1)} for k in ks]
     seconds = round(time.perf_counter() - started, 3)
-    common = {
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "head": Head.KNN,
-        "store": str(store.path),
-        "fingerprint": fingerprint_digest(store.fingerprints),
-        "n_train": len(sel.fit),
-        "n_heldout": len(sel.hold),
-        "n_val": len(sel.y_val),
-        "n_classes": len(classes),
-        "recipe": Head.KNN,
-        "seed": seed,
-        "subset": sel.subset,
-        "subset_sha": sel.subset_sha,
-        "settings": settings_hash(p),
-        "device": str(device),
-        "streamed": not train.in_memory,
-        "block": block,
-        "t": t,
-        "pool": pool,
-        "stored_pool": key.pool,
-        "dim": dim,
-        "blocks": [block],
-        "timesteps": [t],
-        "grid": grid,
-        "seconds": seconds,
-    }
+    common = dict(
+        head=Head.KNN,
+        block=block,
+        t=t,
+        pool=pool,
+        stored_pool=key.pool,
+        dim=dim,
+        blocks=[block],
+        timesteps=[t],
+        recipe=Head.KNN,
+        seed=seed,
+        settings=settings_hash(p),
+        grid=grid,
+        device=str(device),
+        seconds=seconds,
+        streamed=not train.in_memory,
+    )
     out = []
     for g in grid:
         ranks = scored["val"][g["k"]]
         out.append(
-            {
+            ProbeResult.of(
+                store,
+                sel,
                 **common,
-                "hyperparameters": {"k": g["k"], **point},
-                "heldout_top1": g["heldout_top1"],
-                "top1": hits(ranks, y_val, 1),
-                "top5": hits(ranks, y_val, TOP5),
-                "per_class": per_class_accuracy(ranks[:, 0].cpu().numpy(), sel.y_val, classes),
-            }
+                hyperparameters={"k": g["k"], **point},
+                heldout_top1=g["heldout_top1"],
+                top1=hits(ranks, y_val, 1),
+                top5=hits(ranks, y_val, TOP5),
+                per_class=per_class_accuracy(ranks[:, 0].cpu().numpy(), sel.y_val, classes),
+            )
         )
     return out
 
 
-def best(results: list[dict]) -> dict:
+def best(results: list[ProbeResult]) -> ProbeResult:
     """The result of the k with the best held-out top-1 (ties: the smaller k): chosen without val."""
     return max(results, key=lambda r: (r["heldout_top1"], -r["hyperparameters"]["k"]))
 
 
 def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, subset: str = "all") -> dict:
-    """`probe knn`: `knn_probe` with ``cfg.probe``, one ledger row per k.
+    """`probe knn`: `knn_probe` with ``cfg.probe`` after the probe commands' preamble
+    (`probe.command.prepare`), one ledger row per k.
 
-    Returns the result of the k chosen on the held-out part (`best`: the same keys as `probe
-    linear`'s, with ``ledger`` and ``subset_file``) plus ``per_k``: every k's result."""
-    from diffprobe.probe.ledger import ledger_path, read_rows, record
+    Returns the ``--json`` form of the k chosen on the held-out part (`best`: the keys of `probe
+    linear`'s, with ``ledger`` and ``subset_file``) plus ``per_k``: every k's."""
+    from diffprobe.probe.command import prepare
+    from diffprobe.probe.ledger import record
 
     p = cfg.probe
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    store = open_store(cfg.store.path)
-    if ledger:
-        read_rows(ledger_path(cfg.store.path, p.ledger))  # refuse a foreign ledger before reading features
-    sel = select(store, p.seed, p, subset)
-    results = knn_probe(store, block, t, pool, seed=p.seed, settings=p, device=p.device, selection=sel)
+    cmd = prepare(cfg, subset, ledger)
+    results = knn_probe(cmd.store, block, t, pool, seed=p.seed, settings=p, device=p.device, selection=cmd.sel)
     for r in results:
-        record(cfg, r, sel.fit_ids, ledger)
-    return {**best(results), "per_k": results}
+        record(cfg, r, ledger)
+    return {**best(results).to_json(), "per_k": [r.to_json() for r in results]}
 
 
 # ------------------------------------------------------------------ probe sweep --head knn
@@ -312,16 +302,14 @@ def sweep_run(
     are in the ledger are skipped, so a stopped sweep resumes. Plots per k in ``k<k>/`` of the
     sweep folder. Returns the keys of `probe.sweep.run`; ``cells`` holds one summary per (cell, k)."""
     from diffprobe.probe import sweep as sw
-    from diffprobe.probe.ledger import append_row, ledger_path
+    from diffprobe.probe.command import prepare
+    from diffprobe.probe.ledger import append_row
 
     started = time.perf_counter()
     p = cfg.probe
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    store = open_store(cfg.store.path)
+    cmd = prepare(cfg, subset)
+    store, sel, ledger = cmd.store, cmd.sel, cmd.ledger
     cells, grid = sw.plan(store, blocks, ts, pools)
-    ledger = ledger_path(cfg.store.path, p.ledger)
-    sel = select(store, p.seed, p, subset)
     ks = check_ks(p.knn_k, len(sel.fit))
     fingerprint, settings = fingerprint_digest(store.fingerprints), settings_hash(p)
     done = _done(ledger, fingerprint, p.seed, sel, settings)

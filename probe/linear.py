@@ -3,7 +3,7 @@
     from diffprobe.store import open_store
     from diffprobe.probe.linear import linear_probe
     r = linear_probe(open_store("runs/digits-tiny.zarr"), block=24, t=90, pool=2, recipe="sgd")
-    r["top1"], r["top5"], r["per_class"], r["hyperparameters"]
+    r.top1, r.top5, r.per_class, r.hyperparameters     # a probe.result.ProbeResult
 
 `run(cfg, block, t, pool)` is `probe linear`: the same, with settings from pipeline.toml's
 ``[probe]`` section, and one row appended to the results ledger (probe/ledger.py).
@@ -20,15 +20,16 @@ Protocol (deterministic given the seed, on one device and thread count):
    constant features get std 1). Features stay float16 in memory; batches are
    standardised to float32 on the device as they are used.
 
-   Memory: a split whose features fit ``probe.memory_mb`` (counted in the bytes of the stored dtype) is
-   read whole, as above. A larger one (ImageNet: 1.28M x 4096 fp16 ~ 10 GB) is streamed from
-   the store (`_Streamed`) in blocks of at most memory_mb, whole store chunks where one fits:
-   the statistics, held-out and val scoring take one pass; ``sgd`` uses a block shuffle (the
-   blocks in a seeded order, each block's rows in a seeded order, a batch may span two
-   blocks), so its batches, not its protocol, differ from the in-memory run; ``lbfgs`` sums
-   the same loss and gradients block by block (the same optimum, up to float summation order),
-   re-reading train at every evaluation. Skipped images and the selection are honoured the
-   same way; the result's ``streamed`` says which path ran.
+   Memory: the features are read through the data layer (`probe.data.FeatureData`): the
+   fitted and held-out rows are held in memory iff together they fit ``probe.memory_mb``
+   (counted in the bytes of the stored dtype), else each part is streamed from the store
+   (ImageNet: 1.28M x 4096 fp16 ~ 10 GB) in windows of at most memory_mb, with prefetch;
+   val likewise. The statistics, held-out and val scoring take one pass; ``sgd`` batches
+   follow the data layer's seeded order (one permutation when everything fits; else a
+   shuffle of store chunks and a permutation inside windows of them), the same whether the
+   rows live in memory or not; ``lbfgs`` sums the same loss and gradients chunk by chunk
+   when streamed (the same optimum, up to float summation order), re-reading train at every
+   evaluation. The result's ``streamed`` says whether any part was streamed.
 4. Train every point of the recipe's grid on the fitted part and keep the head with the best
    held-out top-1 (ties: the lower held-out loss). The chosen head is not refitted on the
    held-out part: one training per grid point, as in DINOv2's linear evaluation.
@@ -51,9 +52,9 @@ Recipes:
 
 Why torch L-BFGS and not scikit-learn's LogisticRegression(solver="lbfgs") (the same objective
 with C = 1 / (l2 * n)): both are GEMM-bound and reach the same loss and accuracy, torch as fast
-or faster on CPU (BENCHMARKS.md), and torch also runs on the GPU, keeps the float16 features
-there, and shares standardisation and scoring with ``sgd``. scikit-learn is CPU-only. That
-decides it at ImageNet scale.
+or faster on CPU (BENCHMARKS.md, "L-BFGS: torch vs scikit-learn"), and torch also runs on the
+GPU, keeps the float16 features there, and shares standardisation and scoring with ``sgd``.
+scikit-learn is CPU-only. That decides it at ImageNet scale.
 """
 
 from __future__ import annotations
@@ -61,21 +62,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from datetime import UTC, datetime
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffprobe.probe.data import FeatureData
+from diffprobe.probe.command import prepare
+from diffprobe.probe.data import FeatureData, train_parts, val_data
 from diffprobe.probe.digest import fingerprint_digest, settings_digest
+from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import per_class_accuracy, topk_accuracy
 from diffprobe.probe.protocol import Selection, select
-from diffprobe.store.choices import Recipe, allowed
+from diffprobe.probe.result import ProbeResult
+from diffprobe.store.choices import Head, Recipe, allowed
 from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import ConfigError
-from diffprobe.store.feature_store import FeatureKey, FeatureStore, open_store
+from diffprobe.store.feature_store import FeatureKey, FeatureStore
 
 _TEMP_BYTES = 32 << 20  # float32/float64 temporaries of statistics and scoring: chunks of at most this
 
@@ -288,7 +291,7 @@ def linear_probe(
     device: str | torch.device = "cpu",
     subset: str = "all",
     selection: Selection | None = None,
-) -> dict:
+) -> ProbeResult:
     """Train a linear head on ``store``'s train split at (block, t, pool), score it on val.
 
     Hyperparameters come from ``settings`` (default: pipeline.toml's defaults); ``recipe`` and
@@ -314,7 +317,7 @@ def linear_probes(
     subset: str = "all",
     selection: Selection | None = None,
     on_result=None,
-) -> list[dict]:
+) -> list[ProbeResult]:
     """`linear_probe` for each (block, t, pool) of ``cells``, with ``sgd`` training several
     feature sets in one pass: those of the same width whose train splits fit ``probe.memory_mb``
     together (`passes`). A head trained beside other feature sets equals the head trained alone
@@ -325,7 +328,7 @@ def linear_probes(
     device = resolve_device(device, "probe.device") if isinstance(device, str) else device
     keys = [store.stored_key(*c) for c in cells]  # unknown cells fail before anything is trained
     sel = selection if selection is not None else select(store, seed, p, subset)
-    out: list[dict | None] = [None] * len(cells)
+    out: list[ProbeResult | None] = [None] * len(cells)
     for group in passes(store, keys, recipe, p, len(sel.fit) + len(sel.hold)):
         started = time.perf_counter()
         results = _probe_pass(
@@ -333,7 +336,7 @@ def linear_probes(
         )
         share = round((time.perf_counter() - started) / len(group), 3)
         for i, r in zip(group, results):
-            r["seconds"] = share
+            r.seconds = share
             out[i] = r
             if on_result:
                 on_result(r)
@@ -373,20 +376,11 @@ def _probe_pass(
     p: ProbeConfig,
     device: torch.device,
     sel: Selection,
-) -> list[dict]:
+) -> list[ProbeResult]:
     """Train and score one head per key in one pass (several keys: in memory, the same width)."""
     classes = store.class_names
     arrays = [(k.block, k.t, k.pool) for k in keys]
-    rows = np.flatnonzero(sel.usable)  # usable row -> store row
-    data, data_held = FeatureData.parts(
-        store,
-        "train",
-        arrays,
-        [(rows[sel.fit], sel.y[sel.fit]), (rows[sel.hold], sel.y[sel.hold])],
-        sel.usable,
-        memory_mb=p.memory_mb,
-        device=device,
-    )
+    data, data_held = train_parts(store, arrays, sel, memory_mb=p.memory_mb, device=device)
     std = Standardise(*feature_stats(data), device)
     w, b = FITTERS[recipe](data, std, len(classes), grid, p, seed)
     streamed = not data.in_memory
@@ -411,83 +405,52 @@ def _probe_pass(
     w_best, b_best = w[torch.arange(len(keys)), idx][:, None], b[torch.arange(len(keys)), idx][:, None]
 
     y_val = sel.y_val
-    val = FeatureData(
-        store,
-        "val",
-        arrays,
-        np.flatnonzero(sel.usable_val),
-        y_val,
-        sel.usable_val,
-        memory_mb=p.memory_mb,
-        device=device,
-    )
+    val = val_data(store, arrays, sel, memory_mb=p.memory_mb, device=device)
     val_logits = _logits(val, std, w_best, b_best)
     streamed = streamed or not val.in_memory
     y_val_t = torch.from_numpy(y_val).to(device)
 
-    common = {
-        "store": str(store.path),
-        "fingerprint": store_fingerprint(store),
-        "n_train": len(sel.fit),
-        "n_heldout": len(sel.hold),
-        "n_val": len(y_val),
-        "n_classes": len(classes),
-        "recipe": recipe,
-        "seed": seed,
-        "subset": sel.subset,
-        "subset_sha": sel.subset_sha,
-        "settings": settings_hash(recipe, p),
-        "device": str(device),
-        "streamed": streamed,
-    }
     results = []
     for f, (key, (block, t, pool)) in enumerate(zip(keys, cells)):
         vl = val_logits[f, 0]
         results.append(
-            {
-                "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-                **common,
-                "block": block,
-                "t": t,
-                "pool": pool,
-                "stored_pool": key.pool,
-                "dim": int(w.shape[2]),
-                "hyperparameters": grid[best[f]],
-                "grid": scored[f],
-                "heldout_top1": scored[f][best[f]]["heldout_top1"],
-                "top1": topk_accuracy(vl, y_val_t, 1),
-                "top5": topk_accuracy(vl, y_val_t, 5),
-                "per_class": per_class_accuracy(vl.argmax(-1).cpu().numpy(), y_val, classes),
-            }
+            ProbeResult.of(
+                store,
+                sel,
+                head=Head.LINEAR,
+                block=block,
+                t=t,
+                pool=pool,
+                stored_pool=key.pool,
+                dim=int(w.shape[2]),
+                blocks=[block],
+                timesteps=[t],
+                recipe=recipe,
+                hyperparameters=grid[best[f]],
+                seed=seed,
+                settings=settings_hash(recipe, p),
+                grid=scored[f],
+                heldout_top1=scored[f][best[f]]["heldout_top1"],
+                top1=topk_accuracy(vl, y_val_t, 1),
+                top5=topk_accuracy(vl, y_val_t, 5),
+                per_class=per_class_accuracy(vl.argmax(-1).cpu().numpy(), y_val, classes),
+                device=str(device),
+                streamed=streamed,
+            )
         )
     return results
 
 
-def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, subset: str = "all") -> dict:
+def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, subset: str = "all") -> ProbeResult:
     """`probe linear`: probe ``cfg.store.path`` with ``cfg.probe`` and append the ledger row.
 
-    ``subset`` is a label-subset spec (probe/subsets.py). The result of `linear_probe`, plus
+    ``subset`` is a label-subset spec (probe/subsets.py). The result of `linear_probe`, with
     ``ledger`` (its path, or None with ``ledger=False``) and ``subset_file`` (the chosen ids,
     written beside the ledger unless ``subset`` is "all" or ``ledger=False``; else None).
     """
-    from diffprobe.probe.ledger import append_row, ledger_path, read_rows
-    from diffprobe.probe.subsets import write_subset
-
+    cmd = prepare(cfg, subset, ledger)
     p = cfg.probe
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    store = open_store(cfg.store.path)
-    if ledger:
-        read_rows(ledger_path(cfg.store.path, p.ledger))  # refuse a foreign ledger before training
-    sel = select(store, p.seed, p, subset)
     result = linear_probe(
-        store, block, t, pool, recipe=p.recipe, seed=p.seed, settings=p, device=p.device, selection=sel
+        cmd.store, block, t, pool, recipe=p.recipe, seed=p.seed, settings=p, device=p.device, selection=cmd.sel
     )
-    result["ledger"] = result["subset_file"] = None
-    if ledger:
-        path = ledger_path(cfg.store.path, p.ledger)
-        if subset != "all":
-            result["subset_file"] = str(write_subset(path.parent, sel.fit_ids, sel.subset_sha))
-        append_row(path, result)
-        result["ledger"] = str(path)
-    return result
+    return record(cfg, result, ledger)

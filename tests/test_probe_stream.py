@@ -100,7 +100,9 @@ def test_streamed_sgd_learns_and_is_deterministic(store, reads, monkeypatch):
         a["streamed"] and max(reads) <= 100 and set(reads) <= {64, 16, 8}
     )  # whole chunks (the last: 16 of train, 8 of val)
     drop = ("timestamp", "seconds")
-    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    assert {k: v for k, v in a.to_json().items() if k not in drop} == {
+        k: v for k, v in b.to_json().items() if k not in drop
+    }
     assert a["top1"] >= whole["top1"] - 0.04, (a["top1"], whole["top1"])
     c = linear_probe(store, 24, 90, 2, recipe="sgd", seed=2, settings=p)
     assert c["grid"] != a["grid"]  # the seed drives the window shuffle
