@@ -208,15 +208,17 @@ def linear(
 
 @probe_app.command()
 def knn(
-    block: int = typer.Option(..., "--block", min=1, help="Block number (1-based, as in `extract blocks`)."),
-    t: int = typer.Option(..., "--t", min=0, help="Timestep t."),
+    block: int = BlockOpt,
+    t: int = TOpt,
     pool: int = typer.Option(2, "--pool", min=1, help="Pool size p (capped at the block's map, as stored)."),
-    k: Optional[str] = typer.Option(None, "--k", help="Numbers of neighbours, e.g. '10,20,100,200' (probe.knn_k)."),
-    temperature: Optional[float] = typer.Option(
-        None, "--temperature", help="T of the exp(similarity / T) votes (probe.knn_temperature)."
+    k: Optional[str] = typer.Option(
+        None, "--k", help=_key("Numbers of neighbours, e.g. '10,20,100,200'.", "probe.knn_k")
     ),
-    weighting: Optional[str] = typer.Option(None, "--weighting", help="exp or uniform (probe.knn_weighting)."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="cosine or l2 (probe.knn_metric)."),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", help=_key("T of the exp(similarity / T) votes.", "probe.knn_temperature")
+    ),
+    weighting: Optional[str] = typer.Option(None, "--weighting", help=_key("exp or uniform.", "probe.knn_weighting")),
+    metric: Optional[str] = typer.Option(None, "--metric", help=_key("cosine or l2.", "probe.knn_metric")),
     store: Optional[Path] = StoreOpt,
     config: Optional[Path] = ConfigOpt,
     seed: Optional[int] = SeedOpt,
@@ -306,7 +308,7 @@ def sweep(
         None, "--scheduler", help="Spread the cells over the dask cluster at this address (tcp://host:8786)."
     ),
     head: str = typer.Option("linear", "--head", help="linear, or knn (the kNN classifier; probe.knn_* keys)."),
-    k: Optional[str] = typer.Option(None, "--k", help="--head knn: numbers of neighbours (probe.knn_k)."),
+    k: Optional[str] = typer.Option(None, "--k", help=_key("--head knn: numbers of neighbours.", "probe.knn_k")),
     as_json: bool = JsonOpt,
 ):
     """One linear probe (or kNN classifier, --head knn) per (block, t, pool) the train and val splits hold; heatmaps as PNG.
