@@ -60,11 +60,11 @@ def store_source(store, split: str, block: int, t: int, pool: int, rows: np.ndar
     return Source(label, name, dim, read, int(arr.chunks[0]))
 
 
-def options_from_config(a, **overrides) -> CkaOptions:
-    """`CkaOptions` from an `AnalyzeConfig` (None overrides ignored)."""
-    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(CkaOptions)}
+def options_from_config(a, cls=CkaOptions, **overrides):
+    """Options of type ``cls`` (`CkaOptions`, `AlignOptions`) from an `AnalyzeConfig` (None overrides ignored)."""
+    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls)}
     kw.update({k: v for k, v in overrides.items() if v is not None})
-    return CkaOptions(**kw)
+    return cls(**kw)
 
 
 def _usable(store, split: str) -> np.ndarray:
@@ -159,7 +159,7 @@ def align(store, other, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise StoreError(
             f"--against: the image ids of split {split!r} differ: {only_a} of {len(ia)} ids in "
             f"{store.path} are not in {other.path} and {only_b} of {len(ib)} there are not here; "
-            f"CKA across stores needs the same images"
+            f"comparing stores needs the same images"
         )
     ua, ub = _usable(store, split), _usable(other, split)
     pos_b = {v: j for j, v in enumerate(ib.tolist())}
@@ -241,10 +241,10 @@ def plan(store, split: str, *, t=None, block=None, blocks=None, ts=None, against
     }
 
 
-def _stem(p: dict, split: str, opts: CkaOptions, other_fp: str | None) -> str:
+def _stem(p: dict, split: str, tag: str, other_fp: str | None) -> str:
     where = f"b{p['block']}" if p["mode"] == "timesteps" else f"t{p['t']}"
     mode = f"against-{other_fp}" if p["mode"] == "against" else p["mode"]
-    return f"{mode}-{where}-p{p['pool']}-{split}-{opts.estimator}"
+    return f"{mode}-{where}-p{p['pool']}-{split}-{tag}"
 
 
 def write_csv(path: Path, rows, cols, matrix, corner: str) -> Path:
@@ -283,8 +283,29 @@ def pool_read(store, p: dict) -> str:
     return f"pool {p['pool']} ({read})"
 
 
-def run(
+def run(cfg, **kw) -> dict:
+    """`analyze cka`: plan, compute, write the heatmap PNG and CSVs beside the store.
+
+    Keywords: ``t`` (a timestep or a tuple of them: one for blocks/against; several or None with
+    ``block``), ``block``, ``blocks``, ``against``, ``pool``, ``out_dir``, ``plots``,
+    ``on_progress`` (`run_matrix`), and `CkaOptions` fields overriding ``cfg.analyze`` (None
+    ignored). Files go to ``cka-<store fingerprint>/`` beside the store (or ``out_dir``).
+    Returns the `cka_matrix` result plus mode, store, split, t, block, pool, files, folder.
+    """
+    return run_matrix(
+        cfg,
+        CkaOptions,
+        lambda p, opts, progress: cka_matrix(p["rows"], p["cols"], p["n"], opts, on_progress=progress),
+        lambda opts: ("cka", opts.estimator, f"CKA ({opts.estimator})", "CKA"),
+        **kw,
+    )
+
+
+def run_matrix(
     cfg,
+    options_type,
+    compute: Callable,
+    names: Callable,
     *,
     t=None,
     block=None,
@@ -296,28 +317,29 @@ def run(
     on_progress: Callable[[int, int], None] | None = None,
     **option_overrides,
 ) -> dict:
-    """`analyze cka`: plan, compute, write the heatmap PNG and CSVs beside the store.
-
-    ``t``: a timestep or a tuple of them (one for blocks/against; several or None with ``block``).
-    Files go to ``cka-<store fingerprint>/`` beside the store (or ``out_dir``), each written
-    under a temporary name and renamed; with ``plots=False`` none are written. The folder is
-    checked writable before any work. Returns the `cka_matrix` result plus mode, store, split,
-    t, block, pool, pool_read, files, folder.
-    """
+    """One matrix command (`analyze cka`, `analyze align`): ``options_type`` from ``cfg.analyze``
+    and ``option_overrides``; open the store(s); `plan`; ``compute(plan, options, on_progress)``
+    (a `cka_matrix`-shaped result); write its CSVs (and those of ci_low/ci_high/perm_mean/
+    perm_high) and heatmap to ``<prefix>-<store fingerprint>/`` beside the store (or ``out_dir``),
+    each under a temporary name and renamed; with ``plots=False`` none are written. The folder
+    is checked writable before any work. ``names(options)`` gives (prefix, the file names' tag,
+    the heatmap's title, its colour bar). Returns the result plus mode, store, split, t, block,
+    pool, pool_read, files, folder."""
     from diffprobe.store.feature_store import open_store
 
+    opts = options_from_config(cfg.analyze, options_type, **option_overrides)
+    folder_prefix, tag, name, value = names(opts)
     a = cfg.analyze
     t = (t,) if isinstance(t, int) else t
-    opts = options_from_config(a, **option_overrides)
     store = open_store(cfg.store.path)
     other = open_store(against) if against is not None else None
     p = plan(store, a.split, t=t, block=block, blocks=blocks, against=other, pool=pool)
     fp = fingerprint(store)
-    folder = Path(out_dir) if out_dir is not None else store.path.parent / f"cka-{fp}"
+    folder = Path(out_dir) if out_dir is not None else store.path.parent / f"{folder_prefix}-{fp}"
     if plots:
         check_writable(folder, "--out DIR (or --no-plots)")
-    r = cka_matrix(p["rows"], p["cols"], p["n"], opts, on_progress=on_progress)
-    stem = _stem(p, a.split, opts, fingerprint(other) if other is not None else None)
+    r = compute(p, opts, on_progress)
+    stem = _stem(p, a.split, tag, fingerprint(other) if other is not None else None)
     read = pool_read(store, p)
     files = []
     if plots:
@@ -332,7 +354,7 @@ def run(
                 )
         where = f"block {p['block']}" if p["mode"] == "timesteps" else f"t {p['t']}"
         vs = f" vs {other.path.name}" if other is not None else ""
-        title = f"CKA ({opts.estimator}): {store.path.name}{vs} · split {a.split} · {where} · {read} · N {p['n']}"
+        title = f"{name}: {store.path.name}{vs} · split {a.split} · {where} · {read} · N {p['n']}"
         files.append(
             cka_heatmap(
                 np.asarray(r["matrix"]),
@@ -342,6 +364,7 @@ def run(
                 p["col_name"],
                 title,
                 folder / f"{stem}.png",
+                label=value,
             )
         )
     r.update(

@@ -75,23 +75,27 @@ class CkaError(DiffprobeError):
     """A CKA request that cannot be computed as asked (memory, images, estimator settings)."""
 
 
-_OPTION_FIELDS = [f for f in dataclasses.fields(AnalyzeConfig) if f.name != "split"]
+def derive_options(name: str, keys: Callable[[str], bool]) -> type:
+    """A frozen dataclass of the `AnalyzeConfig` keys that ``keys`` admits, with the config's
+    defaults, each value checked by its own parser (the error names ``analyze.<key>``)."""
+    fields = [f for f in dataclasses.fields(AnalyzeConfig) if keys(f.name)]
+
+    def check(self) -> None:
+        for f in fields:
+            object.__setattr__(self, f.name, f.metadata["parse"](getattr(self, f.name), f"analyze.{f.name}"))
+
+    return dataclasses.make_dataclass(
+        name,
+        [(f.name, f.type, dataclasses.field(default=f.default)) for f in fields],
+        frozen=True,
+        namespace={"__post_init__": check},
+    )
 
 
-def _check(self) -> None:
-    """Each option through its own `AnalyzeConfig` parser (the error names ``analyze.<key>``)."""
-    for f in _OPTION_FIELDS:
-        object.__setattr__(self, f.name, f.metadata["parse"](getattr(self, f.name), f"analyze.{f.name}"))
-
-
-# The engine's options are AnalyzeConfig's keys (all but `split`), with the same defaults and
-# parsers: derived from the config tree, never declared a second time.
-_CkaOptionsBase = dataclasses.make_dataclass(
-    "_CkaOptionsBase",
-    [(f.name, f.type, dataclasses.field(default=f.default)) for f in _OPTION_FIELDS],
-    frozen=True,
-    namespace={"__post_init__": _check},
-)
+# The engine's options are AnalyzeConfig's keys (all but `split` and the kNN alignment's
+# `knn_*`), with the same defaults and parsers: derived from the config tree, never declared a
+# second time.
+_CkaOptionsBase = derive_options("_CkaOptionsBase", lambda key: key != "split" and not key.startswith("knn_"))
 
 
 class CkaOptions(_CkaOptionsBase):  # type: ignore[misc,valid-type]

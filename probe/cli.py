@@ -6,11 +6,13 @@
     probe sweep                                     # every (block, t, pool) held; heatmaps
     probe sweep --blocks 19-30 --t 90,150 --pool 2 --shots 10 --json
     probe sweep --workers 2                         # cells spread over a local dask cluster
+    probe knn --block 24 --t 90 [--k 10,20,100,200]  # DINOv2's kNN classifier; one ledger row per k
+    probe sweep --head knn                          # the kNN classifier in every cell
     probe attention --block 24 --t 150 [--pool 16]    # attention head on the stored P x P map
     probe fusion --blocks 19,24,30 --t 90,150,300     # DifFormer over blocks x timesteps
     probe feedback [--block 24 --feedback-blocks 21,24,27,30,33,36 --t 150]   # DifFeed, runs the U-Net
 
-A thin typer layer over probe.linear, probe.sweep, probe.attention and probe.feedback; errors a user can fix print one line and exit with
+A thin typer layer over probe.linear, probe.knn, probe.sweep, probe.attention and probe.feedback; errors a user can fix print one line and exit with
 code 2. Every command starts the same way: `_config` loads pipeline.toml with the command's
 overrides, then the library's `probe.command.prepare` (threads, ledger check, store, selection).
 
@@ -84,8 +86,9 @@ BlockOpt = typer.Option(..., "--block", min=1, help="The block the head reads (1
 TOpt = typer.Option(..., "--t", min=0, help="Timestep t.")
 
 
-def _config(config, store, ledger, *, seed=None, device=None, recipe=None):
-    """The config of a probe command: pipeline.toml (or ``--config``) with the command's overrides."""
+def _config(config, store, ledger, *, seed=None, device=None, recipe=None, **probe):
+    """The config of a probe command: pipeline.toml (or ``--config``) with the command's overrides
+    (``probe``: more ``probe.*`` keys)."""
     return load_config(
         config,
         {
@@ -94,6 +97,7 @@ def _config(config, store, ledger, *, seed=None, device=None, recipe=None):
             "probe.seed": seed,
             "probe.device": device,
             "probe.ledger": ledger,
+            **{f"probe.{key}": v for key, v in probe.items()},
         },
     )
 
@@ -204,6 +208,78 @@ def linear(
 
 
 @probe_app.command()
+def knn(
+    block: int = BlockOpt,
+    t: int = TOpt,
+    pool: int = typer.Option(2, "--pool", min=1, help="Pool size p (capped at the block's map, as stored)."),
+    k: Optional[str] = typer.Option(
+        None, "--k", help=_key("Numbers of neighbours, e.g. '10,20,100,200'.", "probe.knn_k")
+    ),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", help=_key("T of the exp(similarity / T) votes.", "probe.knn_temperature")
+    ),
+    weighting: Optional[str] = typer.Option(None, "--weighting", help=_key("exp or uniform.", "probe.knn_weighting")),
+    metric: Optional[str] = typer.Option(None, "--metric", help=_key("cosine or l2.", "probe.knn_metric")),
+    store: Optional[Path] = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    label_fraction: Optional[float] = FractionOpt,
+    shots: Optional[int] = ShotsOpt,
+    subset: Optional[Path] = SubsetOpt,
+    ledger: Optional[str] = LedgerOpt,
+    as_json: bool = JsonOpt,
+):
+    """kNN classifier (DINOv2's) on train's cached (block, t, pool) features; top-1/top-5 on val for each k.
+
+    No training: the fitted part of train is the database; the held-out part scores each k. One ledger row per k.
+    """
+    from diffprobe.probe import knn as kn
+
+    with user_errors():
+        cfg = _config(
+            config,
+            store,
+            ledger,
+            seed=seed,
+            device=device,
+            knn_k=k,
+            knn_temperature=temperature,
+            knn_weighting=weighting,
+            knn_metric=metric,
+        )
+        r = kn.run(cfg, block, t, pool, subset=_subset(label_fraction, shots, subset))
+    if as_json:
+        print(json.dumps(r))
+        return
+    hp = r["hyperparameters"]
+    votes = f"exp(sim / {hp['temperature']:g})" if hp["weighting"] == "exp" else "uniform"
+    table = Table(
+        title=escape(f"kNN probe ({hp['metric']}, {votes}): block {r['block']}, t {r['t']}, pool {r['pool']}")
+    )
+    for col in ("k", "held-out top-1", "val top-1", "val top-5"):
+        table.add_column(col, justify="right")
+    for x in r["per_k"]:
+        mark = " *" if x["hyperparameters"]["k"] == hp["k"] else ""
+        table.add_row(f"{x['hyperparameters']['k']}{mark}", _pct(x["heldout_top1"]), _pct(x["top1"]), _pct(x["top5"]))
+    out.print(table)
+    pool_note = "" if r["stored_pool"] == r["pool"] else f" (stored at pool {r['stored_pool']})"
+    for name, value in [
+        ("chosen", f"k {hp['k']} (*: best held-out top-1)"),
+        ("features", f"{r['dim']} per image{pool_note}"),
+        (
+            "images",
+            f"{r['n_train']} in the database, {r['n_heldout']} held out, {r['n_val']} val, {r['n_classes']} classes",
+        ),
+        ("label subset", r["subset"] + ("" if r["subset_file"] is None else f" (ids: {r['subset_file']})")),
+        ("time", f"{r['seconds']:.1f} s on {r['device']}" + (", streamed" if r["streamed"] else "")),
+        ("store", f"{r['store']} ({r['fingerprint']})"),
+        ("ledger", f"{r['ledger']} ({len(r['per_k'])} rows)"),
+    ]:
+        out.print(f"{name}: {escape(value)}", highlight=False)
+
+
+@probe_app.command()
 def sweep(
     blocks: Optional[str] = typer.Option(
         None, "--blocks", help="Blocks, e.g. '1-37' or '19,24,30' (default: all held)."
@@ -232,9 +308,11 @@ def sweep(
     scheduler: Optional[str] = typer.Option(
         None, "--scheduler", help="Spread the cells over the dask cluster at this address (tcp://host:8786)."
     ),
+    head: str = typer.Option("linear", "--head", help="linear, or knn (the kNN classifier; probe.knn_* keys)."),
+    k: Optional[str] = typer.Option(None, "--k", help=_key("--head knn: numbers of neighbours.", "probe.knn_k")),
     as_json: bool = JsonOpt,
 ):
-    """One linear probe per (block, t, pool) the train and val splits hold; heatmaps as PNG.
+    """One linear probe (or kNN classifier, --head knn) per (block, t, pool) the train and val splits hold; heatmaps as PNG.
 
     Each cell appends a ledger row; cells already in the ledger for the same store, recipe, seed, label subset and settings are skipped, so an interrupted sweep resumes.
     """
@@ -244,7 +322,7 @@ def sweep(
     from diffprobe.store.console import err
 
     with user_errors():
-        cfg = _config(config, store, ledger, seed=seed, device=device, recipe=recipe)
+        cfg = _config(config, store, ledger, seed=seed, device=device, recipe=recipe, knn_k=k)
         lists = [
             None if v is None else parse_int_list(v, flag)
             for v, flag in ((blocks, "--blocks"), (t, "--t"), (pool, "--pool"))
@@ -271,19 +349,33 @@ def sweep(
                 bar.update(task, advance=1, cell=f"block {key.block}, t {key.t}, pool {key.pool}")
 
         try:
-            r = sw.run(cfg, *lists, subset=spec, on_plan=on_plan, on_cell=on_cell, workers=workers, scheduler=scheduler)
+            r = sw.run(
+                cfg,
+                *lists,
+                subset=spec,
+                on_plan=on_plan,
+                on_cell=on_cell,
+                workers=workers,
+                scheduler=scheduler,
+                head=head,
+            )
         finally:
             bar.stop()
     if as_json:
         print(json.dumps(r))
         return
     best = r["best"]
-    table = Table(title=escape(f"linear-probe sweep ({r['recipe']}): {len(r['cells'])} cells"), show_header=False)
+    what = "kNN sweep" if head == "knn" else f"linear-probe sweep ({r['recipe']})"
+    table = Table(title=escape(f"{what}: {r['trained'] + r['skipped']} cells"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
     for name, value in [
         ("trained", f"{r['trained']} (skipped {r['skipped']} already in the ledger)"),
-        ("best val top-1", f"{_pct(best['top1'])} at block {best['block']}, t {best['t']}, pool {best['pool']}"),
+        (
+            "best val top-1",
+            f"{_pct(best['top1'])} at block {best['block']}, t {best['t']}, pool {best['pool']}"
+            + (f", k {best['k']}" if "k" in best else ""),
+        ),
         (
             "label subset",
             f"{r['subset']}, {r['n_train']} images fitted"

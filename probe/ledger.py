@@ -21,7 +21,7 @@ n_classes          classes in the store
 block, t, pool     the feature set asked for
 stored_pool        the pool it is stored at (capped at the block's map size)
 dim                features per image (C * p * p)
-recipe             ``sgd`` or ``lbfgs``
+recipe             ``sgd`` or ``lbfgs`` (``knn`` for the kNN classifier: no training)
 hyperparameters    the chosen ones, JSON (``{"lr": .., "weight_decay": ..}`` or ``{"l2": ..}``);
                    other heads add their architecture (dim, depth, num_heads, mlp_ratio,
                    tokens, parameters; DifFeed its decoder -> encoder ``pairs``)
@@ -39,7 +39,8 @@ top1, top5         on val, fractions in [0, 1]
 seconds            wall time of the probe (reading, standardising, training, scoring)
 device             torch device it trained on
 per_class          top-1 per class on val, JSON ``{class name: fraction}``
-head               ``linear``, ``attention``, ``fusion`` (DifFormer) or ``feedback`` (DifFeed)
+head               ``linear``, ``attention``, ``fusion`` (DifFormer), ``feedback`` (DifFeed) or
+                   ``knn`` (`probe knn`: one row per k, ``hyperparameters`` holding k)
 blocks, timesteps  every block and timestep the head read, comma-separated (``19,24,30``); a
                    fusion row leaves ``block`` and ``t`` empty
 =================  ==========================================================================

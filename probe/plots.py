@@ -114,10 +114,17 @@ def _save(fig, path: Path) -> Path:
 
 
 def cka_heatmap(
-    matrix: np.ndarray, rows: list, cols: list, row_name: str, col_name: str, title: str, path: str | Path
+    matrix: np.ndarray,
+    rows: list,
+    cols: list,
+    row_name: str,
+    col_name: str,
+    title: str,
+    path: str | Path,
+    label: str = "CKA",
 ) -> Path:
-    """One CKA matrix as a PNG: rows (y) x cols (x) labelled, colour bar 0..1 (wider if an
-    unbiased estimate leaves it), values in the cells when there are at most 120."""
+    """One CKA (or kNN alignment: ``label``) matrix as a PNG: rows (y) x cols (x) labelled, colour
+    bar 0..1 (wider if an unbiased estimate leaves it), values in the cells when there are at most 120."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +141,7 @@ def cka_heatmap(
     ax.set_xlabel(col_name)
     ax.set_ylabel(row_name)
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="CKA")
+    fig.colorbar(im, ax=ax, label=label)
     if m.size <= _ANNOTATE_MAX:
         for (i, j), v in np.ndenumerate(m):
             ax.text(

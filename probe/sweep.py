@@ -1,4 +1,5 @@
-"""`probe sweep`: one linear probe per (block, t, pool) the store holds, resumable, with heatmaps.
+"""`probe sweep`: one linear probe (or, ``--head knn``, kNN classifier: `probe.knn.sweep_run`) per
+(block, t, pool) the store holds, resumable, with heatmaps.
 
     from diffprobe.probe.sweep import plan, sweep, run
     cells = plan(store, blocks=(19, 24), ts=None, pools=(2,))      # None: everything held
@@ -34,8 +35,9 @@ from diffprobe.probe import linear as lin
 from diffprobe.probe.command import prepare
 from diffprobe.probe.ledger import append_row, read_rows
 from diffprobe.probe.protocol import Selection, select
+from diffprobe.store.choices import Head
 from diffprobe.store.config import Config, ProbeConfig
-from diffprobe.store.errors import StoreError
+from diffprobe.store.errors import ConfigError, StoreError
 from diffprobe.store.feature_store import FeatureKey, FeatureStore
 
 
@@ -224,16 +226,25 @@ def run(
     on_cell: Callable[[FeatureKey, bool], None] | None = None,
     workers: int = 0,
     scheduler: str | None = None,
+    head: str = "linear",
 ) -> dict:
     """`probe sweep`: plan, sweep into ``cfg.probe.ledger``, write the subset's ids and the plots.
+
+    ``head`` "knn": the kNN classifier in every cell instead (`probe.knn.sweep_run`).
 
     ``on_plan(cells, already_done)`` is called once the plan is made (a progress bar's total).
     Returns the `sweep` result (``selection`` dropped) plus ``store``, ``recipe``, ``seed``,
     ``subset``, ``subset_sha``, ``ledger``, ``subset_file``, ``plots`` ({"folder", "files"}),
     ``best`` (the cell of the highest val top-1) and ``seconds``.
     """
-    from diffprobe.probe.subsets import write_subset
+    if head == Head.KNN:
+        from diffprobe.probe.knn import sweep_run
 
+        if workers or scheduler:
+            raise ConfigError("--head knn: --workers/--scheduler spread linear cells only; a kNN sweep runs here")
+        return sweep_run(cfg, blocks, ts, pools, subset, plots, on_plan, on_cell)
+    if head != Head.LINEAR:
+        raise ConfigError(f"--head: {head!r} is not allowed; allowed: 'linear', 'knn'")
     started = time.perf_counter()
     p = cfg.probe
     if scheduler:  # an address nothing listens on fails before the plan is shown
@@ -261,29 +272,40 @@ def run(
         scheduler=scheduler,
     )
     sel = result.pop("selection")
-    subset_file = str(write_subset(ledger.parent, sel.fit_ids, sel.subset_sha)) if subset != "all" else None
-
-    files: list[str] = []
     folder = plot_folder(ledger, result["fingerprint"], p.recipe, p.seed, sel.subset_sha, result["settings"])
-    if plots:
-        from diffprobe.probe.plots import sweep_plots
+    label = f"{store.path.name} · {p.recipe}" + ("" if subset == "all" else f" · {subset}")
+    files = cell_plots(result["cells"], grid, folder, label) if plots else []
+    return finish(store, result, p.recipe, cfg, sel, subset, ledger, folder if plots else None, files, started)
 
-        top1 = {FeatureKey(c["t"], c["block"], c["pool"]): c["top1"] for c in result["cells"]}
-        points = [{"block": g["block"], "t": g["t"], "pool": g["pool"], "top1": top1[g["key"]]} for g in grid]
-        label = f"{store.path.name} · {p.recipe}" + ("" if subset == "all" else f" · {subset}")
-        files = [str(f) for f in sweep_plots(points, folder, label)]
-    best = max(result["cells"], key=lambda c: c["top1"])
+
+def cell_plots(cells: list[dict], grid: list[dict], folder: Path, label: str) -> list[str]:
+    """`probe.plots.sweep_plots` of the summaries ``cells`` (block, t, stored pool, top1) over the requested ``grid``."""
+    from diffprobe.probe.plots import sweep_plots
+
+    top1 = {FeatureKey(c["t"], c["block"], c["pool"]): c["top1"] for c in cells}
+    points = [{"block": g["block"], "t": g["t"], "pool": g["pool"], "top1": top1[g["key"]]} for g in grid]
+    return [str(f) for f in sweep_plots(points, folder, label)]
+
+
+def finish(
+    store, result: dict, recipe: str, cfg: Config, sel: Selection, subset: str, ledger: Path, folder, files, started
+) -> dict:
+    """A sweep's result (`run`; `probe.knn.sweep_run`): ``result`` plus where everything went, the
+    best cell by val top-1 and the wall time; writes the label subset's ids beside the ledger."""
+    from diffprobe.probe.subsets import write_subset
+
+    subset_file = str(write_subset(ledger.parent, sel.fit_ids, sel.subset_sha)) if subset != "all" else None
     return {
         "store": str(store.path),
         **result,
-        "recipe": p.recipe,
-        "seed": p.seed,
+        "recipe": recipe,
+        "seed": cfg.probe.seed,
         "subset": subset,
         "subset_sha": sel.subset_sha,
         "n_train": len(sel.fit),
         "ledger": str(ledger),
         "subset_file": subset_file,
-        "plots": {"folder": str(folder) if plots else None, "files": files},
-        "best": best,
+        "plots": {"folder": None if folder is None else str(folder), "files": files},
+        "best": max(result["cells"], key=lambda c: c["top1"]),
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -84,6 +84,28 @@ class Head(StrEnum):
     ATTENTION = "attention"
     FUSION = "fusion"
     FEEDBACK = "feedback"
+    KNN = "knn"
+
+
+class KnnMetric(StrEnum):
+    """Similarities of `probe knn` and `analyze align` (`diffprobe.probe.neighbours`)."""
+
+    COSINE = "cosine"
+    L2 = "l2"
+
+
+class KnnWeighting(StrEnum):
+    """Votes of `probe knn`: DINOv2's exp(similarity / T), or a plain majority."""
+
+    EXP = "exp"
+    UNIFORM = "uniform"
+
+
+class AlignMetric(StrEnum):
+    """kNN alignment metrics of `analyze align` (`diffprobe.analyze.knn`)."""
+
+    MUTUAL_KNN = "mutual-knn"
+    CKNNA = "cknna"
 
 
 def allowed(choices: type[StrEnum]) -> str:

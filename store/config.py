@@ -18,11 +18,14 @@ from enum import StrEnum
 from pathlib import Path
 
 from .choices import (
+    AlignMetric,
     Autocast,
     Cluster,
     Codec,
     Dtype,
     Estimator,
+    KnnMetric,
+    KnnWeighting,
     LoaderKind,
     OnCorrupt,
     Precision,
@@ -224,6 +227,12 @@ class ProbeConfig:
         _float(1e-4, 1e9),
         "most feature memory the probe holds at once (MB, in the bytes of the stored dtype); a split above it is streamed from the store",
     )
+    knn_k: tuple[int, ...] = _key(
+        (10, 20, 100, 200), _int_list(1), "probe knn: numbers of neighbours k (one ledger row each)"
+    )
+    knn_temperature: float = _key(0.07, _float(1e-6, 1e6), "probe knn: temperature T of the exp(similarity / T) votes")
+    knn_weighting: str = _key("exp", _choice(KnnWeighting), "probe knn: exp(similarity / T) votes, or uniform")
+    knn_metric: str = _key("cosine", _choice(KnnMetric), "probe knn: cosine (normalised features) or l2")
 
 
 @dataclass(frozen=True)
@@ -281,6 +290,8 @@ class AnalyzeConfig:
     seed: int = _key(0, _int(0, 2**63 - 1), "seed of bootstrap, permutations and minibatch order")
     precision: str = _key("float32", _choice(Precision), "dtype of feature-space chunk products (sums are float64)")
     memory_mb: float = _key(2048.0, _float(1.0, 1e9), "most memory CKA accumulators may hold (MB)")
+    knn_metric: str = _key("mutual-knn", _choice(AlignMetric), "analyze align: mutual-knn or cknna")
+    knn_k: int = _key(10, _int(1, 1 << 20), "analyze align: neighbours k")
 
 
 @dataclass(frozen=True)
