@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.extract.images import ImageSource
+from diffprobe.extract.masks import ChunkMasks
 from diffprobe.extract.noise import batch_noise
 from diffprobe.extract.plan import Plan
 from diffprobe.extract.unet import capture
@@ -180,10 +181,14 @@ def extract_chunk(
     out = {k: np.empty((hi - lo, *shape), dtype=work.dtype) for k, shape in work.arrays}
     was_skipped = set(work.was_skipped)
     skipped = []
+    dense = ChunkMasks.for_source(source, work.split, lo, hi)  # None unless the source has masks
     for b0 in range(lo, hi, settings.batch_size):
         b1 = min(b0 + settings.batch_size, hi)
         ids = index.ids[b0:b1]
-        x0, bad = _read_batch(source, work.split, ids, settings.on_corrupt)
+        if dense:
+            x0, bad = dense.read(b0, ids, settings.on_corrupt)
+        else:
+            x0, bad = _read_batch(source, work.split, ids, settings.on_corrupt)
         newly_bad = [i for i in bad if b0 + i not in was_skipped]
         if newly_bad and work.has_data:
             raise ImageError(
@@ -192,6 +197,8 @@ def extract_chunk(
             )
         bad = sorted(set(bad) | {i for i in range(b1 - b0) if b0 + i in was_skipped})
         skipped += [b0 + i for i in bad]
+        if dense:
+            dense.ignore(b0, bad)
         for t, tkeys in by_t.items():
             noise = batch_noise(settings.noise_seed, ids, t, tuple(x0.shape[1:]))
             x_t = diffusion.q_sample(x0, torch.full((len(x0),), t, dtype=torch.long), noise)
@@ -202,6 +209,8 @@ def extract_chunk(
                 out[k][b0 - lo : b1 - lo] = pooled.cpu().numpy()  # only pooled, cast tensors cross
         if progress:
             progress(b1 - b0, True)
+    if dense:
+        dense.write(writer, work.chunk)  # masks and their record before the features' records
     writer.write_skipped(work.split, np.asarray(skipped, dtype=np.int64))  # before the chunk's records
     writer.write_chunk(work.split, work.chunk, out)
     return len(skipped)

@@ -19,6 +19,7 @@ class Preset(StrEnum):
 class Source(StrEnum):
     DIGITS = "digits"
     IMAGEFOLDER = "imagefolder"
+    SEGFOLDER = "segfolder"
 
 
 class OnCorrupt(StrEnum):
@@ -77,6 +78,14 @@ class Head(StrEnum):
     ATTENTION = "attention"
     FUSION = "fusion"
     FEEDBACK = "feedback"
+    SEGMENT = "segment"
+
+
+class Optimizer(StrEnum):
+    """Optimisers of the dense linear head (`probe segment`)."""
+
+    ADAMW = "adamw"
+    SGD = "sgd"
 
 
 def allowed(choices: type[StrEnum]) -> str:
