@@ -5,7 +5,7 @@ time per step vs two plain U-Net forwards.
     flock /tmp/diffprobe-bench.lock python benchmarks/heads.py --store /work/cache/digits-tiny.zarr
 
 Attention (block 24, t 150, pool 2) and DifFormer (blocks 19/24/30 x t 90/150/300, pool 2): one
-epoch of `probe.attention.train_sgd` over the whole train split (batch heads.batch_size, the
+epoch of `probe.train.train_heads` over the whole train split (batch heads.batch_size, the
 default architecture), the maps already in memory, as the probe trains them. DifFeed (the
 default feedback blocks 21/24/27/30/33/36 -> target 24, t 150): one training step of
 heads.feedback_batch_size images (image loading, noise, the no-grad first pass, the second pass
@@ -34,7 +34,7 @@ from diffprobe.extract import job as jobs  # noqa: E402
 from diffprobe.extract.unet import build_model, load_checkpoint  # noqa: E402
 from diffprobe.probe import feedback as fb  # noqa: E402
 from diffprobe.probe.heads import AttentionHead, FusionHead  # noqa: E402
-from diffprobe.probe.train import seeded, train_sgd  # noqa: E402
+from diffprobe.probe.train import seeded, train_heads  # noqa: E402
 from diffprobe.store import open_store  # noqa: E402
 from diffprobe.store.config import load_config  # noqa: E402
 
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _epoch(model, inputs, y, h) -> float:
-    """Seconds of one epoch of `train_sgd` on ``inputs(idx)`` (the probe's loop, one lr)."""
+    """Seconds of one epoch of `train_heads` on ``inputs(idx)`` (the probe's loop, one lr)."""
     one = type(h)(**{**h.__dict__, "epochs": 1})
     gen = torch.Generator().manual_seed(0)
 
@@ -53,7 +53,7 @@ def _epoch(model, inputs, y, h) -> float:
             yield inputs(idx), y[idx]
 
     start = time.perf_counter()
-    train_sgd(model, model.parameters(), h.attention_lr[0], one, batches, lambda x, yy: F.cross_entropy(model(x), yy))
+    train_heads([model], h.attention_lr[:1], one, batches, lambda m, x, yy: F.cross_entropy(m(x), yy))
     return time.perf_counter() - start
 
 

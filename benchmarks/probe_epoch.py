@@ -4,7 +4,7 @@
     python benchmarks/probe_epoch.py --block 19 --repeats 5
 
 Cached: read the train split's (block, t, pool) features from the store, standardise, and
-run one epoch of `probe.linear.train_sgd` (one head, batch 128) - the probe's own code.
+run one epoch of `probe.linear.fit_sgd` (one head, batch 128) - the probe's own code.
 Recompute, the way the original research code trains: per batch of 128 train images,
 preprocess the images, draw fresh noise, q_sample at t, run the full U-Net forward with a
 hook on the block, pool, and take one SGD step of the same linear head. Same model, images,
@@ -30,7 +30,8 @@ warnings.simplefilter("ignore", FutureWarning)
 
 from diffprobe.extract import job as jobs  # noqa: E402
 from diffprobe.extract.unet import block_modules, build_model, load_checkpoint  # noqa: E402
-from diffprobe.probe.linear import _Standardised, feature_stats, train_sgd  # noqa: E402
+from diffprobe.probe.data import FeatureData  # noqa: E402
+from diffprobe.probe.linear import Standardise, feature_stats, fit_sgd  # noqa: E402
 from diffprobe.store import open_store  # noqa: E402
 from diffprobe.store.config import load_config  # noqa: E402
 
@@ -40,13 +41,14 @@ REPO = Path(__file__).resolve().parents[1]
 def cached_epoch(store_path: str, block: int, t: int, pool: int, batch: int) -> float:
     start = time.perf_counter()
     store = open_store(store_path)
-    x = store.features("train", block, t, pool)
-    x = x.reshape(len(x), -1)
-    y = torch.from_numpy(store.labels("train"))
-    mean, std = feature_stats(x)
-    data = _Standardised(x, mean, std, torch.device("cpu"))
+    y = store.labels("train")
+    n = len(y)
     settings = dataclasses.replace(load_config(REPO / "pipeline.toml").probe, sgd_epochs=1, sgd_batch_size=batch)
-    train_sgd(data, y, len(store.class_names), [{"lr": 0.01, "weight_decay": 0.0}], settings, seed=0)
+    data = FeatureData(
+        store, "train", [(block, t, pool)], np.arange(n), y, np.ones(n, bool), memory_mb=settings.memory_mb
+    )
+    std = Standardise(*feature_stats(data), data.device)
+    fit_sgd(data, std, len(store.class_names), [{"lr": 0.01, "weight_decay": 0.0}], settings, seed=0)
     return time.perf_counter() - start
 
 

@@ -8,10 +8,10 @@ Two workloads, each read the way the probe reads (`probe.linear`), medians of ``
 - synthetic: one ImageNet-width feature set (N x 1024 x 2 x 2 float16 = N x 4096: ADM block 24
   at pool 2), chunks of 512 images (``store.chunk_images``'s default), written into a temporary
   store with ``store.codec`` none and zstd, then read (a) whole, as a split that fits
-  ``probe.memory_mb`` is read (`probe.data.read_features`: numpy, rows flattened, finite check), and (b)
-  streamed at a 256 MB budget, block by block (`_Streamed.raw`).
+  ``probe.memory_mb`` is read (`probe.data.FeatureData` in memory: chunk-aligned reads, finite
+  check), and (b) streamed at a 256 MB budget, piece by piece with prefetch (`FeatureData.sequential`).
 - embedded: every feature array of the embedded default store's train split (408 small
-  arrays: latency, not bandwidth), read with `read_features`.
+  arrays: latency, not bandwidth), read in memory the same way.
 
 GB/s = decoded float16 bytes / seconds (1 GB = 1e9 bytes). The files are in the page cache
 (just written, or read once before timing): this is the decode path, not the disk. Writes
@@ -29,8 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffprobe.probe import linear as lin
-from diffprobe.probe.data import read_features
+from diffprobe.probe.data import FeatureData
 from diffprobe.store.config import ProbeConfig
 from diffprobe.store.feature_store import FeatureKey, open_store
 from diffprobe.store.synthetic import write_synthetic_store
@@ -68,6 +67,14 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def read(store, key: FeatureKey, usable: np.ndarray, memory_mb: float) -> None:
+    """Every usable row of ``key`` in train, as a probe reads it at ``memory_mb``."""
+    rows = np.flatnonzero(usable)
+    data = FeatureData(store, "train", [(key.block, key.t, key.pool)], rows, None, usable, memory_mb=memory_mb)
+    for _ in data.sequential(CHUNK):
+        pass
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=65536)
@@ -83,16 +90,8 @@ def main():
             store = open_store(path)
             usable = np.ones(args.images, bool)
             gb = args.images * C * P * P * 2 / 1e9
-            whole = timed(lambda: read_features(store, "train", key.block, key.t, key.pool, usable), args.repeats)
-            p = ProbeConfig(memory_mb=256)
-            rows = np.arange(args.images)
-
-            def streamed():
-                s = lin._Streamed(store, "train", key.block, key.t, key.pool, rows, usable, None, None, None, p)
-                for i in range(len(s.blocks)):
-                    s.raw(i)
-
-            stream = timed(streamed, args.repeats)
+            whole = timed(lambda: read(store, key, usable, 1e9), args.repeats)
+            stream = timed(lambda: read(store, key, usable, 256), args.repeats)
             out[codec] = {
                 "GB": round(gb, 3),
                 "whole_s": round(whole, 3),
@@ -107,7 +106,7 @@ def main():
         usable = ~store.skipped("train").astype(bool)
         keys = store.keys("train")
         gb = sum(int(np.prod(store.feature_array("train", k.block, k.t, k.pool).shape)) * 2 for k in keys) / 1e9
-        secs = timed(lambda: [read_features(store, "train", k.block, k.t, k.pool, usable) for k in keys], args.repeats)
+        secs = timed(lambda: [read(store, k, usable, ProbeConfig().memory_mb) for k in keys], args.repeats)
         out["embedded"] = {
             "arrays": len(keys),
             "GB": round(gb, 4),

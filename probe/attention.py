@@ -29,24 +29,24 @@ top-1/top-5/per-class on val, the same ledger. Differences:
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffprobe.probe import linear as lin
-from diffprobe.probe.data import read_features
+from diffprobe.probe.command import prepare
+from diffprobe.probe.data import FeatureData
 from diffprobe.probe.heads import AttentionHead, FusionHead, auto_dim
 from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import choose, val_scores
 from diffprobe.probe.protocol import Selection, select
-from diffprobe.probe.train import count_parameters, head_settings_hash, seeded, train_sgd
+from diffprobe.probe.result import ProbeResult
+from diffprobe.probe.train import count_parameters, head_settings_hash, seeded, train_heads
 from diffprobe.store.choices import Head
 from diffprobe.store.config import Config, HeadsConfig, ProbeConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import StoreError
-from diffprobe.store.feature_store import FeatureStore, open_store
+from diffprobe.store.feature_store import FeatureStore
 
 _ROWS = 512  # images per forward when scoring
 
@@ -92,84 +92,66 @@ def default_pool(store: FeatureStore, cells: list[tuple[int, int]], h: HeadsConf
     raise AssertionError("unreachable: check_held found every cell")
 
 
-def _maps(
-    store: FeatureStore,
-    split: str,
-    block: int,
-    t: int,
-    pool: int,
-    usable: np.ndarray,
-    p: ProbeConfig,
-    device: torch.device,
-) -> torch.Tensor:
-    """(n_usable, C, P, P) float16 maps of ``split`` on ``device``; non-finite values are errors."""
-    arr = store.feature_array(split, block, t, pool)
-    # The maps are held in the store's dtype (float16 by default), so count its real bytes.
-    n_bytes = int(usable.sum()) * int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
-    if n_bytes > p.memory_mb * 2**20:
-        raise StoreError(
-            f"{store.path}: block {block}, t {t}, pool {pool} of split {split!r} needs "
-            f"{n_bytes / 2**20:.0f} MB ({arr.dtype.itemsize} bytes per value), over probe.memory_mb = "
-            f"{p.memory_mb:g}; the attention and fusion heads hold their maps in memory"
-        )
-    x = read_features(store, split, block, t, pool, usable)  # (n_usable, D), finite-checked
-    return torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), *arr.shape[1:]))).to(device)
+def _train_data(store: FeatureStore, cells, sel: Selection, p: ProbeConfig, device, stream=None):
+    """(fit, held-out) `FeatureData` of train: only those rows are read (in memory iff both fit
+    ``probe.memory_mb`` together, counted in the stored dtype's bytes; else streamed)."""
+    rows = np.flatnonzero(sel.usable)
+    return FeatureData.parts(
+        store,
+        "train",
+        cells,
+        [(rows[sel.fit], sel.y[sel.fit]), (rows[sel.hold], sel.y[sel.hold])],
+        sel.usable,
+        memory_mb=p.memory_mb,
+        device=device,
+        stream=stream,
+    )
 
 
-def _grid_train(build, inputs_fit, y_fit, inputs_held, y_held, lrs, h, seed, device, forward):
-    """Train one head per lr (same init, same batches); return the best on held-out, its index, the scores.
+def _val_data(store: FeatureStore, cells, sel: Selection, p: ProbeConfig, device, stream=None) -> FeatureData:
+    rows = np.flatnonzero(sel.usable_val)
+    return FeatureData(
+        store, "val", cells, rows, sel.y_val, sel.usable_val, memory_mb=p.memory_mb, device=device, stream=stream
+    )
 
-    ``inputs_*``: a function idx -> model inputs (float32 on the device) over that part's rows.
-    """
-    n = len(y_fit)
-    results = []
-    for lr in lrs:
-        model = seeded(build, seed).to(device)
-        gen = torch.Generator().manual_seed(seed)
 
-        def batches(_epoch):
-            order = torch.randperm(n, generator=gen).to(device)
-            for lo in range(0, n, h.batch_size):
-                idx = order[lo : lo + h.batch_size]
-                yield inputs_fit(idx), y_fit[idx]
+def _grid_train(build, fit: FeatureData, held: FeatureData, lrs, h: HeadsConfig, seed: int, device, inputs, on_step):
+    """Train one head per lr from the same init and the same batches, in one pass over ``fit``
+    (`train.train_heads`); score them all in one pass over ``held``. Returns the heads, the
+    index of the best on held-out (top-1, ties: lower loss) and every head's scores.
 
-        train_sgd(
-            model, model.parameters(), lr, h, batches, lambda inputs, y, m=model: F.cross_entropy(forward(m, inputs), y)
-        )
-        results.append(model)
-    held_logits = [_predict(m, inputs_held, len(y_held), forward, device) for m in results]
+    ``inputs(xs)``: the float16 tensors of a batch (one per cell) -> the model's inputs."""
+    models = [seeded(build, seed).to(device) for _ in lrs]
+    gen = torch.Generator().manual_seed(seed)
+    train_heads(
+        models,
+        lrs,
+        h,
+        lambda _epoch: fit.batches(h.batch_size, gen),
+        lambda m, xs, y: F.cross_entropy(m(inputs(xs)), y),
+        steps=fit.steps(h.batch_size),
+        on_step=on_step,
+    )
+    held_logits, y_held = _predict(models, held, inputs)
     best, scored = choose(held_logits, y_held)
     for s, lr in zip(scored, lrs):
         s["lr"] = lr
-    return results[best], best, scored
+    return models, best, scored
 
 
 @torch.no_grad()
-def _predict(model, inputs, n: int, forward, device) -> torch.Tensor:
-    model.eval()
-    return torch.cat(
-        [forward(model, inputs(torch.arange(lo, min(lo + _ROWS, n), device=device))) for lo in range(0, n, _ROWS)]
-    ).float()
-
-
-def _base(store, sel, classes, started, device, seed, settings, head) -> dict:
-    return {
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "head": head,
-        "store": str(store.path),
-        "fingerprint": lin.store_fingerprint(store),
-        "n_train": len(sel.fit),
-        "n_heldout": len(sel.hold),
-        "n_val": len(sel.y_val),
-        "n_classes": len(classes),
-        "seed": seed,
-        "subset": sel.subset,
-        "subset_sha": sel.subset_sha,
-        "settings": settings,
-        "recipe": "sgd",
-        "seconds": round(time.perf_counter() - started, 3),
-        "device": str(device),
-    }
+def _predict(models, data: FeatureData, inputs) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every model's float32 logits on ``data`` (read once, ``_ROWS`` rows at a time), and the labels."""
+    for m in models:
+        m.eval()
+    out: list[list[torch.Tensor]] = [[] for _ in models]
+    ys = []
+    for xs, y in data.sequential(_ROWS):
+        x = inputs(xs)
+        for o, m in zip(out, models):
+            o.append(m(x).float())
+        ys.append(y)
+    return [torch.cat(o) for o in out], torch.cat(ys)
 
 
 def _architecture(model, h: HeadsConfig, dim: int, tokens: int) -> dict:
@@ -197,7 +179,9 @@ def attention_probe(
     device: str | torch.device = "cpu",
     subset: str = "all",
     selection: Selection | None = None,
-) -> dict:
+    stream: bool | None = None,
+    on_step=None,
+) -> ProbeResult:
     """Train the attention head on ``store``'s train split at (block, t, pool), score it on val.
 
     ``pool`` None: the largest the store holds up to ``heads.pool``. Returns the keys of
@@ -213,45 +197,44 @@ def attention_probe(
     check_held(store, [(block, t)], pool)
     key = store.stored_key(block, t, pool)
     sel = selection if selection is not None else select(store, seed, p, subset)
-    x = _maps(store, "train", block, t, pool, sel.usable, p, device)
-    c, sp = int(x.shape[1]), int(x.shape[-1])
+    cells = [(block, t, pool)]
+    fit, held = _train_data(store, cells, sel, p, device, stream)
+    c, sp = fit.shapes[0][0], fit.shapes[0][-1]
     dim = h.dim or auto_dim([c], h.num_heads)
-    y = torch.from_numpy(sel.y).to(device)
-    fit, hold = torch.from_numpy(sel.fit).to(device), torch.from_numpy(sel.hold).to(device)
     build = lambda: AttentionHead(c, sp, len(classes), dim, h.depth, h.num_heads, h.mlp_ratio)
-    forward = lambda m, inputs: m(inputs)
-    model, best, scored = _grid_train(
-        build,
-        lambda i: x[fit[i]].float(),
-        y[fit],
-        lambda i: x[hold[i]].float(),
-        y[hold],
-        h.attention_lr,
-        h,
-        seed,
-        device,
-        forward,
-    )
-    x = None  # free the train maps before val is read; the training closures are done with them
-    xv = _maps(store, "val", block, t, pool, sel.usable_val, p, device)
-    logits = _predict(model, lambda i: xv[i].float(), len(xv), forward, device)
+    inputs = lambda xs: xs[0].float()
+    models, best, scored = _grid_train(build, fit, held, h.attention_lr, h, seed, device, inputs, on_step)
+    model = models[best]
+    streamed = not fit.in_memory
+    del fit, held, models
+    val = _val_data(store, cells, sel, p, device, stream)
+    (logits,), _ = _predict([model], val, inputs)
+    streamed = streamed or not val.in_memory
     point = {"lr": h.attention_lr[best], "weight_decay": h.weight_decay}
-    return {
-        **_base(store, sel, classes, started, device, seed, head_settings_hash(Head.ATTENTION, h, p), Head.ATTENTION),
-        "block": block,
-        "t": t,
-        "pool": pool,
-        "stored_pool": key.pool,
-        "dim": c * sp * sp,
-        "blocks": [block],
-        "timesteps": [t],
-        "hyperparameters": {**point, **_architecture(model, h, dim, sp * sp)},
-        "architecture": _architecture(model, h, dim, sp * sp),
-        "grid": scored,
-        "heldout_top1": scored[best]["heldout_top1"],
+    arch = _architecture(model, h, dim, sp * sp)
+    return ProbeResult.of(
+        store,
+        sel,
+        head=Head.ATTENTION,
+        block=block,
+        t=t,
+        pool=pool,
+        stored_pool=key.pool,
+        dim=c * sp * sp,
+        blocks=[block],
+        timesteps=[t],
+        recipe="sgd",
+        hyperparameters={**point, **arch},
+        architecture=arch,
+        seed=seed,
+        settings=head_settings_hash(Head.ATTENTION, h, p),
+        grid=scored,
+        heldout_top1=scored[best]["heldout_top1"],
         **val_scores(logits, sel.y_val, classes),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+        device=str(device),
+        seconds=round(time.perf_counter() - started, 3),
+        streamed=streamed,
+    )
 
 
 # ------------------------------------------------------------------ DifFormer
@@ -268,7 +251,9 @@ def fusion_probe(
     device: str | torch.device = "cpu",
     subset: str = "all",
     selection: Selection | None = None,
-) -> dict:
+    stream: bool | None = None,
+    on_step=None,
+) -> ProbeResult:
     """Train DifFormer on ``store``'s (blocks x timesteps) maps at ``pool``, score it on val.
 
     Every (block, t) must be held at ``pool`` (each block capped at its map size); the first
@@ -289,87 +274,83 @@ def fusion_probe(
     check_held(store, cells, pool)
     sel = selection if selection is not None else select(store, seed, p, subset)
 
-    def load(split, usable):
-        return [[_maps(store, split, b, t, pool, usable, p, device) for b in blocks] for t in timesteps]
-
-    x = load("train", sel.usable)
-    inputs = [(int(m.shape[1]), int(m.shape[-1])) for m in x[0]]
+    arrays = [(b, t, pool) for b, t in cells]  # t-major: cell i * len(blocks) + j is (blocks[j], timesteps[i])
+    fit, held = _train_data(store, arrays, sel, p, device, stream)
+    inputs = [(s[0], s[-1]) for s in fit.shapes[: len(blocks)]]
     dim = h.dim or auto_dim([c for c, _ in inputs], h.num_heads)
-    y = torch.from_numpy(sel.y).to(device)
-    fit, hold = torch.from_numpy(sel.fit).to(device), torch.from_numpy(sel.hold).to(device)
-    pick = lambda maps, rows: [[m[rows].float() for m in per_t] for per_t in maps]
+    nb = len(blocks)
+    to_inputs = lambda xs: [[x.float() for x in xs[i * nb : (i + 1) * nb]] for i in range(len(timesteps))]
     build = lambda: FusionHead(inputs, len(timesteps), len(classes), dim, h.depth, h.num_heads, h.mlp_ratio)
-    forward = lambda m, xs: m(xs)
-    model, best, scored = _grid_train(
-        build,
-        lambda i: pick(x, fit[i]),
-        y[fit],
-        lambda i: pick(x, hold[i]),
-        y[hold],
-        h.fusion_lr,
-        h,
-        seed,
-        device,
-        forward,
-    )
-    x = None  # free the train maps before val is read; the training closures are done with them
-    xv = load("val", sel.usable_val)
-    logits = _predict(model, lambda i: pick(xv, i), len(sel.y_val), forward, device)
+    models, best, scored = _grid_train(build, fit, held, h.fusion_lr, h, seed, device, to_inputs, on_step)
+    model = models[best]
+    streamed = not fit.in_memory
+    del fit, held, models
+    val = _val_data(store, arrays, sel, p, device, stream)
+    (logits,), _ = _predict([model], val, to_inputs)
+    streamed = streamed or not val.in_memory
     tokens = sum(sp * sp for _, sp in inputs)
     point = {"lr": h.fusion_lr[best], "weight_decay": h.weight_decay}
     extra = {"blocks": blocks, "timesteps": timesteps}
-    return {
-        **_base(store, sel, classes, started, device, seed, head_settings_hash(Head.FUSION, h, p, extra), Head.FUSION),
-        "block": None,
-        "t": None,
-        "pool": pool,
-        "stored_pool": max(sp for _, sp in inputs),
-        "stored_pools": [sp for _, sp in inputs],
-        "dim": sum(c * sp * sp for c, sp in inputs),
+    arch = _architecture(model, h, dim, tokens)
+    return ProbeResult.of(
+        store,
+        sel,
+        head=Head.FUSION,
+        block=None,
+        t=None,
+        pool=pool,
+        stored_pool=max(sp for _, sp in inputs),
+        dim=sum(c * sp * sp for c, sp in inputs),
         **extra,
-        "hyperparameters": {**point, **_architecture(model, h, dim, tokens)},
-        "architecture": _architecture(model, h, dim, tokens),
-        "grid": scored,
-        "heldout_top1": scored[best]["heldout_top1"],
+        recipe="sgd",
+        hyperparameters={**point, **arch},
+        architecture=arch,
+        seed=seed,
+        settings=head_settings_hash(Head.FUSION, h, p, extra),
+        grid=scored,
+        heldout_top1=scored[best]["heldout_top1"],
         **val_scores(logits, sel.y_val, classes),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+        device=str(device),
+        seconds=round(time.perf_counter() - started, 3),
+        streamed=streamed,
+        extra={"stored_pools": [sp for _, sp in inputs]},
+    )
 
 
 # ------------------------------------------------------------------ the commands
 
 
-def _prepare(cfg: Config, ledger: bool):
-    from diffprobe.probe.ledger import ledger_path, read_rows
-
-    if cfg.probe.threads:
-        torch.set_num_threads(cfg.probe.threads)
-    store = open_store(cfg.store.path)
-    if ledger:
-        read_rows(ledger_path(cfg.store.path, cfg.probe.ledger))  # refuse a foreign ledger before training
-    return store
-
-
 def run_attention(
-    cfg: Config, block: int, t: int, pool: int | None = None, ledger: bool = True, subset: str = "all"
-) -> dict:
-    """`probe attention`: `attention_probe` with ``cfg``'s settings, and the ledger row."""
-    store = _prepare(cfg, ledger)
+    cfg: Config,
+    block: int,
+    t: int,
+    pool: int | None = None,
+    ledger: bool = True,
+    subset: str = "all",
+    on_step=None,
+) -> ProbeResult:
+    """`probe attention`: `attention_probe` with ``cfg``'s settings, and the ledger row.
+    ``on_step(train.Step)`` after every training step (a progress bar)."""
+    cmd = prepare(cfg, subset, ledger)
     p = cfg.probe
-    sel = select(store, p.seed, p, subset)
-    r = attention_probe(store, block, t, pool, p.seed, cfg.heads, p, p.device, selection=sel)
-    return record(cfg, r, sel.fit_ids, ledger)
+    r = attention_probe(cmd.store, block, t, pool, p.seed, cfg.heads, p, p.device, selection=cmd.sel, on_step=on_step)
+    return record(cfg, r, ledger)
 
 
 def run_fusion(
-    cfg: Config, blocks=None, timesteps=None, pool: int | None = None, ledger: bool = True, subset: str = "all"
-) -> dict:
+    cfg: Config,
+    blocks=None,
+    timesteps=None,
+    pool: int | None = None,
+    ledger: bool = True,
+    subset: str = "all",
+    on_step=None,
+) -> ProbeResult:
     """`probe fusion`: `fusion_probe` with ``cfg``'s settings (blocks, timesteps default to [heads])."""
-    store = _prepare(cfg, ledger)
+    cmd = prepare(cfg, subset, ledger)
     p = cfg.probe
-    sel = select(store, p.seed, p, subset)
     r = fusion_probe(
-        store,
+        cmd.store,
         blocks or cfg.heads.fusion_blocks,
         timesteps or cfg.heads.fusion_timesteps,
         pool,
@@ -377,6 +358,7 @@ def run_fusion(
         cfg.heads,
         p,
         p.device,
-        selection=sel,
+        selection=cmd.sel,
+        on_step=on_step,
     )
-    return record(cfg, r, sel.fit_ids, ledger)
+    return record(cfg, r, ledger)

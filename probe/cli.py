@@ -5,14 +5,21 @@
     probe linear --block 24 --t 90 --label-fraction 0.01   # or --shots 5, --subset 1percent.txt
     probe sweep                                     # every (block, t, pool) held; heatmaps
     probe sweep --blocks 19-30 --t 90,150 --pool 2 --shots 10 --json
+    probe sweep --workers 2                         # cells spread over a local dask cluster
     probe attention --block 24 --t 150 [--pool 16]    # attention head on the stored P x P map
     probe fusion --blocks 19,24,30 --t 90,150,300     # DifFormer over blocks x timesteps
-    probe feedback [--blocks 21,24,27,30,33,36 --target 24 --t 150]   # DifFeed, runs the U-Net
+    probe feedback [--block 24 --feedback-blocks 21,24,27,30,33,36 --t 150]   # DifFeed, runs the U-Net
     probe segment --blocks 24 --t 150 [--pool 8] [--eval-size 32]    # dense linear head on a store with masks
     probe sweep --head segment                      # block x t heatmaps of val mIoU
 
 A thin typer layer over probe.linear, probe.sweep, probe.attention and probe.feedback; errors a user can fix print one line and exit with
-code 2.
+code 2. Every command starts the same way: `_config` loads pipeline.toml with the command's
+overrides, then the library's `probe.command.prepare` (threads, ledger check, store, selection).
+
+Conventions shared by every command: ``--block`` is the block the head reads (DifFeed's fed-back
+decoder blocks are ``--feedback-blocks``); ``--pool`` is the pool size P of the maps read, capped
+at each block's map as stored, and its default is shown in ``--help``; options left unset take
+the config key named in their help, whose built-in default is shown beside it.
 """
 
 from __future__ import annotations
@@ -26,13 +33,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from diffprobe.store.config import load_config
+from diffprobe.store.config import Config, load_config
 from diffprobe.store.console import user_errors
 from diffprobe.store.ranges import parse_int_list
 
 probe_app = typer.Typer(
     help="Train heads on features cached by `extract run` (linear, attention, DifFormer) or online (DifFeed).",
     add_completion=False,
+    rich_markup_mode=None,  # help text is plain: "[heads]" is a config section, not rich markup; flags show no metavar
 )
 out = Console()
 
@@ -46,7 +54,6 @@ def _probe(ctx: typer.Context):
 FractionOpt = typer.Option(None, "--label-fraction", help="Fit on this fraction of each class (e.g. 0.01, 0.1).")
 ShotsOpt = typer.Option(None, "--shots", help="Fit on K images per class.")
 SubsetOpt = typer.Option(None, "--subset", help="Fit on the train image ids listed in this file (one per line).")
-LedgerOpt = typer.Option(None, "--ledger", help="Results ledger CSV (probe.ledger; relative: beside the store).")
 
 
 def _subset(label_fraction, shots, subset) -> str:
@@ -55,14 +62,82 @@ def _subset(label_fraction, shots, subset) -> str:
     return subset_spec(label_fraction, shots, subset)
 
 
-StoreOpt = typer.Option(None, "--store", help="Store path (overrides store.path).")
+def _key(text: str, key: str) -> str:
+    """Help text naming the config key an unset option takes, with its built-in default."""
+    section, name = key.split(".")
+    value = getattr(getattr(Config(), section), name)
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    return f"{text} (default: {key}, built-in {shown})"
+
+
+StoreOpt = typer.Option(None, "--store", help=_key("Store path.", "store.path"))
 ConfigOpt = typer.Option(
     None, "--config", help="pipeline.toml to use (default: ./pipeline.toml, else built-in defaults)."
 )
-RecipeOpt = typer.Option(None, "--recipe", help="sgd or lbfgs (probe.recipe).")
-SeedOpt = typer.Option(None, "--seed", min=0, help="Seed of held-out part, label subset, init, batches (probe.seed).")
-DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps (probe.device).")
+RecipeOpt = typer.Option(None, "--recipe", help=_key("sgd or lbfgs.", "probe.recipe"))
+SeedOpt = typer.Option(
+    None, "--seed", min=0, help=_key("Seed of held-out part, label subset, init, batches.", "probe.seed")
+)
+LedgerOpt = typer.Option(None, "--ledger", help=_key("Results ledger CSV; relative: beside the store.", "probe.ledger"))
+DeviceOpt = typer.Option(None, "--device", help=_key("auto, cpu, cuda, cuda:N, mps.", "probe.device"))
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
+BlockOpt = typer.Option(..., "--block", min=1, help="The block the head reads (1-based, as in `extract blocks`).")
+TOpt = typer.Option(..., "--t", min=0, help="Timestep t.")
+
+
+def _config(config, store, ledger, *, seed=None, device=None, recipe=None):
+    """The config of a probe command: pipeline.toml (or ``--config``) with the command's overrides."""
+    return load_config(
+        config,
+        {
+            "store.path": str(store) if store else None,
+            "probe.recipe": recipe,
+            "probe.seed": seed,
+            "probe.device": device,
+            "probe.ledger": ledger,
+        },
+    )
+
+
+def _train_bar(name: str, as_json: bool):
+    """A rich progress bar of head training on stderr (epoch, step, loss, images/s, ETA) and the
+    ``on_step(train.Step)`` that drives it; off with --json. Returns (bar, on_step)."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from diffprobe.store.console import err
+
+    bar = Progress(
+        TextColumn(f"[bold]{name}"),
+        BarColumn(),
+        TextColumn("epoch {task.fields[epoch]}, step {task.fields[step]}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} images/s"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=as_json,
+    )
+    task = bar.add_task(name, total=None, epoch="-", step="-", loss="-", rate="-")
+    seen = {"images": 0, "start": None}
+
+    def on_step(s):
+        if seen["start"] is None:
+            seen["start"] = time.perf_counter()
+            bar.start()  # not before: an error in the setup prints one line only
+        seen["images"] += s.images
+        rate = seen["images"] / max(time.perf_counter() - seen["start"], 1e-9)
+        bar.update(
+            task,
+            total=None if s.steps is None else s.epochs * s.steps,
+            completed=s.epoch * (s.steps or 0) + s.step,
+            epoch=f"{s.epoch + 1}/{s.epochs}",
+            step=f"{s.step}/{s.steps or '?'}",
+            loss=f"{s.loss:.4f}",
+            rate=f"{rate:.0f}",
+        )
+
+    return bar, on_step
 
 
 def _pct(x: float | None) -> str:
@@ -71,9 +146,11 @@ def _pct(x: float | None) -> str:
 
 @probe_app.command()
 def linear(
-    block: int = typer.Option(..., "--block", min=1, help="Block number (1-based, as in `extract blocks`)."),
-    t: int = typer.Option(..., "--t", min=0, help="Timestep t."),
-    pool: int = typer.Option(2, "--pool", min=1, help="Pool size p (capped at the block's map, as stored)."),
+    block: int = BlockOpt,
+    t: int = TOpt,
+    pool: int = typer.Option(
+        2, "--pool", min=1, help="Pool size p (capped at the block's map, as stored); the paper's 2."
+    ),
     store: Optional[Path] = StoreOpt,
     config: Optional[Path] = ConfigOpt,
     recipe: Optional[str] = RecipeOpt,
@@ -92,19 +169,10 @@ def linear(
     from diffprobe.probe import linear as lin
 
     with user_errors():
-        cfg = load_config(
-            config,
-            {
-                "store.path": str(store) if store else None,
-                "probe.recipe": recipe,
-                "probe.seed": seed,
-                "probe.device": device,
-                "probe.ledger": ledger,
-            },
-        )
+        cfg = _config(config, store, ledger, seed=seed, device=device, recipe=recipe)
         r = lin.run(cfg, block, t, pool, subset=_subset(label_fraction, shots, subset))
     if as_json:
-        print(json.dumps(r))
+        print(json.dumps(r.to_json()))
         return
     title = f"linear probe ({r['recipe']}): block {r['block']}, t {r['t']}, pool {r['pool']}"
     table = Table(title=escape(title), show_header=False)
@@ -142,7 +210,11 @@ def sweep(
         None, "--blocks", help="Blocks, e.g. '1-37' or '19,24,30' (default: all held)."
     ),
     t: Optional[str] = typer.Option(None, "--t", help="Timesteps, e.g. '90,150' (default: all held)."),
-    pool: Optional[str] = typer.Option(None, "--pool", help="Pool sizes, e.g. '1,2' (default: all held)."),
+    pool: Optional[str] = typer.Option(
+        None,
+        "--pool",
+        help="Pool sizes, e.g. '1,2', each capped at the block's map as stored (default: every pool held).",
+    ),
     store: Optional[Path] = StoreOpt,
     config: Optional[Path] = ConfigOpt,
     recipe: Optional[str] = RecipeOpt,
@@ -152,6 +224,15 @@ def sweep(
     shots: Optional[int] = ShotsOpt,
     subset: Optional[Path] = SubsetOpt,
     ledger: Optional[str] = LedgerOpt,
+    workers: int = typer.Option(
+        0,
+        "--workers",
+        min=0,
+        help="Spread the cells over a local dask cluster of N worker processes (0: this process).",
+    ),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="Spread the cells over the dask cluster at this address (tcp://host:8786)."
+    ),
     as_json: bool = JsonOpt,
     head: str = typer.Option(
         "linear", "--head", help="linear, or segment: the dense head per (block, t) (see `probe segment`)."
@@ -170,16 +251,7 @@ def sweep(
     from diffprobe.store.console import err
 
     with user_errors():
-        cfg = load_config(
-            config,
-            {
-                "store.path": str(store) if store else None,
-                "probe.recipe": recipe,
-                "probe.seed": seed,
-                "probe.device": device,
-                "probe.ledger": ledger,
-            },
-        )
+        cfg = _config(config, store, ledger, seed=seed, device=device, recipe=recipe)
         lists = [
             None if v is None else parse_int_list(v, flag)
             for v, flag in ((blocks, "--blocks"), (t, "--t"), (pool, "--pool"))
@@ -206,7 +278,7 @@ def sweep(
                 bar.update(task, advance=1, cell=f"block {key.block}, t {key.t}, pool {key.pool}")
 
         try:
-            r = sw.run(cfg, *lists, subset=spec, on_plan=on_plan, on_cell=on_cell)
+            r = sw.run(cfg, *lists, subset=spec, on_plan=on_plan, on_cell=on_cell, workers=workers, scheduler=scheduler)
         finally:
             bar.stop()
     if as_json:
@@ -263,30 +335,19 @@ def _head_table(r: dict, title: str) -> None:
     out.print(table)
 
 
-def _heads_config(config, store, seed, device, ledger):
-    return load_config(
-        config,
-        {
-            "store.path": str(store) if store else None,
-            "probe.seed": seed,
-            "probe.device": device,
-            "probe.ledger": ledger,
-        },
-    )
-
-
 HeadPoolOpt = typer.Option(
     None,
     "--pool",
     min=1,
-    help="Pool size P: P*P tokens per block (default: the largest the store holds up to heads.pool).",
+    help="Pool size P: P*P tokens per block, capped at each block's map as stored "
+    f"(default: the largest the store holds up to heads.pool, built-in {Config().heads.pool}).",
 )
 
 
 @probe_app.command()
 def attention(
-    block: int = typer.Option(..., "--block", min=1, help="Block number (1-based, as in `extract blocks`)."),
-    t: int = typer.Option(..., "--t", min=0, help="Timestep t."),
+    block: int = BlockOpt,
+    t: int = TOpt,
     pool: Optional[int] = HeadPoolOpt,
     store: Optional[Path] = StoreOpt,
     config: Optional[Path] = ConfigOpt,
@@ -306,18 +367,24 @@ def attention(
     from diffprobe.probe import attention as att
 
     with user_errors():
-        cfg = _heads_config(config, store, seed, device, ledger)
-        r = att.run_attention(cfg, block, t, pool, subset=_subset(label_fraction, shots, subset))
+        cfg = _config(config, store, ledger, seed=seed, device=device)
+        bar, on_step = _train_bar("attention", as_json)
+        try:
+            r = att.run_attention(cfg, block, t, pool, subset=_subset(label_fraction, shots, subset), on_step=on_step)
+        finally:
+            bar.stop()
     if as_json:
-        print(json.dumps(r))
+        print(json.dumps(r.to_json()))
         return
     _head_table(r, f"attention head: block {r['block']}, t {r['t']}, pool {r['stored_pool']}")
 
 
 @probe_app.command()
 def fusion(
-    blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks, e.g. '19,24,30' (heads.fusion_blocks)."),
-    t: Optional[str] = typer.Option(None, "--t", help="Timesteps, e.g. '90,150,300' (heads.fusion_timesteps)."),
+    blocks: Optional[str] = typer.Option(
+        None, "--blocks", help=_key("The blocks the head reads.", "heads.fusion_blocks")
+    ),
+    t: Optional[str] = typer.Option(None, "--t", help=_key("Timesteps.", "heads.fusion_timesteps")),
     pool: Optional[int] = HeadPoolOpt,
     store: Optional[Path] = StoreOpt,
     config: Optional[Path] = ConfigOpt,
@@ -337,11 +404,15 @@ def fusion(
     from diffprobe.probe import attention as att
 
     with user_errors():
-        cfg = _heads_config(config, store, seed, device, ledger)
+        cfg = _config(config, store, ledger, seed=seed, device=device)
         lists = [None if v is None else parse_int_list(v, flag) for v, flag in ((blocks, "--blocks"), (t, "--t"))]
-        r = att.run_fusion(cfg, *lists, pool, subset=_subset(label_fraction, shots, subset))
+        bar, on_step = _train_bar("DifFormer", as_json)
+        try:
+            r = att.run_fusion(cfg, *lists, pool, subset=_subset(label_fraction, shots, subset), on_step=on_step)
+        finally:
+            bar.stop()
     if as_json:
-        print(json.dumps(r))
+        print(json.dumps(r.to_json()))
         return
     _head_table(
         r,
@@ -352,14 +423,21 @@ def fusion(
 
 @probe_app.command()
 def feedback(
-    blocks: Optional[str] = typer.Option(None, "--blocks", help="Decoder blocks fed back (heads.feedback_blocks)."),
     target: Optional[int] = typer.Option(
-        None, "--target", min=1, help="Block read by the head (heads.feedback_target)."
+        None, "--block", min=1, help=_key("The block the head reads (its second-pass output).", "heads.feedback_target")
     ),
-    t: Optional[int] = typer.Option(None, "--t", min=0, help="Timestep t (heads.feedback_t)."),
-    pool: Optional[int] = typer.Option(None, "--pool", min=1, help="Pool P of the target map (heads.pool)."),
+    blocks: Optional[str] = typer.Option(
+        None, "--feedback-blocks", help=_key("Decoder blocks fed back.", "heads.feedback_blocks")
+    ),
+    t: Optional[int] = typer.Option(None, "--t", min=0, help=_key("Timestep t.", "heads.feedback_t")),
+    pool: Optional[int] = typer.Option(
+        None,
+        "--pool",
+        min=1,
+        help=f"Pool size P of the map the head reads, capped at the block's map (default: heads.pool, built-in {Config().heads.pool}).",
+    ),
     store: Optional[Path] = typer.Option(
-        None, "--store", help="Store path: the ledger is written beside it (store.path)."
+        None, "--store", help=_key("Store path: the ledger is written beside it.", "store.path")
     ),
     config: Optional[Path] = ConfigOpt,
     seed: Optional[int] = SeedOpt,
@@ -381,8 +459,8 @@ def feedback(
     from diffprobe.store.console import err
 
     with user_errors():
-        cfg = _heads_config(config, store, seed, device, ledger)
-        decoder = None if blocks is None else parse_int_list(blocks, "--blocks")
+        cfg = _config(config, store, ledger, seed=seed, device=device)
+        decoder = None if blocks is None else parse_int_list(blocks, "--feedback-blocks")
         spec = _subset(label_fraction, shots, subset)
         bar = Progress(
             TextColumn("[bold]DifFeed"),
@@ -403,7 +481,7 @@ def feedback(
         finally:
             bar.stop()
     if as_json:
-        print(json.dumps(r))
+        print(json.dumps(r.to_json()))
         return
     pairs = ", ".join(f"{d}->{e}" for d, e in r["pairs"].items())
     _head_table(r, f"DifFeed: feedback {pairs}; block {r['target']}, t {r['t']}, pool {r['stored_pool']}")
@@ -435,10 +513,10 @@ def segment(
     from diffprobe.probe import segment as seg
 
     with user_errors():
-        cfg = _heads_config(config, store, seed, device, ledger)
+        cfg = _config(config, store, ledger, seed=seed, device=device)
         r = seg.run(cfg, parse_int_list(blocks, "--blocks"), parse_int_list(t, "--t"), pool, eval_size)
     if as_json:
-        print(json.dumps(r))
+        print(json.dumps(r.to_json()))
         return
     hp = r["hyperparameters"]
     table = Table(
@@ -479,7 +557,7 @@ def _segment_sweep(head, blocks, t, pool, store, config, seed, device, ledger, a
     with user_errors():
         if head != "segment":
             raise ConfigError(f"--head: {head!r} is not allowed; allowed: 'linear', 'segment'")
-        cfg = _heads_config(config, store, seed, device, ledger)
+        cfg = _config(config, store, ledger, seed=seed, device=device)
         pools = None if pool is None else parse_int_list(pool, "--pool")
         if pools is not None and len(pools) != 1:
             raise ConfigError(f"--pool: the dense sweep takes one pool (each block at most it), got {pool!r}")

@@ -1,25 +1,362 @@
-"""Reading cached features for a probe. `read_features` holds a split's (block, t, pool) array
-in memory, flattened and finite-checked; the streamed reader of larger splits is
-`probe.linear._Streamed` (not yet behind one interface with this one: see issue 16).
+"""The data layer: the rows a head reads from one split's feature arrays, in memory or streamed
+from the store, behind one interface. Every probe reads through it (linear, attention,
+DifFormer; kNN and segmentation build on it).
+
+    from diffprobe.probe.data import FeatureData
+    fit, held = FeatureData.parts(store, "train", [(24, 90, 16)], [(rows_fit, y_fit), (rows_held, y_held)],
+                                  usable, memory_mb=2048, device="cpu")
+    for xs, y in fit.batches(128, generator):   # xs: one float16 (n, C, P, P) tensor per cell
+        ...
+    for xs, y in held.sequential(512):           # every row once, in ``rows`` order, 512 at a time
+        ...
+    fit.in_memory, len(fit), fit.shapes, fit.row_bytes
+
+Public interface (kept stable: other probes build on it):
+
+- `FeatureData(store, split, cells, rows, labels, usable, memory_mb=, device=, stream=None,
+  prefetch=PREFETCH)`: the store rows ``rows`` (ascending) of the arrays ``cells`` = [(block,
+  t, pool), ...] of ``split``, with ``labels`` (one per row). All cells' arrays must have the
+  same number of images and the same chunking (else `StoreError` naming both). ``usable`` is
+  the split's not-skipped mask: non-finite values in usable rows of anything read are errors.
+  ``stream`` None: held in memory iff every row of every cell fits ``memory_mb`` (counted in
+  the stored dtype's bytes, `row_bytes`); True/False force it.
+- `FeatureData.parts(...)`: several row sets of one split (fit and held-out) deciding
+  together: held in memory iff all of them fit the budget together (then read once); else
+  each streams on its own, one at a time.
+- `batches(batch_size, gen)`: one epoch of (xs, y) in the seeded order below; xs is a list
+  of float16 tensors on the device, one per cell, y a long tensor. Raises `BudgetError` if a
+  streamed window cannot hold one batch.
+- `sequential(step)`: (xs, y) of exactly ``step`` rows (the last fewer) in ``rows`` order:
+  statistics and scoring.
+- ``in_memory``, ``shapes`` (per-row shape of each cell), ``dims``, ``row_bytes``,
+  ``budget_rows``, ``pieces``, ``device``, `__len__`.
+
+Where the rows live:
+
+- A *piece* is one store chunk (``store.chunk_images`` rows, read as one chunk-aligned slice of
+  the Zarr array `FeatureStore.feature_array`, every cell's chunk together), or, when one chunk
+  does not fit the budget, ``budget_rows`` rows of it. Pieces without a row of ``rows`` are
+  never read; of a piece read, only the rows of ``rows`` are kept.
+- In memory: every row is read once (pieces in store order) into one buffer per cell.
+- Streamed: at most one *window* of rows (at most ``budget_rows``) is held, plus the pieces
+  being prefetched (``prefetch`` of them, on background threads, so reading and decoding
+  overlap training): memory is the budget plus that fixed overhead, flat in N.
+
+The order of an epoch (seeded by ``gen``; a function of the rows, the store's chunking, the
+budget and the generator alone, so it does not depend on where the data lives):
+
+1. If all rows fit the budget: one permutation of all of them, ``torch.randperm(n, gen)``.
+2. Else: the pieces in a seeded order (``torch.randperm(pieces, gen)``), cut greedily into
+   windows of consecutive pieces holding at most ``budget_rows`` rows (at least one piece);
+   each window's rows, in ascending order, permuted (``torch.randperm(window rows, gen)``).
+3. The epoch is the concatenation, cut every ``batch_size`` rows: a batch may span two
+   windows; the last batch holds the rest.
+
+So in-memory and streamed data of a split that fits give the same batches in the same order,
+bit for bit (a head trained both ways ends identical: tests/test_probe_data.py).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 from diffprobe.store.errors import StoreError
 from diffprobe.store.feature_store import FeatureStore
 from diffprobe.store.finite import all_finite
 
+PREFETCH = 2  # pieces read ahead of the one in use (background threads); 0: read when needed
+READ_THREADS = 4  # threads decoding prefetched pieces (and the cells of one piece) at once
 
-def read_features(store: FeatureStore, split: str, block: int, t: int, pool: int, usable: np.ndarray) -> np.ndarray:
-    """(n_usable, C * p * p) float16 features of ``split``."""
-    x = store.features(split, block, t, pool)
-    x = x.reshape(len(x), -1)
-    x = x if usable.all() else x[usable]
-    if not all_finite(x):
-        raise StoreError(
-            f"{store.path}: block {block}, t {t}, pool {pool} in split {split!r} holds "
-            f"non-finite values in images that are not marked skipped"
-        )
-    return x
+Cell = tuple[int, int, int]  # (block, t, pool)
+
+
+class BudgetError(StoreError):
+    """A memory budget too small for what was asked (e.g. one batch)."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Store rows [lo, hi) read together, and the positions in ``rows`` of the used ones."""
+
+    lo: int
+    hi: int
+    pos: np.ndarray
+
+
+def _where(store: FeatureStore, split: str, cell: Cell) -> str:
+    b, t, p = cell
+    return f"{store.path}: block {b}, t {t}, pool {p} in split {split!r}"
+
+
+def _ahead(fn, items: Sequence, depth: int) -> Iterator:
+    """``fn(item)`` for each item in order, up to ``depth`` of them computed ahead on threads."""
+    if depth <= 0:
+        yield from (fn(i) for i in items)
+        return
+    it = iter(items)
+    pool = ThreadPoolExecutor(min(READ_THREADS, depth + 1), thread_name_prefix="diffprobe-read")
+    try:
+        pending = deque(pool.submit(fn, i) for i in itertools.islice(it, depth + 1))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class FeatureData:
+    """The rows ``rows`` of ``split``'s arrays ``cells``, in memory or streamed (module docstring)."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        split: str,
+        cells: Sequence[Cell],
+        rows: np.ndarray,
+        labels: np.ndarray | None,
+        usable: np.ndarray,
+        *,
+        memory_mb: float,
+        device: str | torch.device = "cpu",
+        stream: bool | None = None,
+        prefetch: int = PREFETCH,
+    ):
+        self.store, self.split, self.cells = store, split, [tuple(int(v) for v in c) for c in cells]
+        if not self.cells:
+            raise ValueError("FeatureData needs at least one (block, t, pool)")
+        self.arrays = [store.feature_array(split, *c) for c in self.cells]
+        first = self.arrays[0]
+        for c, a in zip(self.cells[1:], self.arrays[1:]):
+            if a.shape[0] != first.shape[0] or a.chunks[0] != first.chunks[0]:
+                raise StoreError(
+                    f"{_where(store, split, c)}: {a.shape[0]} images in chunks of {a.chunks[0]}, but "
+                    f"block {self.cells[0][0]}, t {self.cells[0][1]}, pool {self.cells[0][2]} has "
+                    f"{first.shape[0]} in chunks of {first.chunks[0]}; arrays read together must match"
+                )
+        self.rows = np.asarray(rows, dtype=np.int64)
+        if len(self.rows) > 1 and not (np.diff(self.rows) > 0).all():
+            raise ValueError("rows must be ascending store rows without repeats")
+        self.labels = None if labels is None else np.asarray(labels)
+        self.usable = np.asarray(usable, dtype=bool)
+        self.device = torch.device(device) if isinstance(device, str) else device
+        self.shapes = [tuple(int(s) for s in a.shape[1:]) for a in self.arrays]
+        self.dims = [int(np.prod(s)) for s in self.shapes]
+        self.row_bytes = sum(d * a.dtype.itemsize for d, a in zip(self.dims, self.arrays))
+        self.memory_mb = memory_mb
+        self.budget_rows = max(1, int(memory_mb * 2**20 // self.row_bytes))
+        self.prefetch = prefetch
+        chunk = int(first.chunks[0])
+        step = chunk if self.budget_rows >= chunk else self.budget_rows
+        self.pieces: list[Piece] = []
+        n = int(first.shape[0])
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            a, b = np.searchsorted(self.rows, [lo, hi])
+            if b > a:
+                self.pieces.append(Piece(lo, hi, np.arange(a, b)))
+        self.in_memory = len(self.rows) <= self.budget_rows if stream is None else not stream
+        self._checked: set[int] = set()
+        self._held: list[torch.Tensor] | None = None
+        self._y = None if self.labels is None else torch.from_numpy(self.labels).to(self.device)
+
+    # -- several parts of one split ------------------------------------------------------
+
+    @classmethod
+    def parts(
+        cls,
+        store: FeatureStore,
+        split: str,
+        cells: Sequence[Cell],
+        parts: Sequence[tuple[np.ndarray, np.ndarray | None]],
+        usable: np.ndarray,
+        *,
+        memory_mb: float,
+        device: str | torch.device = "cpu",
+        stream: bool | None = None,
+        prefetch: int = PREFETCH,
+    ) -> list[FeatureData]:
+        """One `FeatureData` per (rows, labels) of ``parts``: in memory, read once, iff they all
+        fit ``memory_mb`` together (or ``stream`` is False); else each streams on its own."""
+        out = [
+            cls(store, split, cells, r, y, usable, memory_mb=memory_mb, device=device, stream=True, prefetch=prefetch)
+            for r, y in parts
+        ]
+        together = sum(len(d) for d in out)
+        if stream is False or (stream is None and together <= out[0].budget_rows):
+            union = cls(
+                store,
+                split,
+                cells,
+                np.unique(np.concatenate([d.rows for d in out])),
+                None,
+                usable,
+                memory_mb=memory_mb,
+                device=device,
+                stream=True,
+                prefetch=prefetch,
+            )
+            whole = union._read_all()
+            for d in out:
+                at = torch.from_numpy(np.searchsorted(union.rows, d.rows)).to(d.device)
+                d._held, d.in_memory = [x[at] for x in whole], True
+        return out
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _read(self, i: int) -> list[np.ndarray]:
+        """Piece ``i``: each cell's used rows, float16 (rows, *shape), finite-checked once."""
+        piece = self.pieces[i]
+        keep = self.rows[piece.pos] - piece.lo
+        usable = self.usable[piece.lo : piece.hi]
+        out = []
+        for cell, arr in zip(self.cells, self.arrays):
+            x = np.asarray(arr[piece.lo : piece.hi])
+            if i not in self._checked:
+                flat = x.reshape(len(x), -1)
+                if not all_finite(flat if usable.all() else flat[usable]):
+                    raise StoreError(
+                        f"{_where(self.store, self.split, cell)} holds non-finite values in images "
+                        f"that are not marked skipped"
+                    )
+            out.append(x if len(keep) == len(x) else x[keep])
+        self._checked.add(i)
+        return out
+
+    def _fill(self, order: Sequence[int]) -> tuple[list[torch.Tensor], np.ndarray]:
+        """The used rows of pieces ``order`` (prefetched), ascending, as device tensors per cell,
+        and their positions in ``rows``."""
+        order = sorted(order, key=lambda i: self.pieces[i].lo)
+        pos = np.concatenate([self.pieces[i].pos for i in order]) if order else np.zeros(0, np.int64)
+        bufs = [np.empty((len(pos), *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
+        at = 0
+        for part in _ahead(self._read, order, self.prefetch):
+            k = len(part[0])
+            for buf, x in zip(bufs, part):
+                buf[at : at + k] = x
+            at += k
+        return [torch.from_numpy(b).to(self.device) for b in bufs], pos
+
+    def _read_all(self) -> list[torch.Tensor]:
+        return self._fill(range(len(self.pieces)))[0]
+
+    def _memory(self) -> list[torch.Tensor]:
+        if self._held is None:
+            self._held = self._read_all()
+        return self._held
+
+    # -- the order of an epoch -----------------------------------------------------------
+
+    def windows(self, gen: torch.Generator) -> list[tuple[list[int], np.ndarray]]:
+        """One epoch: [(pieces of the window, positions in ``rows`` in the epoch's order)]."""
+        n = len(self.rows)
+        if n <= self.budget_rows:
+            return [(list(range(len(self.pieces))), torch.randperm(n, generator=gen).numpy())]
+        out, window, used = [], [], 0
+        for i in torch.randperm(len(self.pieces), generator=gen).tolist():
+            k = len(self.pieces[i].pos)
+            if window and used + k > self.budget_rows:
+                out.append(window)
+                window, used = [], 0
+            window.append(i)
+            used += k
+        out.append(window)
+        result = []
+        for w in out:
+            pos = np.sort(np.concatenate([self.pieces[i].pos for i in w]))
+            result.append((w, pos[torch.randperm(len(pos), generator=gen).numpy()]))
+        return result
+
+    def order(self, gen: torch.Generator) -> np.ndarray:
+        """The positions in ``rows`` of one epoch, in order (draws from ``gen`` as `batches` does)."""
+        return np.concatenate([seq for _, seq in self.windows(gen)])
+
+    def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """One epoch of (xs, y) batches in the seeded order (module docstring)."""
+        if not self.in_memory and self.budget_rows < batch_size:
+            raise BudgetError(
+                f"probe.memory_mb = {self.memory_mb:g} holds {self.budget_rows} images of "
+                f"{', '.join(f'block {c[0]}, t {c[1]}, pool {c[2]}' for c in self.cells)} "
+                f"({self.row_bytes} bytes each), fewer than one batch of {batch_size}; allowed: at least "
+                f"{batch_size * self.row_bytes / 2**20:.3g} MB"
+            )
+        return self._batches(batch_size, self.windows(gen))
+
+    def _batches(self, batch: int, windows):
+        carry: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        for pieces, seq in windows:
+            if self.in_memory:
+                bufs, at = self._memory(), seq
+            else:
+                bufs, pos = self._fill(pieces)
+                at = np.searchsorted(pos, seq)
+            idx = torch.from_numpy(np.ascontiguousarray(at)).to(self.device)
+            lab = torch.from_numpy(np.ascontiguousarray(seq)).to(self.device)
+            start = 0
+            if carry is not None:
+                need = batch - len(carry[1])
+                xs = [torch.cat([c, b[idx[:need]]]) for c, b in zip(carry[0], bufs)]
+                ys = torch.cat([carry[1], self._labels(lab[:need])])
+                carry = None
+                if len(ys) < batch:
+                    carry = (xs, ys)
+                    continue
+                yield xs, ys
+                start = need
+            full = start + (len(idx) - start) // batch * batch
+            for lo in range(start, full, batch):
+                yield [b[idx[lo : lo + batch]] for b in bufs], self._labels(lab[lo : lo + batch])
+            if full < len(idx):
+                carry = ([b[idx[full:]] for b in bufs], self._labels(lab[full:]))
+            del bufs
+        if carry is not None:
+            yield carry
+
+    def _labels(self, pos: torch.Tensor) -> torch.Tensor:
+        if self._y is None:
+            return pos
+        return self._y[pos]
+
+    def steps(self, batch_size: int) -> int:
+        """Batches per epoch."""
+        return -(-len(self.rows) // batch_size)
+
+    # -- in order ------------------------------------------------------------------------
+
+    def sequential(self, step: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """Every row once, in ``rows`` order, ``step`` rows at a time (the last fewer)."""
+        n = len(self.rows)
+        if self.in_memory:
+            held = self._memory()
+            for lo in range(0, n, step):
+                yield [x[lo : lo + step] for x in held], self._labels(torch.arange(lo, min(lo + step, n)))
+            return
+        carry: list[np.ndarray] | None = None
+        at = 0
+        for part in _ahead(self._read, range(len(self.pieces)), self.prefetch):
+            if carry is not None:
+                part = [np.concatenate([c, x]) for c, x in zip(carry, part)]
+            k = len(part[0])
+            full = k // step * step
+            for lo in range(0, full, step):
+                yield self._host(part, lo, lo + step, at + lo)
+            carry = [x[full:] for x in part] if full < k else None
+            at += full
+        if carry is not None and len(carry[0]):
+            yield self._host(carry, 0, len(carry[0]), at)
+
+    def _host(self, part: list[np.ndarray], lo: int, hi: int, at: int):
+        xs = [torch.from_numpy(np.ascontiguousarray(x[lo:hi])).to(self.device) for x in part]
+        return xs, self._labels(torch.arange(at, at + hi - lo))

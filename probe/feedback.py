@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from datetime import UTC, datetime
 
 import numpy as np
 import torch
@@ -49,7 +48,8 @@ from diffprobe.probe.heads import AttentionHead, FeedbackLayer, auto_dim
 from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import choose, val_scores
 from diffprobe.probe.protocol import holdout_mask
-from diffprobe.probe.train import count_parameters, head_settings_hash, seeded, train_sgd
+from diffprobe.probe.result import ProbeResult
+from diffprobe.probe.train import count_parameters, head_settings_hash, seeded, train_heads
 from diffprobe.store.choices import Head
 from diffprobe.store.config import Config, HeadsConfig, ProbeConfig
 from diffprobe.store.device import resolve_device
@@ -280,7 +280,7 @@ def feedback_probe(
     fingerprint: str = "",
     where: str = "",
     on_step=None,
-) -> dict:
+) -> ProbeResult:
     """Train DifFeed's feedback layers and head on ``source``'s train split, score on val.
 
     ``unet`` is moved to ``device`` and frozen. Defaults come from ``heads`` (feedback_blocks,
@@ -318,26 +318,31 @@ def feedback_probe(
     data = Images(source, diffusion, "train", fit, t, noise_seed, device)
     data_held = Images(source, diffusion, "train", hold, t, noise_seed, device)
     build = lambda: DifFeed(unet, table, pairs, blocks, target, pool, len(classes), h)
-    models, step = [], [0]
-    for lr in h.feedback_lr:
-        model = seeded(build, seed).to(device)
-        gen = torch.Generator().manual_seed(seed)
-        tt = lambda n: torch.full((n,), t, dtype=torch.long, device=device)
+    step = [0]
+    models = [seeded(build, seed).to(device) for _ in h.feedback_lr]
+    gen = torch.Generator().manual_seed(seed)
+    tt = lambda n: torch.full((n,), t, dtype=torch.long, device=device)
 
-        def batches(_epoch):
-            for idx, x in data.batches(h.feedback_batch_size, gen):
-                yield x, data.y[torch.tensor(idx, device=device)]
+    def batches(_epoch):
+        for idx, x in data.batches(h.feedback_batch_size, gen):
+            yield x, data.y[torch.tensor(idx, device=device)]
 
-        def loss_of(x, y, m=model):
-            with autocast:
-                loss = F.cross_entropy(m(x, tt(len(x))).float(), y)
-            step[0] += 1
-            if on_step:
-                on_step(step[0])
-            return loss
+    def loss_of(m, x, y):
+        with autocast:
+            loss = F.cross_entropy(m(x, tt(len(x))).float(), y)
+        step[0] += 1
+        if on_step:
+            on_step(step[0])
+        return loss
 
-        train_sgd(model, model.parameters(), lr, h, batches, loss_of, scaler=scaler)
-        models.append(model)
+    train_heads(
+        models,
+        h.feedback_lr,
+        h,
+        batches,
+        loss_of,
+        make_scaler=(lambda: torch.amp.GradScaler(device.type)) if scaler else None,
+    )  # every lr from the same batches
     held_logits = [predict(m, data_held, h.feedback_batch_size, autocast) for m in models]
     best, scored = choose(held_logits, data_held.y)
     for s, lr in zip(scored, h.feedback_lr):
@@ -357,45 +362,37 @@ def feedback_probe(
         "feedback_parameters": count_parameters(model.feedback),
     }
     extra = {"blocks": blocks, "target": target, "t": t, "pool": pool}
-    return {
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "head": Head.FEEDBACK,
-        "store": where,
-        "fingerprint": fingerprint,
-        "n_train": len(fit),
-        "n_heldout": len(hold),
-        "n_val": len(val),
-        "n_classes": len(classes),
-        "block": target,
-        "t": t,
-        "pool": pool,
-        "stored_pool": model.pool,
-        "dim": c * model.pool**2,
-        "blocks": blocks,
-        "timesteps": [t],
-        "target": target,
-        "pairs": {str(k): v for k, v in model.pairs.items()},
-        "recipe": "sgd",
-        "hyperparameters": {
-            "lr": h.feedback_lr[best],
-            "weight_decay": h.weight_decay,
-            **arch,
-            "pairs": {str(k): v for k, v in model.pairs.items()},
-        },
-        "architecture": arch,
-        "grid": scored,
-        "seed": seed,
-        "subset": subset,
-        "subset_sha": subset_sha(ids[fit]),
-        "fit_ids": ids[fit],
-        "settings": head_settings_hash(Head.FEEDBACK, h, p, {**extra, "noise_seed": noise_seed}),
-        "heldout_top1": scored[best]["heldout_top1"],
+    pairs_json = {str(k): v for k, v in model.pairs.items()}
+    return ProbeResult(
+        head=Head.FEEDBACK,
+        store=where,
+        fingerprint=fingerprint,
+        n_train=len(fit),
+        n_heldout=len(hold),
+        n_val=len(val),
+        n_classes=len(classes),
+        block=target,
+        t=t,
+        pool=pool,
+        stored_pool=model.pool,
+        dim=c * model.pool**2,
+        blocks=blocks,
+        timesteps=[t],
+        recipe="sgd",
+        hyperparameters={"lr": h.feedback_lr[best], "weight_decay": h.weight_decay, **arch, "pairs": pairs_json},
+        architecture=arch,
+        grid=scored,
+        seed=seed,
+        subset=subset,
+        subset_sha=subset_sha(ids[fit]),
+        fit_ids=ids[fit],
+        settings=head_settings_hash(Head.FEEDBACK, h, p, {**extra, "noise_seed": noise_seed}),
+        heldout_top1=scored[best]["heldout_top1"],
         **val_scores(logits, np.asarray(val.labels), classes),
-        "seconds": round(time.perf_counter() - started, 3),
-        "device": str(device),
-        "autocast": h.feedback_autocast,
-        "steps": step[0],
-    }
+        seconds=round(time.perf_counter() - started, 3),
+        device=str(device),
+        extra={"target": target, "pairs": pairs_json, "autocast": h.feedback_autocast, "steps": step[0]},
+    )
 
 
 def run(
@@ -407,7 +404,7 @@ def run(
     ledger: bool = True,
     subset: str = "all",
     on_step=None,
-) -> dict:
+) -> ProbeResult:
     """`probe feedback`: the U-Net and images of ``cfg`` (as `extract run` would use them), trained
     with ``cfg.heads``/``cfg.probe``; one ledger row beside ``cfg.store.path``.
 
@@ -416,13 +413,10 @@ def run(
     """
     from diffprobe.extract import job as jobs
     from diffprobe.extract.unet import load_checkpoint
-    from diffprobe.probe.ledger import ledger_path, read_rows
+    from diffprobe.probe.command import prepare
 
+    prepare(cfg, subset, ledger, store=False)  # threads, the ledger checked; the images are the config's
     p = cfg.probe
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    if ledger:
-        read_rows(ledger_path(cfg.store.path, p.ledger))  # refuse a foreign ledger before training
     job = jobs.prepare(cfg)
     device = resolve_device(p.device, "probe.device")
     unet = build_model(job.spec)
@@ -449,4 +443,4 @@ def run(
         where=f"online:{cfg.model.preset}",
         on_step=on_step,
     )
-    return record(cfg, result, result.pop("fit_ids"), ledger)
+    return record(cfg, result, ledger)

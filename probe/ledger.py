@@ -1,7 +1,7 @@
 """The results ledger: one CSV row per probe, in a file beside the store.
 
     from diffprobe.probe.ledger import append_row, read_rows
-    append_row(path, result)       # result: the dict `probe.linear.linear_probe` returns
+    append_row(path, result)       # result: the `probe.result.ProbeResult` a probe returns
     rows = read_rows(path)         # list of dicts, numbers parsed
 
 The file is ``probe.ledger`` (default ``probe-results.csv``) resolved against the store's
@@ -111,8 +111,11 @@ def ledger_path(store_path: str | Path, name: str) -> Path:
     return p if p.is_absolute() else Path(store_path).parent / p
 
 
-def to_row(result: dict) -> dict:
-    """The ledger row of one probe result (a result without ``head`` is a linear probe's)."""
+def to_row(result) -> dict:
+    """The ledger row of one probe result: a `probe.result.ProbeResult` (`ProbeResult.row` is
+    this) or its ``--json`` mapping (a mapping without ``head`` is a linear probe's)."""
+    if hasattr(result, "to_json"):
+        result = result.to_json()
     defaults = {"head": "linear", "blocks": [result.get("block")], "timesteps": [result.get("t")]}
     row = {c: result[c] if c in result or c not in defaults else defaults[c] for c in COLUMNS}
     for c in _JSON:
@@ -134,7 +137,7 @@ def _header(path: Path, header: str) -> tuple[str, ...]:
     )
 
 
-def append_row(path: str | Path, result: dict) -> dict:
+def append_row(path: str | Path, result) -> dict:
     """Append the row of ``result`` to the ledger at ``path`` (created with a header if new)."""
     path = Path(path)
     row = to_row(result)
@@ -186,16 +189,17 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def record(cfg: Config, result: dict, fit_ids, ledger: bool) -> dict:
-    """Append ``result`` to the ledger beside the store and, for a label subset, the fitted ids
-    (``fit_ids``) to ``subsets/<subset_sha>.txt``; add both paths to ``result``."""
+def record(cfg: Config, result, ledger: bool):
+    """Append ``result`` (a `probe.result.ProbeResult`) to the ledger beside the store and, for a
+    label subset, its fitted ids (``result.fit_ids``) to ``subsets/<subset_sha>.txt``; set its
+    ``ledger`` and ``subset_file`` to both paths (None when ``ledger`` is False)."""
     from diffprobe.probe.subsets import write_subset
 
-    result["ledger"] = result["subset_file"] = None
+    result.ledger = result.subset_file = None
     if ledger:
         path = ledger_path(cfg.store.path, cfg.probe.ledger)
-        if result["subset"] != "all":
-            result["subset_file"] = str(write_subset(path.parent, fit_ids, result["subset_sha"]))
+        if result.subset != "all":
+            result.subset_file = str(write_subset(path.parent, result.fit_ids, result.subset_sha))
         append_row(path, result)
-        result["ledger"] = str(path)
+        result.ledger = str(path)
     return result

@@ -3,7 +3,7 @@
     from diffprobe.store import open_store
     from diffprobe.probe.linear import linear_probe
     r = linear_probe(open_store("runs/digits-tiny.zarr"), block=24, t=90, pool=2, recipe="sgd")
-    r["top1"], r["top5"], r["per_class"], r["hyperparameters"]
+    r.top1, r.top5, r.per_class, r.hyperparameters     # a probe.result.ProbeResult
 
 `run(cfg, block, t, pool)` is `probe linear`: the same, with settings from pipeline.toml's
 ``[probe]`` section, and one row appended to the results ledger (probe/ledger.py).
@@ -20,15 +20,16 @@ Protocol (deterministic given the seed, on one device and thread count):
    constant features get std 1). Features stay float16 in memory; batches are
    standardised to float32 on the device as they are used.
 
-   Memory: a split whose features fit ``probe.memory_mb`` (counted in the bytes of the stored dtype) is
-   read whole, as above. A larger one (ImageNet: 1.28M x 4096 fp16 ~ 10 GB) is streamed from
-   the store (`_Streamed`) in blocks of at most memory_mb, whole store chunks where one fits:
-   the statistics, held-out and val scoring take one pass; ``sgd`` uses a block shuffle (the
-   blocks in a seeded order, each block's rows in a seeded order, a batch may span two
-   blocks), so its batches, not its protocol, differ from the in-memory run; ``lbfgs`` sums
-   the same loss and gradients block by block (the same optimum, up to float summation order),
-   re-reading train at every evaluation. Skipped images and the selection are honoured the
-   same way; the result's ``streamed`` says which path ran.
+   Memory: the features are read through the data layer (`probe.data.FeatureData`): the
+   fitted and held-out rows are held in memory iff together they fit ``probe.memory_mb``
+   (counted in the bytes of the stored dtype), else each part is streamed from the store
+   (ImageNet: 1.28M x 4096 fp16 ~ 10 GB) in windows of at most memory_mb, with prefetch;
+   val likewise. The statistics, held-out and val scoring take one pass; ``sgd`` batches
+   follow the data layer's seeded order (one permutation when everything fits; else a
+   shuffle of store chunks and a permutation inside windows of them), the same whether the
+   rows live in memory or not; ``lbfgs`` sums the same loss and gradients chunk by chunk
+   when streamed (the same optimum, up to float summation order), re-reading train at every
+   evaluation. The result's ``streamed`` says whether any part was streamed.
 4. Train every point of the recipe's grid on the fitted part and keep the head with the best
    held-out top-1 (ties: the lower held-out loss). The chosen head is not refitted on the
    held-out part: one training per grid point, as in DINOv2's linear evaluation.
@@ -51,9 +52,9 @@ Recipes:
 
 Why torch L-BFGS and not scikit-learn's LogisticRegression(solver="lbfgs") (the same objective
 with C = 1 / (l2 * n)): both are GEMM-bound and reach the same loss and accuracy, torch as fast
-or faster on CPU (BENCHMARKS.md), and torch also runs on the GPU, keeps the float16 features
-there, and shares standardisation and scoring with ``sgd``. scikit-learn is CPU-only. That
-decides it at ImageNet scale.
+or faster on CPU (BENCHMARKS.md, "L-BFGS: torch vs scikit-learn"), and torch also runs on the
+GPU, keeps the float16 features there, and shares standardisation and scoring with ``sgd``.
+scikit-learn is CPU-only. That decides it at ImageNet scale.
 """
 
 from __future__ import annotations
@@ -61,22 +62,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from datetime import UTC, datetime
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffprobe.probe.data import read_features as _features
+from diffprobe.probe.command import prepare
+from diffprobe.probe.data import FeatureData
 from diffprobe.probe.digest import fingerprint_digest, settings_digest
+from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import per_class_accuracy, topk_accuracy
 from diffprobe.probe.protocol import Selection, select
-from diffprobe.store.choices import Recipe, allowed
+from diffprobe.probe.result import ProbeResult
+from diffprobe.store.choices import Head, Recipe, allowed
 from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.device import resolve_device
-from diffprobe.store.errors import ConfigError, StoreError
-from diffprobe.store.feature_store import FeatureKey, FeatureStore, open_store
-from diffprobe.store.finite import all_finite
+from diffprobe.store.errors import ConfigError
+from diffprobe.store.feature_store import FeatureKey, FeatureStore
 
 _TEMP_BYTES = 32 << 20  # float32/float64 temporaries of statistics and scoring: chunks of at most this
 
@@ -100,17 +102,19 @@ def store_fingerprint(store: FeatureStore) -> str:
     return fingerprint_digest(store.fingerprints)
 
 
-def feature_stats(x: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std (float32) of ``x[rows]``, summed in float64 over row chunks."""
-    rows = np.arange(len(x)) if rows is None else rows
-    s = np.zeros(x.shape[1], np.float64)
-    ss = np.zeros(x.shape[1], np.float64)
-    step = _chunk_rows(x.shape[1])
-    for lo in range(0, len(rows), step):
-        chunk = x[rows[lo : lo + step]].astype(np.float64)
-        s += chunk.sum(0)
-        ss += np.square(chunk).sum(0)
-    return _finish_stats(s, ss, len(rows))
+def feature_stats(data: FeatureData) -> tuple[np.ndarray, np.ndarray]:
+    """(F, D) per-feature mean and std (float32) of each of ``data``'s F cells over its rows,
+    summed in float64 over chunks of rows (the same chunks in memory or streamed)."""
+    f, d = len(data.cells), data.dims[0]
+    s = np.zeros((f, d), np.float64)
+    ss = np.zeros((f, d), np.float64)
+    for xs, _ in data.sequential(_chunk_rows(d)):
+        for i, x in enumerate(xs):
+            chunk = x.cpu().numpy().reshape(len(x), -1).astype(np.float64)
+            s[i] += chunk.sum(0)
+            ss[i] += np.square(chunk).sum(0)
+    stats = [_finish_stats(s[i], ss[i], len(data)) for i in range(f)]
+    return np.stack([m for m, _ in stats]), np.stack([sd for _, sd in stats])
 
 
 def _finish_stats(s: np.ndarray, ss: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,47 +125,23 @@ def _finish_stats(s: np.ndarray, ss: np.ndarray, n: int) -> tuple[np.ndarray, np
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-class _Standardised:
-    """F feature sets of the same images and width, float16 on the device, standardised to float32
-    batch by batch: ``x`` (F, N, D) or (N, D) for one set, ``mean`` and ``std`` (F, D) or (D,).
-    Batches and chunks are (F, rows, D)."""
+class Standardise:
+    """float16 batches of F same-width cells -> standardised float32 (F, n, D), with ``mean`` and
+    ``std`` (F, D) of the fitted part. Features stay float16 wherever they are held."""
 
-    def __init__(self, x: np.ndarray, mean: np.ndarray, std: np.ndarray, device: torch.device):
-        x, mean, std = (a if a.ndim == nd else a[None] for a, nd in ((x, 3), (mean, 2), (std, 2)))
-        self.x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    def __init__(self, mean: np.ndarray, std: np.ndarray, device: torch.device):
         self.mean = torch.from_numpy(mean).to(device)[:, None, :]
         self.inv_std = torch.from_numpy(1.0 / std).to(device)[:, None, :]
 
-    def __len__(self):
-        return int(self.x.shape[1])
+    def __call__(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.stack([x.reshape(len(x), -1) for x in xs])
+        return (x.float() - self.mean) * self.inv_std
 
-    @property
-    def sets(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    @property
-    def dim(self) -> int:
-        return int(self.x.shape[2])
-
-    def rows(self, idx) -> torch.Tensor:
-        return (self.x[:, idx].float() - self.mean) * self.inv_std
-
-    def chunks(self):
-        step = _chunk_rows(self.dim * self.sets, 4)
-        for lo in range(0, len(self), step):
-            yield self.rows(slice(lo, lo + step))
-
-
-def _read_rows(arr, lo: int, hi: int) -> np.ndarray:
-    """Store rows [lo, hi) of a feature array (`FeatureStore.feature_array`) as (hi - lo, D) numpy.
-
-    The one place the streaming path reads features: only these rows' chunks are decoded."""
-    x = arr[lo:hi]
-    return x.reshape(len(x), -1)
+    def chunks(self, data: FeatureData):
+        """(standardised (F, rows, D), labels) of ``data`` in order, float32 temporaries bounded."""
+        step = _chunk_rows(data.dims[0] * len(data.cells), 4)
+        for xs, y in data.sequential(step):
+            yield self(xs), y
 
 
 def budget_rows(p: ProbeConfig, dim: int, itemsize: int) -> int:
@@ -170,108 +150,6 @@ def budget_rows(p: ProbeConfig, dim: int, itemsize: int) -> int:
     Rows are held in the store's dtype (float16 by default) whether read whole or streamed;
     only batches are standardised to float32, so the budget counts the stored bytes."""
     return max(1, int(p.memory_mb * 2**20 // (itemsize * dim)))
-
-
-def fits_in_memory(store: FeatureStore, split: str, block: int, t: int, pool: int, p: ProbeConfig) -> bool:
-    """Whether ``split``'s whole feature array fits ``p.memory_mb`` (else the probe streams it)."""
-    arr = store.feature_array(split, block, t, pool)
-    return arr.shape[0] <= budget_rows(p, int(np.prod(arr.shape[1:])), arr.dtype.itemsize)
-
-
-class _Streamed:
-    """Some rows of a split's features, read from the store block by block and standardised there.
-
-    ``rows`` (ascending store row indices) are the rows used, in this order; labels and results
-    follow it. The store is cut into blocks of at most ``budget_rows`` rows, aligned to whole
-    store chunks when one chunk fits (else parts of one chunk); a block is read only when used,
-    so at most one block (plus, for sgd, less than one batch carried over) is in memory at once.
-    With ``mean`` None, only `stats` may be used.
-    """
-
-    def __init__(
-        self,
-        store: FeatureStore,
-        split: str,
-        block: int,
-        t: int,
-        pool: int,
-        rows: np.ndarray,
-        usable: np.ndarray,
-        mean,
-        std,
-        device: torch.device,
-        p: ProbeConfig,
-    ):
-        self.arr = store.feature_array(split, block, t, pool)
-        self.where = f"{store.path}: block {block}, t {t}, pool {pool} in split {split!r}"
-        self._dim = int(np.prod(self.arr.shape[1:]))
-        self.rows_ = np.asarray(rows, dtype=np.int64)
-        self.usable = usable
-        self._device = device
-        self.cap = cap = budget_rows(p, self._dim, self.arr.dtype.itemsize)
-        chunk = store.chunk_images(split)
-        step = cap // chunk * chunk if cap >= chunk else cap
-        n = self.arr.shape[0]
-        self.blocks = []  # (lo, hi, positions in rows_ of the used rows in [lo, hi))
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
-            a, b = np.searchsorted(self.rows_, [lo, hi])
-            if b > a:
-                self.blocks.append((lo, hi, np.arange(a, b)))
-        if mean is not None:
-            self.mean = torch.from_numpy(mean).to(device)
-            self.inv_std = torch.from_numpy(1.0 / std).to(device)
-
-    def __len__(self):
-        return len(self.rows_)
-
-    sets = 1  # one feature set: batches and chunks are (1, rows, D)
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    def raw(self, i: int) -> np.ndarray:
-        """float16 features of block ``i``'s used rows; non-finite values in usable rows are errors."""
-        lo, hi, pos = self.blocks[i]
-        x = _read_rows(self.arr, lo, hi)
-        usable = self.usable[lo:hi]
-        if not all_finite(x if usable.all() else x[usable]):
-            raise StoreError(f"{self.where} holds non-finite values in images that are not marked skipped")
-        return x[self.rows_[pos] - lo]
-
-    def load(self, i: int) -> tuple[torch.Tensor, np.ndarray]:
-        """Block ``i``: (its float16 rows (rows, D) on the device, their positions in ``rows``).
-        Standardise the rows used with `standardise`: a block is never held in float32 whole."""
-        return torch.from_numpy(self.raw(i)).to(self._device), self.blocks[i][2]
-
-    def standardise(self, x16: torch.Tensor) -> torch.Tensor:
-        """float16 rows (n, D) -> standardised float32 (1, n, D)."""
-        return ((x16.float() - self.mean) * self.inv_std)[None]
-
-    def chunks(self):
-        step = _chunk_rows(self._dim, 4)
-        for i in range(len(self.blocks)):
-            x16 = self.load(i)[0]
-            for lo in range(0, len(x16), step):
-                yield self.standardise(x16[lo : lo + step])
-
-    def stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """`feature_stats` of the used rows, one block at a time."""
-        s = np.zeros(self._dim, np.float64)
-        ss = np.zeros(self._dim, np.float64)
-        step = min(max(1, self.cap // 4), _chunk_rows(self._dim))  # float64 and its square: 16 bytes a value
-        for i in range(len(self.blocks)):
-            x = self.raw(i)
-            for lo in range(0, len(x), step):
-                chunk = x[lo : lo + step].astype(np.float64)
-                s += chunk.sum(0)
-                ss += np.square(chunk).sum(0)
-        return _finish_stats(s, ss, len(self.rows_))
 
 
 # ------------------------------------------------------------------ heads
@@ -292,27 +170,27 @@ def _generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
     return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(order)
 
 
-def train_sgd(
-    data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], p: ProbeConfig, seed: int
+def fit_sgd(
+    data: FeatureData, std: Standardise, k: int, grid: list[dict], p: ProbeConfig, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train the heads of ``grid`` ([{"lr", "weight_decay"}]) on each of ``data``'s F feature
-    sets in one pass: W (F, H, D, K), b (F, H, K).
+    """Train the linear heads of ``grid`` ([{"lr", "weight_decay"}]) on each of ``data``'s F
+    cells in one pass: W (F, H, D, K), b (F, H, K).
 
     Every head starts from nn.Linear's initialisation drawn from ``seed`` and sees the same
-    batches (`_generators`), so a head trained in a grid, or beside other feature sets, equals
-    the head trained alone."""
+    batches (`_generators`, `FeatureData.batches`), so a head trained in a grid, or beside other
+    feature sets, equals the head trained alone."""
     device = data.device
-    f, h = data.sets, len(grid)
+    f, h = len(data.cells), len(grid)
     init, order = _generators(seed)
-    w0, b0 = _init(data.dim, k, init, device)
+    w0, b0 = _init(data.dims[0], k, init, device)
     w = w0.expand(f, h, -1, -1).clone().requires_grad_(True)
     b = b0.expand(f, h, -1).clone().requires_grad_(True)
     lr0 = torch.tensor([g["lr"] for g in grid], device=device)
     wd = torch.tensor([g["weight_decay"] for g in grid], device=device)
     for epoch in range(p.sgd_epochs):
         lr = lr0 * p.sgd_gamma ** (epoch // p.sgd_step_size)  # StepLR
-        for xb, yb in _sgd_batches(data, y, p.sgd_batch_size, order):
-            logits = torch.einsum("fnd,fhdk->fhnk", xb, w) + b[:, :, None, :]
+        for xs, yb in data.batches(p.sgd_batch_size, order):
+            logits = torch.einsum("fnd,fhdk->fhnk", std(xs), w) + b[:, :, None, :]
             # the sum of every head's mean loss: each head gets exactly its own gradient
             loss = F.cross_entropy(logits.reshape(-1, k), yb.repeat(f * h), reduction="sum") / len(yb)
             gw, gb = torch.autograd.grad(loss, (w, b))
@@ -322,52 +200,21 @@ def train_sgd(
     return w.detach(), b.detach()
 
 
-def _sgd_batches(data, y: torch.Tensor, batch: int, gen: torch.Generator):
-    """One epoch's (x, y) batches. In memory: a seeded permutation of every row. Streamed: a block
-    shuffle, i.e. the store's blocks in a seeded order, each block's rows in a seeded order; the
-    rows left over at the end of a block (less than a batch) open the next block's first batch."""
-    n, device = len(data), data.device
-    if isinstance(data, _Standardised):
-        order = torch.randperm(n, generator=gen).to(device)
-        for lo in range(0, n, batch):
-            idx = order[lo : lo + batch]
-            yield data.rows(idx), y[idx]
-        return
-    # the batches of (carry ++ this block's rows in a seeded order), cut every `batch` rows; the
-    # block stays float16 and only each batch is standardised (peak: the block, not 4 copies)
-    carry_x, carry_i = torch.zeros(1, 0, data.dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
-    for i in torch.randperm(len(data.blocks), generator=gen).tolist():
-        x16, pos = data.load(i)
-        perm = torch.randperm(len(pos), generator=gen).to(device)
-        idx = torch.from_numpy(pos).to(device)[perm]
-        c = carry_i.numel()  # < batch
-        full = (c + len(perm)) // batch * batch
-        for lo in range(0, full, batch):
-            a, b = max(lo - c, 0), lo + batch - c  # positions in perm
-            xb, ib = data.standardise(x16[perm[a:b]]), idx[a:b]
-            if lo < c:
-                xb, ib = torch.cat([carry_x, xb], dim=1), torch.cat([carry_i, ib])
-            yield xb, y[ib]
-        a = max(full - c, 0)
-        rest_x, rest_i = data.standardise(x16[perm[a:]]), idx[a:]
-        carry_x, carry_i = (
-            (rest_x, rest_i) if full >= c else (torch.cat([carry_x, rest_x], dim=1), torch.cat([carry_i, rest_i]))
-        )
-    if carry_i.numel():
-        yield carry_x, y[carry_i]
-
-
-def train_lbfgs(
-    data: _Standardised, y: torch.Tensor, k: int, grid: list[dict], p: ProbeConfig, seed: int
+def fit_lbfgs(
+    data: FeatureData, std: Standardise, k: int, grid: list[dict], p: ProbeConfig, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit one head per ``grid`` point ([{"l2"}]), strongest l2 first, warm-started, on ``data``'s
-    one feature set (full-batch: sets gain nothing from sharing a pass): W (1, H, D, K), b (1, H, K).
-    Deterministic: it starts from zero; ``seed`` is unused."""
-    if data.sets != 1:
-        raise ValueError(f"train_lbfgs fits one feature set at a time, got {data.sets}")
-    device, streamed = data.device, isinstance(data, _Streamed)
-    x = None if streamed else torch.cat(list(data.chunks()), dim=1)[0]  # full batch, float32
-    w = torch.zeros(data.dim, k, device=device, requires_grad=True)
+    """Fit one linear head per ``grid`` point ([{"l2"}]), strongest l2 first, warm-started, on
+    ``data``'s one cell (full-batch: cells gain nothing from sharing a pass): W (1, H, D, K),
+    b (1, H, K). Streamed data sums the same loss chunk by chunk, re-reading it at every
+    evaluation. Deterministic: it starts from zero; ``seed`` is unused."""
+    if len(data.cells) != 1:
+        raise ValueError(f"fit_lbfgs fits one feature set at a time, got {len(data.cells)}")
+    device, streamed, n = data.device, not data.in_memory, len(data)
+    if not streamed:  # full batch, float32
+        parts = list(std.chunks(data))
+        x, y = torch.cat([c[0] for c in parts], dim=1)[0], torch.cat([c[1] for c in parts])
+        del parts
+    w = torch.zeros(data.dims[0], k, device=device, requires_grad=True)
     b = torch.zeros(k, device=device, requires_grad=True)
     out = [None] * len(grid)
     for i in sorted(range(len(grid)), key=lambda i: -grid[i]["l2"]):
@@ -388,17 +235,12 @@ def train_lbfgs(
                 loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
                 loss.backward()
                 return loss
-            # the same loss, summed block by block: each block's graph is freed by its backward
+            # the same loss, summed chunk by chunk: each chunk's graph is freed by its backward
             total = torch.zeros((), device=device)
-            step = _chunk_rows(data.dim, 4)
-            for j in range(len(data.blocks)):
-                x16, pos = data.load(j)
-                for lo in range(0, len(x16), step):
-                    xb = data.standardise(x16[lo : lo + step])[0]
-                    yb = y[torch.from_numpy(pos[lo : lo + step]).to(device)]
-                    part = F.cross_entropy(xb @ w + b, yb, reduction="sum") / len(y)
-                    part.backward()
-                    total += part.detach()
+            for xb, yb in std.chunks(data):
+                part = F.cross_entropy(xb[0] @ w + b, yb, reduction="sum") / n
+                part.backward()
+                total += part.detach()
             reg = 0.5 * l2 * (w * w).sum()
             reg.backward()
             return total + reg.detach()
@@ -408,7 +250,7 @@ def train_lbfgs(
     return torch.stack([o[0] for o in out])[None], torch.stack([o[1] for o in out])[None]
 
 
-TRAINERS = {Recipe.SGD: train_sgd, Recipe.LBFGS: train_lbfgs}
+FITTERS = {Recipe.SGD: fit_sgd, Recipe.LBFGS: fit_lbfgs}
 
 
 def recipe_grid(recipe: str, p: ProbeConfig) -> list[dict]:
@@ -424,9 +266,9 @@ def recipe_grid(recipe: str, p: ProbeConfig) -> list[dict]:
 
 
 @torch.no_grad()
-def _logits(data: _Standardised, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _logits(data: FeatureData, std: Standardise, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(F, H, N, K) float32 logits of every head (W (F, H, D, K)) on its feature set."""
-    return torch.cat([torch.einsum("fnd,fhdk->fhnk", x, w) + b[:, :, None, :] for x in data.chunks()], dim=2)
+    return torch.cat([torch.einsum("fnd,fhdk->fhnk", x, w) + b[:, :, None, :] for x, _ in std.chunks(data)], dim=2)
 
 
 # ------------------------------------------------------------------ the probe
@@ -449,7 +291,7 @@ def linear_probe(
     device: str | torch.device = "cpu",
     subset: str = "all",
     selection: Selection | None = None,
-) -> dict:
+) -> ProbeResult:
     """Train a linear head on ``store``'s train split at (block, t, pool), score it on val.
 
     Hyperparameters come from ``settings`` (default: pipeline.toml's defaults); ``recipe`` and
@@ -475,7 +317,7 @@ def linear_probes(
     subset: str = "all",
     selection: Selection | None = None,
     on_result=None,
-) -> list[dict]:
+) -> list[ProbeResult]:
     """`linear_probe` for each (block, t, pool) of ``cells``, with ``sgd`` training several
     feature sets in one pass: those of the same width whose train splits fit ``probe.memory_mb``
     together (`passes`). A head trained beside other feature sets equals the head trained alone
@@ -486,30 +328,31 @@ def linear_probes(
     device = resolve_device(device, "probe.device") if isinstance(device, str) else device
     keys = [store.stored_key(*c) for c in cells]  # unknown cells fail before anything is trained
     sel = selection if selection is not None else select(store, seed, p, subset)
-    out: list[dict | None] = [None] * len(cells)
-    for group in passes(store, keys, recipe, p):
+    out: list[ProbeResult | None] = [None] * len(cells)
+    for group in passes(store, keys, recipe, p, len(sel.fit) + len(sel.hold)):
         started = time.perf_counter()
         results = _probe_pass(
             store, [keys[i] for i in group], [cells[i] for i in group], recipe, grid, seed, p, device, sel
         )
         share = round((time.perf_counter() - started) / len(group), 3)
         for i, r in zip(group, results):
-            r["seconds"] = share
+            r.seconds = share
             out[i] = r
             if on_result:
                 on_result(r)
     return out
 
 
-def passes(store: FeatureStore, keys: list[FeatureKey], recipe: str, p: ProbeConfig) -> list[list[int]]:
+def passes(store: FeatureStore, keys: list[FeatureKey], recipe: str, p: ProbeConfig, rows: int) -> list[list[int]]:
     """Indices of ``keys`` trained together: for ``sgd``, feature sets of the same width, in the
-    order given, as many as fit ``p.memory_mb`` at once (train in its stored dtype); a split
-    that does not fit alone is streamed alone; ``lbfgs`` (full-batch) trains one set at a time."""
+    order given, as many as fit ``p.memory_mb`` at once (``rows`` images each, the fitted and
+    held-out parts, in the stored dtype); a set that does not fit alone is streamed alone;
+    ``lbfgs`` (full-batch) trains one set at a time."""
     groups: list[list[int]] = []
     open_: dict[int, tuple[list[int], int]] = {}  # width -> (the group being filled, its rows)
     for i, key in enumerate(keys):
         arr = store.feature_array("train", key.block, key.t, key.pool)
-        dim, rows = int(np.prod(arr.shape[1:])), arr.shape[0]
+        dim = int(np.prod(arr.shape[1:]))
         cap = budget_rows(p, dim, arr.dtype.itemsize)
         if recipe != "sgd" or rows > cap:
             groups.append([i])
@@ -533,44 +376,27 @@ def _probe_pass(
     p: ProbeConfig,
     device: torch.device,
     sel: Selection,
-) -> list[dict]:
+) -> list[ProbeResult]:
     """Train and score one head per key in one pass (several keys: in memory, the same width)."""
     classes = store.class_names
-    fit, hold, y_tr = sel.fit, sel.hold, sel.y
-    streamed = len(keys) == 1 and not fits_in_memory(store, "train", keys[0].block, keys[0].t, keys[0].pool, p)
-    if streamed:  # the same protocol, reading the store block by block (see `_Streamed`)
-        key = keys[0]
-        rows = np.flatnonzero(sel.usable)  # usable row -> store row
-        part = lambda r, m=None, sd=None: _Streamed(
-            store, "train", key.block, key.t, key.pool, rows[r], sel.usable, m, sd, device, p
-        )
-        mean, std = part(fit).stats()
-        data, data_held = part(fit, mean, std), part(hold, mean, std)
-        means, stds = mean[None], std[None]
-    else:
-        x_fit = x_held = None
-        means, stds = [], []
-        for i, key in enumerate(keys):
-            x = _features(store, "train", key.block, key.t, key.pool, sel.usable)
-            if x_fit is None:
-                x_fit = np.empty((len(keys), len(fit), x.shape[1]), x.dtype)
-                x_held = np.empty((len(keys), len(hold), x.shape[1]), x.dtype)
-            m, sd = feature_stats(x, fit)
-            means.append(m)
-            stds.append(sd)
-            x_fit[i], x_held[i] = x[fit], x[hold]
-            del x
-        means, stds = np.stack(means), np.stack(stds)
-        data = _Standardised(x_fit, means, stds, device)
-        data_held = _Standardised(x_held, means, stds, device)
-        del x_fit, x_held
-    y_fit = torch.from_numpy(y_tr[fit]).to(device)
-    y_held = torch.from_numpy(y_tr[hold]).to(device)
-
-    w, b = TRAINERS[recipe](data, y_fit, len(classes), grid, p, seed)
+    arrays = [(k.block, k.t, k.pool) for k in keys]
+    rows = np.flatnonzero(sel.usable)  # usable row -> store row
+    data, data_held = FeatureData.parts(
+        store,
+        "train",
+        arrays,
+        [(rows[sel.fit], sel.y[sel.fit]), (rows[sel.hold], sel.y[sel.hold])],
+        sel.usable,
+        memory_mb=p.memory_mb,
+        device=device,
+    )
+    std = Standardise(*feature_stats(data), device)
+    w, b = FITTERS[recipe](data, std, len(classes), grid, p, seed)
+    streamed = not data.in_memory
     del data
 
-    logits = _logits(data_held, w, b)  # (F, H, N, K)
+    logits = _logits(data_held, std, w, b)  # (F, H, N, K)
+    y_held = torch.from_numpy(sel.y[sel.hold]).to(device)
     scored, best = [], []
     for f in range(len(keys)):
         s = [
@@ -588,98 +414,61 @@ def _probe_pass(
     w_best, b_best = w[torch.arange(len(keys)), idx][:, None], b[torch.arange(len(keys)), idx][:, None]
 
     y_val = sel.y_val
-    if streamed or not fits_in_memory(store, "val", keys[0].block, keys[0].t, keys[0].pool, p):
-        val_logits = torch.cat(
-            [
-                _logits(
-                    _Streamed(
-                        store,
-                        "val",
-                        key.block,
-                        key.t,
-                        key.pool,
-                        np.flatnonzero(sel.usable_val),
-                        sel.usable_val,
-                        means[f],
-                        stds[f],
-                        device,
-                        p,
-                    ),
-                    w_best[f : f + 1],
-                    b_best[f : f + 1],
-                )
-                for f, key in enumerate(keys)
-            ]
-        )
-        streamed = True
-    else:
-        x_val = np.stack([_features(store, "val", key.block, key.t, key.pool, sel.usable_val) for key in keys])
-        val_logits = _logits(_Standardised(x_val, means, stds, device), w_best, b_best)
+    val = FeatureData(
+        store,
+        "val",
+        arrays,
+        np.flatnonzero(sel.usable_val),
+        y_val,
+        sel.usable_val,
+        memory_mb=p.memory_mb,
+        device=device,
+    )
+    val_logits = _logits(val, std, w_best, b_best)
+    streamed = streamed or not val.in_memory
     y_val_t = torch.from_numpy(y_val).to(device)
 
-    common = {
-        "store": str(store.path),
-        "fingerprint": store_fingerprint(store),
-        "n_train": len(fit),
-        "n_heldout": len(hold),
-        "n_val": len(y_val),
-        "n_classes": len(classes),
-        "recipe": recipe,
-        "seed": seed,
-        "subset": sel.subset,
-        "subset_sha": sel.subset_sha,
-        "settings": settings_hash(recipe, p),
-        "device": str(device),
-        "streamed": streamed,
-    }
     results = []
     for f, (key, (block, t, pool)) in enumerate(zip(keys, cells)):
         vl = val_logits[f, 0]
         results.append(
-            {
-                "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-                **common,
-                "block": block,
-                "t": t,
-                "pool": pool,
-                "stored_pool": key.pool,
-                "dim": int(w.shape[2]),
-                "hyperparameters": grid[best[f]],
-                "grid": scored[f],
-                "heldout_top1": scored[f][best[f]]["heldout_top1"],
-                "top1": topk_accuracy(vl, y_val_t, 1),
-                "top5": topk_accuracy(vl, y_val_t, 5),
-                "per_class": per_class_accuracy(vl.argmax(-1).cpu().numpy(), y_val, classes),
-            }
+            ProbeResult.of(
+                store,
+                sel,
+                head=Head.LINEAR,
+                block=block,
+                t=t,
+                pool=pool,
+                stored_pool=key.pool,
+                dim=int(w.shape[2]),
+                blocks=[block],
+                timesteps=[t],
+                recipe=recipe,
+                hyperparameters=grid[best[f]],
+                seed=seed,
+                settings=settings_hash(recipe, p),
+                grid=scored[f],
+                heldout_top1=scored[f][best[f]]["heldout_top1"],
+                top1=topk_accuracy(vl, y_val_t, 1),
+                top5=topk_accuracy(vl, y_val_t, 5),
+                per_class=per_class_accuracy(vl.argmax(-1).cpu().numpy(), y_val, classes),
+                device=str(device),
+                streamed=streamed,
+            )
         )
     return results
 
 
-def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, subset: str = "all") -> dict:
+def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, subset: str = "all") -> ProbeResult:
     """`probe linear`: probe ``cfg.store.path`` with ``cfg.probe`` and append the ledger row.
 
-    ``subset`` is a label-subset spec (probe/subsets.py). The result of `linear_probe`, plus
+    ``subset`` is a label-subset spec (probe/subsets.py). The result of `linear_probe`, with
     ``ledger`` (its path, or None with ``ledger=False``) and ``subset_file`` (the chosen ids,
     written beside the ledger unless ``subset`` is "all" or ``ledger=False``; else None).
     """
-    from diffprobe.probe.ledger import append_row, ledger_path, read_rows
-    from diffprobe.probe.subsets import write_subset
-
+    cmd = prepare(cfg, subset, ledger)
     p = cfg.probe
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    store = open_store(cfg.store.path)
-    if ledger:
-        read_rows(ledger_path(cfg.store.path, p.ledger))  # refuse a foreign ledger before training
-    sel = select(store, p.seed, p, subset)
     result = linear_probe(
-        store, block, t, pool, recipe=p.recipe, seed=p.seed, settings=p, device=p.device, selection=sel
+        cmd.store, block, t, pool, recipe=p.recipe, seed=p.seed, settings=p, device=p.device, selection=cmd.sel
     )
-    result["ledger"] = result["subset_file"] = None
-    if ledger:
-        path = ledger_path(cfg.store.path, p.ledger)
-        if subset != "all":
-            result["subset_file"] = str(write_subset(path.parent, sel.fit_ids, sel.subset_sha))
-        append_row(path, result)
-        result["ledger"] = str(path)
-    return result
+    return record(cfg, result, ledger)

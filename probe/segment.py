@@ -34,9 +34,11 @@ ignore) and before the argmax. Protocol:
    is the mean IoU over the classes present in the ground truth or the prediction (a class
    absent from both has no IoU, as in mmseg), pixel accuracy over the non-ignored pixels.
 
-Memory: the fitted, held-out and val parts are each read whole when their maps and masks fit
-``probe.memory_mb`` (in the stored bytes), else streamed from the store in blocks of whole
-store chunks, re-read every epoch; training then shuffles blocks and the rows within each.
+Memory: the maps are read through the shared data layer (`probe.data.FeatureData`): held in
+memory when they fit ``probe.memory_mb`` (in the stored bytes), else streamed from the store in
+windows of whole store chunks, re-read every epoch, in the same seeded order either way. The
+masks of the rows used are held in host memory (uint8, one byte per pixel: ADE20K's 20,210
+train images at 256 px are 1.3 GB), not counted in the budget.
 """
 
 from __future__ import annotations
@@ -44,21 +46,21 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from diffprobe.probe.attention import check_held
+from diffprobe.probe.data import FeatureData
 from diffprobe.probe.digest import fingerprint_digest, settings_digest
 from diffprobe.probe.protocol import holdout_mask
+from diffprobe.probe.result import ProbeResult
 from diffprobe.store.choices import Head, Optimizer, allowed
 from diffprobe.store.config import Config, ProbeConfig, SegmentConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import ConfigError, StoreError
-from diffprobe.store.feature_store import FeatureKey, FeatureStore, open_store
-from diffprobe.store.finite import all_finite
+from diffprobe.store.feature_store import FeatureStore, open_store
 
 IGNORE = 255
 _EVAL_BYTES = 64 << 20  # float32 logits of every head while scoring: batches of at most this
@@ -91,59 +93,6 @@ def scores(conf: torch.Tensor | np.ndarray, class_names: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------ reading
-
-
-class MapRows:
-    """Some rows of a split: the maps of every cell (float16, as stored) and the masks.
-
-    ``rows`` are ascending store row indices. When their maps and masks fit ``memory_mb`` they
-    are read once and kept; otherwise the store is cut into blocks of whole store chunks (or parts
-    of one chunk) that fit, read each time they are used (`blocks`)."""
-
-    def __init__(self, store: FeatureStore, split: str, keys: list[FeatureKey], rows: np.ndarray, p: ProbeConfig):
-        self.arrays = [store.feature_array(split, k.block, k.t, k.pool) for k in keys]
-        self.masks = store.mask_array(split)
-        self.where = f"{store.path}: split {split!r}"
-        self.keys = keys
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.usable = ~store.skipped(split).astype(bool)
-        per_row = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in self.arrays) + int(
-            np.prod(self.masks.shape[1:])
-        )
-        cap = max(1, int(p.memory_mb * 2**20 // per_row))
-        self.streamed = len(self.rows) > cap
-        n, chunk = self.masks.shape[0], store.chunk_images(split)
-        step = n if not self.streamed else (cap // chunk * chunk if cap >= chunk else cap)
-        self.spans = []  # (lo, hi, positions in rows of the rows in [lo, hi))
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
-            a, b = np.searchsorted(self.rows, [lo, hi])
-            if b > a:
-                self.spans.append((lo, hi, np.arange(a, b)))
-        self._kept = None if self.streamed else self._read(0)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _read(self, i: int) -> tuple[list[np.ndarray], np.ndarray]:
-        lo, hi, pos = self.spans[i]
-        take = self.rows[pos] - lo
-        usable = self.usable[lo:hi]
-        maps = []
-        for key, arr in zip(self.keys, self.arrays):
-            x = arr[lo:hi]  # whole chunks: only these rows' chunks are decoded
-            if not all_finite(x if usable.all() else x[usable]):
-                raise StoreError(
-                    f"{self.where}, block {key.block}, t {key.t}, pool {key.pool} holds non-finite values "
-                    f"in images that are not marked skipped"
-                )
-            maps.append(x[take])
-        return maps, self.masks[lo:hi][take]
-
-    def block(self, i: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        """Block ``i``: the maps of its used rows per cell, their masks and their positions in ``rows``."""
-        maps, masks = self._kept if self._kept is not None else self._read(i)
-        return maps, masks, self.spans[i][2]
 
 
 def hypercolumns(maps: list[torch.Tensor], size: int) -> torch.Tensor:
@@ -210,23 +159,20 @@ def _generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
     return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(order)
 
 
-def _batches(data: MapRows, batch: int, gen: torch.Generator, device):
-    """One epoch: the blocks in a seeded order (one block when in memory), each block's rows in a
-    seeded order, cut every ``batch`` rows; yields (maps per cell on the device, masks)."""
-    for i in torch.randperm(len(data.spans), generator=gen).tolist():
-        maps, masks, _ = data.block(i)
-        perm = torch.randperm(len(masks), generator=gen).numpy()
-        for lo in range(0, len(perm), batch):
-            idx = perm[lo : lo + batch]
-            yield [torch.from_numpy(m[idx]).to(device) for m in maps], torch.from_numpy(masks[idx]).to(device)
-
-
 def train_grid(
-    data: MapRows, size: int, classes: int, lrs: tuple[float, ...], s: SegmentConfig, seed: int, device
+    data: FeatureData,
+    masks: np.ndarray,
+    size: int,
+    classes: int,
+    lrs: tuple[float, ...],
+    s: SegmentConfig,
+    seed: int,
+    device,
 ) -> HeadGrid:
-    """Train one head per lr of ``lrs`` on ``data`` in one pass (the same batches for every head)."""
+    """Train one head per lr of ``lrs`` on ``data`` (``masks``: one per row of it) in one pass: every
+    head sees the same batches (`FeatureData.batches`: in memory or streamed, the same order)."""
     init, order = _generators(seed)
-    channels = sum(int(a.shape[1]) for a in data.arrays)
+    channels = sum(shape[0] for shape in data.shapes)
     model = HeadGrid(channels, classes, len(lrs), init).to(device)
     groups = [{"params": model.head_parameters(h), "lr": lr} for h, lr in enumerate(lrs)]
     if s.optimizer == Optimizer.ADAMW:
@@ -235,21 +181,21 @@ def train_grid(
         opt = torch.optim.SGD(groups, momentum=0.0, weight_decay=s.weight_decay)
     else:
         raise ConfigError(f"segment.optimizer: {s.optimizer!r} is not allowed; allowed: {allowed(Optimizer)}")
-    steps = s.epochs * sum(-(-len(sp[2]) // s.batch_size) for sp in data.spans)
+    steps = s.epochs * data.steps(s.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / steps))  # poly, power 1
     model.train()
     for _ in range(s.epochs):
-        for maps, masks in _batches(data, s.batch_size, order, device):
-            if not (masks != IGNORE).any():
+        for maps, pos in data.batches(s.batch_size, order):
+            target = torch.from_numpy(masks[pos.cpu().numpy()]).to(device)
+            if not (target != IGNORE).any():
                 sched.step()
                 continue  # every pixel ignored (skipped images): no loss to take
-            logits = upsampled(model(hypercolumns(maps, size)), masks.shape[-1])  # (B, H, K, S, S)
-            target = masks.long()[:, None].expand(-1, logits.shape[1], -1, -1)
+            logits = upsampled(model(hypercolumns(maps, size)), target.shape[-1])  # (B, H, K, S, S)
+            valid = int((target != IGNORE).sum())
+            target = target.long()[:, None].expand(-1, logits.shape[1], -1, -1)
             # the sum of every head's mean loss (each head has the same valid pixels): each head gets
             # exactly its own gradient, in one call (per-head calls spent most of a step zero-filling)
-            loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="sum") / int(
-                (masks != IGNORE).sum()
-            )
+            loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="sum") / valid
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -260,37 +206,37 @@ def train_grid(
 @torch.no_grad()
 def evaluate(
     model: HeadGrid,
-    data: MapRows,
+    data: FeatureData,
+    masks: np.ndarray,
     size: int,
     eval_size: int,
     classes: int,
-    device,
     keep: int = 0,
 ) -> tuple[list[torch.Tensor], np.ndarray | None]:
-    """Confusion matrices of every head at ``eval_size`` and, with ``keep``, the first head's
-    predictions (keep, E, E) uint8 of the first ``keep`` rows of ``data``."""
+    """Confusion matrices of every head at ``eval_size`` over ``data`` (``masks``: one per row) and,
+    with ``keep``, the first head's predictions (keep, E, E) uint8 of the first ``keep`` rows."""
     model.eval()
     heads = len(model.weight)
     rows = max(1, _EVAL_BYTES // (4 * heads * classes * eval_size * eval_size))
     conf = [torch.zeros(classes, classes, dtype=torch.int64) for _ in range(heads)]
     kept = np.zeros((keep, eval_size, eval_size), np.uint8) if keep else None
-    for i in range(len(data.spans)):
-        maps, masks, pos = data.block(i)
-        for lo in range(0, len(masks), rows):
-            m = [torch.from_numpy(x[lo : lo + rows]).to(device) for x in maps]
-            target = torch.from_numpy(masks[lo : lo + rows]).to(device)
-            if eval_size != target.shape[-1]:
-                target = F.interpolate(target[:, None].float(), size=(eval_size, eval_size), mode="nearest")[:, 0].to(
-                    torch.uint8
-                )
-            pred = upsampled(model(hypercolumns(m, size)), eval_size).argmax(2)  # (B, H, E, E)
-            for h in range(heads):
-                conf[h] += confusion(pred[:, h], target, classes)
-            if kept is not None:
-                at = pos[lo : lo + rows]
-                sel = at < keep
-                kept[at[sel]] = pred[torch.from_numpy(sel).to(device), 0].cpu().numpy()
+    for maps, pos in data.sequential(rows):
+        at = pos.cpu().numpy()
+        target = torch.from_numpy(masks[at]).to(data.device)
+        if eval_size != target.shape[-1]:
+            target = resize_masks(target, eval_size)
+        pred = upsampled(model(hypercolumns(maps, size)), eval_size).argmax(2)  # (B, H, E, E)
+        for h in range(heads):
+            conf[h] += confusion(pred[:, h], target, classes)
+        if kept is not None and at[0] < keep:
+            n = min(keep - at[0], len(at))
+            kept[at[0] : at[0] + n] = pred[:n, 0].cpu().numpy()
     return conf, kept
+
+
+def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, S, S) uint8 label maps -> (B, size, size), nearest-neighbour (labels stay labels)."""
+    return F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(torch.uint8)
 
 
 # ------------------------------------------------------------------ the probe
@@ -341,7 +287,20 @@ def _selection(store: FeatureStore, p: ProbeConfig, seed: int) -> tuple[np.ndarr
     return usable[~held], usable[held], val, sha
 
 
-def segment_probe(
+def segment_probe(store: FeatureStore, cells: list[tuple[int, int]], **kwargs) -> ProbeResult:
+    """Train the dense linear head on ``store``'s train maps of ``cells`` ([(block, t)]) and score it
+    on val (keywords: those of `segment_with_examples`, but ``examples``).
+
+    Returns a `probe.result.ProbeResult` whose ledger columns hold ``top1`` = val mIoU, ``top5`` =
+    val pixel accuracy, ``heldout_top1`` = held-out mIoU and ``per_class`` = per-class IoU, and
+    whose --json adds the same under their own names: ``miou``, ``pixel_accuracy``,
+    ``per_class_iou`` (None for a class neither in the ground truth nor predicted),
+    ``heldout_miou``; and ``stored_pools``, ``map_size``, ``mask_size``, ``eval_size``. ``grid``
+    holds every lr with its held-out mIoU and pixel accuracy."""
+    return segment_with_examples(store, cells, **kwargs)[0]
+
+
+def segment_with_examples(
     store: FeatureStore,
     cells: list[tuple[int, int]],
     pool: int | None = None,
@@ -351,15 +310,12 @@ def segment_probe(
     settings: ProbeConfig | None = None,
     device: str | torch.device = "cpu",
     examples: int = 0,
-) -> dict:
-    """Train the dense linear head on ``store``'s train maps of ``cells`` ([(block, t)]) and score it on val.
+) -> tuple[ProbeResult, dict | None]:
+    """`segment_probe`, and with ``examples`` the first val rows to draw (None without): ``images``
+    (n, 3, S, S) uint8 (the store's previews), ``truth`` and ``prediction`` (n, E, E) uint8.
 
     ``pool`` None: the largest pool the store holds for every cell; ``eval_size`` None: the stored
-    mask size. Returns ``miou``, ``pixel_accuracy``, ``per_class_iou`` (val), ``heldout_miou``,
-    ``grid`` (every lr with its held-out mIoU and pixel accuracy), ``hyperparameters``, the
-    ledger's columns (``top1`` = mIoU, ``top5`` = pixel accuracy, ``heldout_top1`` = held-out
-    mIoU, ``per_class`` = per-class IoU) and, with ``examples``, ``examples`` (the first val rows:
-    ``images`` (n, 3, S, S) uint8, ``truth`` and ``prediction`` (n, E, E) uint8)."""
+    mask size; ``segment`` and ``settings``: pipeline.toml's [segment] and [probe] (defaults)."""
     started = time.perf_counter()
     s, p = segment or SegmentConfig(), settings or ProbeConfig()
     device = resolve_device(device, "probe.device") if isinstance(device, str) else device
@@ -375,14 +331,17 @@ def segment_probe(
     eval_size = eval_size or mask_size
     k = len(classes)
 
-    data = MapRows(store, "train", keys, fit, p)
-    model = train_grid(data, size, k, s.lr, s, seed, device)
-    streamed = data.streamed
+    cells3 = [(b, t, pool) for b, t in cells]
+    usable = ~store.skipped("train").astype(bool)
+    train_masks = store.masks("train")
+    data, held = FeatureData.parts(
+        store, "train", cells3, [(fit, None), (hold, None)], usable, memory_mb=p.memory_mb, device=device
+    )
+    streamed = not data.in_memory
+    model = train_grid(data, train_masks[fit], size, k, s.lr, s, seed, device)
     del data
-    held = MapRows(store, "train", keys, hold, p)
-    conf_held, _ = evaluate(model, held, size, eval_size, k, device)
-    streamed |= held.streamed
-    del held
+    conf_held, _ = evaluate(model, held, train_masks[hold], size, eval_size, k)
+    del held, train_masks
     grid = []
     for lr, c in zip(s.lr, conf_held):
         sc = scores(c, classes)
@@ -394,34 +353,31 @@ def segment_probe(
         for mine, theirs in zip(chosen.head_parameters(0), model.head_parameters(best)):
             mine.copy_(theirs)
     n_show = min(examples, len(val))
-    vdata = MapRows(store, "val", keys, val, p)
-    (conf_val,), pred = evaluate(chosen, vdata, size, eval_size, k, device, keep=n_show)
-    streamed |= vdata.streamed
+    val_masks = store.masks("val")
+    vdata = FeatureData(
+        store, "val", cells3, val, None, ~store.skipped("val").astype(bool), memory_mb=p.memory_mb, device=device
+    )
+    (conf_val,), pred = evaluate(chosen, vdata, val_masks[val], size, eval_size, k, keep=n_show)
+    streamed |= not vdata.in_memory
     del vdata
     val_scores = scores(conf_val, classes)
-    fingerprint = fingerprint_digest(store.fingerprints)
-    result = {
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "head": Head.SEGMENT,
-        "store": str(store.path),
-        "fingerprint": fingerprint,
-        "n_train": len(fit),
-        "n_heldout": len(hold),
-        "n_val": len(val),
-        "n_classes": k,
-        "block": cells[0][0] if len(cells) == 1 else None,
-        "t": cells[0][1] if len(cells) == 1 else None,
-        "pool": pool,
-        "stored_pool": max(k.pool for k in keys),
-        "stored_pools": [k.pool for k in keys],
-        "blocks": [b for b, _ in cells],
-        "timesteps": [t for _, t in cells],
-        "dim": int(model.bn.num_features),
-        "map_size": size,
-        "mask_size": mask_size,
-        "eval_size": eval_size,
-        "recipe": s.optimizer,
-        "hyperparameters": {
+    result = ProbeResult(
+        head=Head.SEGMENT,
+        store=str(store.path),
+        fingerprint=fingerprint_digest(store.fingerprints),
+        n_train=len(fit),
+        n_heldout=len(hold),
+        n_val=len(val),
+        n_classes=k,
+        block=cells[0][0] if len(cells) == 1 else None,
+        t=cells[0][1] if len(cells) == 1 else None,
+        pool=pool,
+        stored_pool=max(key.pool for key in keys),
+        dim=int(model.bn.num_features),
+        blocks=[b for b, _ in cells],
+        timesteps=[t for _, t in cells],
+        recipe=s.optimizer,
+        hyperparameters={
             "lr": s.lr[best],
             "weight_decay": s.weight_decay,
             "epochs": s.epochs,
@@ -429,40 +385,36 @@ def segment_probe(
             "eval_size": eval_size,
             "mask_size": mask_size,
         },
-        "grid": grid,
-        "seed": seed,
-        "subset": "all",
-        "subset_sha": sha,
-        "settings": settings_hash(s, p, eval_size),
-        "heldout_miou": grid[best]["heldout_miou"],
-        **val_scores,
-        "heldout_top1": grid[best]["heldout_miou"],
-        "top1": val_scores["miou"],
-        "top5": val_scores["pixel_accuracy"],
-        "per_class": val_scores["per_class_iou"],
-        "device": str(device),
-        "streamed": streamed,
-    }
+        seed=seed,
+        subset="all",
+        subset_sha=sha,
+        settings=settings_hash(s, p, eval_size),
+        grid=grid,
+        heldout_top1=grid[best]["heldout_miou"],  # the ledger's columns: mIoU, pixel accuracy, IoU
+        top1=val_scores["miou"],
+        top5=val_scores["pixel_accuracy"],
+        per_class=val_scores["per_class_iou"],
+        device=str(device),
+        streamed=streamed,
+        extra={
+            **val_scores,
+            "heldout_miou": grid[best]["heldout_miou"],
+            "stored_pools": [key.pool for key in keys],
+            "map_size": size,
+            "mask_size": mask_size,
+            "eval_size": eval_size,
+        },
+    )
+    shown = None
     if n_show:
-        truth = store.masks("val")[val[:n_show]]
+        truth = val_masks[val[:n_show]]
         if eval_size != mask_size:
-            truth = (
-                F.interpolate(torch.from_numpy(truth)[:, None].float(), size=(eval_size, eval_size), mode="nearest")[
-                    :, 0
-                ]
-                .to(torch.uint8)
-                .numpy()
-            )
+            truth = resize_masks(torch.from_numpy(truth), eval_size).numpy()
         previews = store.previews("val")
         have = [i for i in range(n_show) if val[i] < len(previews)]
-        result["examples"] = {
-            "rows": [int(v) for v in val[have]],
-            "images": previews[val[have]],
-            "truth": truth[have],
-            "prediction": pred[have] if pred is not None else None,
-        }
-    result["seconds"] = round(time.perf_counter() - started, 3)
-    return result
+        shown = {"images": previews[val[have]], "truth": truth[have], "prediction": pred[have]}  # type: ignore[index]
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result, shown
 
 
 def _config_cells(blocks, ts) -> list[tuple[int, int]]:
@@ -479,46 +431,40 @@ def run(
     eval_size: int | None = None,
     ledger: bool = True,
     picture: bool = True,
-) -> dict:
-    """`probe segment`: `segment_probe` with ``cfg``'s settings; one ledger row and a picture.
-
-    Returns the result (``examples`` replaced by ``picture``, the PNG's path or None) plus ``ledger``."""
-    from diffprobe.probe.ledger import append_row, ledger_path, read_rows
+) -> ProbeResult:
+    """`probe segment`: `segment_probe` with ``cfg``'s settings, one ledger row and a picture
+    (its path in ``--json``'s ``picture``; None without examples or with ``picture=False``)."""
+    from diffprobe.probe.command import check_not_written, prepare
+    from diffprobe.probe.ledger import record
 
     p, s = cfg.probe, cfg.segment
-    if p.threads:
-        torch.set_num_threads(p.threads)
+    cmd = prepare(cfg, ledger=ledger, store=False)  # threads, and a foreign ledger refused before training
     store = open_store(cfg.store.path)
-    path = ledger_path(cfg.store.path, p.ledger)
-    if ledger:
-        read_rows(path)  # refuse a foreign ledger before training
-    r = segment_probe(
+    check_not_written(store)
+    r, shown = segment_with_examples(
         store,
         _config_cells(blocks, ts),
-        pool or s.pool or None,
-        eval_size or s.eval_size or None,
-        p.seed,
-        s,
-        p,
-        p.device,
-        s.examples if picture else 0,
+        pool=pool or s.pool or None,
+        eval_size=eval_size or s.eval_size or None,
+        seed=p.seed,
+        segment=s,
+        settings=p,
+        device=p.device,
+        examples=s.examples if picture else 0,
     )
-    examples = r.pop("examples", None)
-    r["picture"] = r["ledger"] = r["subset_file"] = None
-    if examples is not None and len(examples["rows"]):
+    r.extra["picture"] = None
+    if shown is not None and len(shown["images"]):
         from diffprobe.probe.plots import segmentation_picture
 
-        cells = "_".join(f"b{b}" for b in r["blocks"]) + "-" + "_".join(f"t{t}" for t in sorted(set(r["timesteps"])))
-        name = f"segment-{r['fingerprint']}-{cells}-p{r['pool']}-{r['settings'][:8]}.png"
+        folder = cmd.ledger.parent if cmd.ledger is not None else store.path.parent
+        cells = "_".join(f"b{b}" for b in r.blocks) + "-" + "_".join(f"t{t}" for t in sorted(set(r.timesteps)))
+        name = f"segment-{r.fingerprint}-{cells}-p{r.pool}-{r.settings[:8]}.png"
         title = (
-            f"{store.path.name} · blocks {','.join(map(str, r['blocks']))} · t {','.join(map(str, r['timesteps']))} · "
-            f"pool {r['pool']} · val mIoU {100 * r['miou']:.1f}% at {r['eval_size']}px"
+            f"{store.path.name} · blocks {','.join(map(str, r.blocks))} · t {','.join(map(str, r.timesteps))} · "
+            f"pool {r.pool} · val mIoU {100 * r.top1:.1f}% at {r['eval_size']}px"
         )
-        r["picture"] = str(segmentation_picture(examples, store.mask_classes, path.parent / name, title))
-    if ledger:
-        append_row(path, r)
-        r["ledger"] = str(path)
-    return r
+        r.extra["picture"] = str(segmentation_picture(shown, store.mask_classes, folder / name, title))
+    return record(cfg, r, ledger)
 
 
 # ------------------------------------------------------------------ the dense sweep
@@ -581,9 +527,11 @@ def sweep_run(
             if on_cell:
                 on_cell((b, t), False)
             continue
-        r = segment_probe(store, [(b, t)], q, size_eval, p.seed, s, p, p.device)
+        r = segment_probe(
+            store, [(b, t)], pool=q, eval_size=size_eval, seed=p.seed, segment=s, settings=p, device=p.device
+        )
         append_row(path, r)
-        found[(b, t, q)] = r
+        found[(b, t, q)] = r.to_json()
         if on_cell:
             on_cell((b, t), True)
     summary = [

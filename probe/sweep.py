@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 from diffprobe.probe import linear as lin
-from diffprobe.probe.ledger import append_row, ledger_path, read_rows
+from diffprobe.probe.command import prepare
+from diffprobe.probe.ledger import append_row, read_rows
 from diffprobe.probe.protocol import Selection, select
 from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.errors import StoreError
-from diffprobe.store.feature_store import FeatureKey, FeatureStore, open_store
+from diffprobe.store.feature_store import FeatureKey, FeatureStore
 
 
 def held_keys(store: FeatureStore) -> set[FeatureKey]:
@@ -144,8 +145,13 @@ def sweep(
     ledger: str | Path | None = None,
     on_cell: Callable[[FeatureKey, bool], None] | None = None,
     selection: Selection | None = None,
+    workers: int = 0,
+    scheduler: str | None = None,
 ) -> dict:
     """Probe every cell not already in ``ledger`` (None: train them all, record nothing).
+
+    ``workers`` > 0 or ``scheduler``: the passes run on a dask cluster (probe/distributed.py),
+    with the same results; rows are still written here, by this process, as results come back.
 
     ``on_cell(cell, trained)`` is called after each cell. Returns ``cells`` (one summary per
     cell, in ``cells`` order: block, t, pool (stored), top1, top5, heldout_top1,
@@ -154,6 +160,7 @@ def sweep(
     """
     p = settings or ProbeConfig()
     lin.recipe_grid(recipe, p)  # an unknown recipe fails before anything is read
+    spec = device if isinstance(device, str) else str(device)  # workers resolve it themselves
     device = lin.resolve_device(device, "probe.device") if isinstance(device, str) else device
     sel = selection if selection is not None else select(store, seed, p, subset)
     fingerprint, settings_id = lin.store_fingerprint(store), lin.settings_hash(recipe, p)
@@ -164,22 +171,29 @@ def sweep(
             on_cell(key, False)
     todo = [key for key in cells if key not in done]
 
-    def record(r: dict):  # each cell's row is written as soon as its pass is done
+    def record(r):  # each cell's row is written as soon as its pass is done
         if ledger is not None:
             append_row(ledger, r)
         if on_cell:
             on_cell(FeatureKey(r["t"], r["block"], r["stored_pool"]), True)
 
-    results = lin.linear_probes(
-        store,
-        [(k.block, k.t, k.pool) for k in todo],
-        recipe=recipe,
-        seed=seed,
-        settings=p,
-        device=device,
-        selection=sel,
-        on_result=record,
-    )
+    if (workers or scheduler) and todo:
+        from diffprobe.probe.distributed import linear_probes_distributed
+
+        results = linear_probes_distributed(
+            store, todo, recipe, seed, p, spec, sel, workers, scheduler, on_result=record
+        )
+    else:
+        results = lin.linear_probes(
+            store,
+            [(k.block, k.t, k.pool) for k in todo],
+            recipe=recipe,
+            seed=seed,
+            settings=p,
+            device=device,
+            selection=sel,
+            on_result=record,
+        )
     found = {
         **{k: _summary(r, trained=False) for k, r in done.items()},
         **{k: _summary(r, trained=True) for k, r in zip(todo, results)},
@@ -208,6 +222,8 @@ def run(
     plots: bool = True,
     on_plan: Callable[[int, int], None] | None = None,
     on_cell: Callable[[FeatureKey, bool], None] | None = None,
+    workers: int = 0,
+    scheduler: str | None = None,
 ) -> dict:
     """`probe sweep`: plan, sweep into ``cfg.probe.ledger``, write the subset's ids and the plots.
 
@@ -220,13 +236,13 @@ def run(
 
     started = time.perf_counter()
     p = cfg.probe
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    store = open_store(cfg.store.path)
-    cells, grid = plan(store, blocks, ts, pools)
-    ledger = ledger_path(cfg.store.path, p.ledger)
+    if scheduler:  # an address nothing listens on fails before the plan is shown
+        from diffprobe.probe.distributed import check_scheduler
 
-    sel = select(store, p.seed, p, subset)  # made once: counted here, reused by the sweep
+        check_scheduler(scheduler)
+    cmd = prepare(cfg, subset)  # the selection is made once: counted here, reused by the sweep
+    store, sel, ledger = cmd.store, cmd.sel, cmd.ledger
+    cells, grid = plan(store, blocks, ts, pools)
     if on_plan:
         done = done_cells(ledger, lin.store_fingerprint(store), p.recipe, p.seed, sel, lin.settings_hash(p.recipe, p))
         on_plan(len(cells), sum(c in done for c in cells))
@@ -241,6 +257,8 @@ def run(
         ledger=ledger,
         on_cell=on_cell,
         selection=sel,
+        workers=workers,
+        scheduler=scheduler,
     )
     sel = result.pop("selection")
     subset_file = str(write_subset(ledger.parent, sel.fit_ids, sel.subset_sha)) if subset != "all" else None

@@ -1,11 +1,13 @@
 """Training helpers shared by every head (attention, DifFormer, DifFeed): the settings digest
-that names a head's recipe in the ledger, seeded initialisation, the paper's SGD recipe and
-parameter counts. Scoring and choosing the best head are in probe/metrics.py.
+that names a head's recipe in the ledger, seeded initialisation, the paper's SGD recipe for a
+grid of heads in one pass (`train_heads`; the linear probe's own trainers are
+`probe.linear.fit_sgd` and `fit_lbfgs`) and parameter counts. Scoring and choosing the best head are in probe/metrics.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -40,41 +42,67 @@ def seeded(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
         return build()
 
 
-def train_sgd(
-    model: torch.nn.Module,
-    params,
-    lr: float,
+@dataclass(frozen=True)
+class Step:
+    """What `train_heads` reports after each step: a progress bar's fields."""
+
+    epoch: int  # 0-based
+    epochs: int
+    step: int  # 1-based, within the epoch
+    steps: int | None  # steps per epoch, if known
+    loss: float  # the mean of every head's loss on this batch
+    images: int  # images in this batch
+
+
+def train_heads(
+    models: list[torch.nn.Module],
+    lrs,
     h: HeadsConfig,
     batches: Callable[[int], Iterable],
     loss_of: Callable,
-    on_epoch: Callable[[int], None] | None = None,
-    scaler=None,
-):
-    """The paper's recipe: SGD (no momentum), StepLR(h.step_size, h.gamma), h.epochs epochs.
+    *,
+    steps: int | None = None,
+    on_step: Callable[[Step], None] | None = None,
+    make_scaler: Callable | None = None,
+) -> list[torch.nn.Module]:
+    """The paper's recipe for heads, one per lr of ``lrs`` (``models[i]`` trains at ``lrs[i]``):
+    SGD (no momentum), StepLR(h.step_size, h.gamma), h.epochs epochs, every head from the same
+    batches in one pass (one read of the data feeds the whole grid).
 
-    ``batches(epoch)`` yields (inputs, y); ``loss_of(inputs, y)`` returns the mean loss (it runs
-    the model, so a caller can wrap it in autocast or a U-Net pass); ``scaler``: a
-    torch.amp.GradScaler for fp16 autocast.
+    ``batches(epoch)`` yields (inputs, y); ``loss_of(model, inputs, y)`` returns the mean loss (it
+    runs the model, so a caller can wrap it in autocast or a U-Net pass); ``make_scaler()``:
+    a new torch.amp.GradScaler for fp16 autocast (one per head); ``on_step(Step)`` after every step. A head trained
+    in a grid equals the head trained alone: each sees the same batches and its own optimiser.
     """
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=h.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=h.step_size, gamma=h.gamma)
+    opts = [
+        torch.optim.SGD(m.parameters(), lr=lr, momentum=0.0, weight_decay=h.weight_decay)
+        for m, lr in zip(models, lrs, strict=True)
+    ]
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=h.step_size, gamma=h.gamma) for o in opts]
+    scalers = [make_scaler() if make_scaler else None for _ in models]
     for epoch in range(h.epochs):
-        model.train()
-        for inputs, y in batches(epoch):
-            loss = loss_of(inputs, y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-        sched.step()
-        if on_epoch:
-            on_epoch(epoch)
-    model.eval()
-    return model
+        for m in models:
+            m.train()
+        for i, (inputs, y) in enumerate(batches(epoch), start=1):
+            losses = []
+            for m, opt, scaler in zip(models, opts, scalers):
+                loss = loss_of(m, inputs, y)
+                opt.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                losses.append(loss.detach())
+            if on_step:
+                on_step(Step(epoch, h.epochs, i, steps, float(torch.stack(losses).float().mean()), len(y)))
+        for s in scheds:
+            s.step()
+    for m in models:
+        m.eval()
+    return models
 
 
 def count_parameters(model: torch.nn.Module) -> int:

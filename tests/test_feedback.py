@@ -192,6 +192,6 @@ def test_feedback_learns_on_the_embedded_default_and_shares_the_store_noise(tmp_
 
 
 def test_cli_feedback_errors_are_one_line(tmp_path):
-    res = runner.invoke(probe_app, ["feedback", "--blocks", "19", "--store", str(tmp_path / "s.zarr")])
+    res = runner.invoke(probe_app, ["feedback", "--feedback-blocks", "19", "--store", str(tmp_path / "s.zarr")])
     assert res.exit_code == 2 and "takes no skip connection" in res.output
     assert len(res.output.strip().splitlines()) == 1

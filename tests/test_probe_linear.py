@@ -77,7 +77,9 @@ def test_same_seed_same_result_and_grid_heads_equal_lone_heads(planted):
     s = open_store(planted)
     a, b = (linear_probe(s, 24, 90, 2, recipe="sgd", seed=3) for _ in range(2))
     drop = ("timestamp", "seconds")
-    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    assert {k: v for k, v in a.to_json().items() if k not in drop} == {
+        k: v for k, v in b.to_json().items() if k not in drop
+    }
     alone = linear_probe(s, 24, 90, 2, recipe="sgd", seed=3, settings=dataclasses.replace(ProbeConfig(), sgd_lr=(0.1,)))
     in_grid = next(g for g in a["grid"] if g["lr"] == 0.1)
     assert alone["grid"][0]["heldout_loss"] == pytest.approx(in_grid["heldout_loss"], rel=1e-4)

@@ -1,16 +1,14 @@
 """The linear probe streamed from the store (a split above ``probe.memory_mb``): the same
-statistics, the same lbfgs optimum, a learning and deterministic block-shuffled sgd, skipped
+statistics, the same lbfgs optimum, a learning and deterministic window-shuffled sgd, skipped
 images and subsets honoured, and never more rows read at once than the budget holds."""
 
 import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
-from diffprobe.probe import linear as lin
-from diffprobe.probe.data import read_features
-from diffprobe.probe.linear import _Streamed, feature_stats, linear_probe
+from diffprobe.probe.data import FeatureData
+from diffprobe.probe.linear import feature_stats, linear_probe
 from diffprobe.probe.protocol import select
 from diffprobe.store.config import ProbeConfig
 from diffprobe.store.feature_store import open_store
@@ -41,17 +39,23 @@ def store(tmp_path_factory):
 def reads(monkeypatch):
     """Rows of every block the streaming path reads; a whole-split read fails the test."""
     sizes = []
-    real = lin._read_rows
+    real = FeatureData._read
 
-    def spy(arr, lo, hi):
-        sizes.append(hi - lo)
-        return real(arr, lo, hi)
+    def spy(self, i):
+        sizes.append(self.pieces[i].hi - self.pieces[i].lo)
+        return real(self, i)
 
-    monkeypatch.setattr(lin, "_read_rows", spy)
+    monkeypatch.setattr(FeatureData, "_read", spy)
     return sizes
 
 
-FAST = dataclasses.replace(ProbeConfig(), lbfgs_l2=(1e-3, 1e-1), lbfgs_max_iter=40, sgd_epochs=14, sgd_step_size=5)
+def _no_whole_reads(monkeypatch):
+    monkeypatch.setattr(FeatureData, "_read_all", lambda *a: pytest.fail("read a whole split while streaming"))
+
+
+FAST = dataclasses.replace(
+    ProbeConfig(), lbfgs_l2=(1e-3, 1e-1), lbfgs_max_iter=40, sgd_epochs=14, sgd_step_size=5, sgd_batch_size=64
+)
 
 
 @pytest.mark.parametrize("budget", [1, 40, 150])  # below a chunk (64 rows), and two whole chunks
@@ -59,20 +63,22 @@ FAST = dataclasses.replace(ProbeConfig(), lbfgs_l2=(1e-3, 1e-1), lbfgs_max_iter=
 def test_streamed_stats_equal_in_memory(store, reads, budget, subset):
     p = dataclasses.replace(FAST, memory_mb=_mb(budget))
     sel = select(store, 0, p, subset)
-    x = read_features(store, "train", 24, 90, 2, sel.usable)
     rows = np.flatnonzero(sel.usable)[sel.fit]
-    got = _Streamed(store, "train", 24, 90, 2, rows, sel.usable, None, None, torch.device("cpu"), p).stats()
-    want = feature_stats(x, sel.fit)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)
+    data = FeatureData(store, "train", [(24, 90, 2)], rows, None, sel.usable, memory_mb=p.memory_mb)
+    assert not data.in_memory
+    got = feature_stats(data)
+    x = store.features("train", 24, 90, 2).reshape(400, -1)[rows].astype(np.float64)  # numpy, independently
+    np.testing.assert_allclose(got[0][0], x.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1][0], x.std(0), rtol=1e-5, atol=1e-5)
     assert reads and max(reads) <= budget and sum(reads) <= 400  # blocks without a used row are not read
 
 
 @pytest.mark.parametrize("budget", [40, 150])
 def test_streamed_lbfgs_reaches_the_in_memory_optimum_within_budget(store, reads, budget, monkeypatch):
     whole = linear_probe(store, 24, 90, 2, recipe="lbfgs", settings=FAST)
-    assert not whole["streamed"] and not reads
-    monkeypatch.setattr(lin, "_features", lambda *a: pytest.fail("read a whole split while streaming"))
+    assert not whole["streamed"]
+    reads.clear()  # the in-memory run read whole chunks too; what follows must stay within budget
+    _no_whole_reads(monkeypatch)
     r = linear_probe(store, 24, 90, 2, recipe="lbfgs", settings=dataclasses.replace(FAST, memory_mb=_mb(budget)))
     assert r["streamed"] and max(reads) <= budget
     assert (r["n_train"], r["n_heldout"], r["n_val"]) == (whole["n_train"], whole["n_heldout"], whole["n_val"])
@@ -86,17 +92,20 @@ def test_streamed_lbfgs_reaches_the_in_memory_optimum_within_budget(store, reads
 
 def test_streamed_sgd_learns_and_is_deterministic(store, reads, monkeypatch):
     whole = linear_probe(store, 24, 90, 2, recipe="sgd", seed=1, settings=FAST)
-    monkeypatch.setattr(lin, "_features", lambda *a: pytest.fail("read a whole split while streaming"))
+    reads.clear()
+    _no_whole_reads(monkeypatch)
     p = dataclasses.replace(FAST, memory_mb=_mb(100))  # one 64-row chunk per block
     a, b = (linear_probe(store, 24, 90, 2, recipe="sgd", seed=1, settings=p) for _ in range(2))
     assert (
         a["streamed"] and max(reads) <= 100 and set(reads) <= {64, 16, 8}
     )  # whole chunks (the last: 16 of train, 8 of val)
     drop = ("timestamp", "seconds")
-    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    assert {k: v for k, v in a.to_json().items() if k not in drop} == {
+        k: v for k, v in b.to_json().items() if k not in drop
+    }
     assert a["top1"] >= whole["top1"] - 0.04, (a["top1"], whole["top1"])
     c = linear_probe(store, 24, 90, 2, recipe="sgd", seed=2, settings=p)
-    assert c["grid"] != a["grid"]  # the seed drives the block shuffle
+    assert c["grid"] != a["grid"]  # the seed drives the window shuffle
 
 
 def test_non_finite_unskipped_features_are_an_error_when_streamed(tmp_path):

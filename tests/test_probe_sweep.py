@@ -279,10 +279,11 @@ def test_many_feature_sets_in_one_pass_equal_each_trained_alone(grid):
     keys = [store.stored_key(*c) for c in cells]
     p = ProbeConfig(sgd_epochs=6)
     # same width (pool 1: 8 features, pool 2: 32) and within the budget: one pass per width
-    assert lin.passes(store, keys, "sgd", p) == [[0, 2, 4, 6], [1, 3, 5, 7]]
-    assert lin.passes(store, keys, "lbfgs", p) == [[i] for i in range(8)]
-    small = ProbeConfig(sgd_epochs=6, memory_mb=2 * 300 * 32 * 2 / 2**20)  # two pool-2 float16 train splits
-    assert lin.passes(store, keys, "sgd", small) == [[0, 2, 4, 6], [1, 3], [5, 7]]
+    assert lin.passes(store, keys, "sgd", p, 300) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert lin.passes(store, keys, "lbfgs", p, 300) == [[i] for i in range(8)]
+    # two pool-2 float16 train splits (fit + held-out: 300 rows)
+    small = ProbeConfig(sgd_epochs=6, memory_mb=2 * 300 * 32 * 2 / 2**20)
+    assert lin.passes(store, keys, "sgd", small, 300) == [[0, 2, 4, 6], [1, 3], [5, 7]]
 
     seen = []
     together = lin.linear_probes(store, cells, settings=p, seed=5, on_result=seen.append)

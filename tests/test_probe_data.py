@@ -1,0 +1,169 @@
+"""The data layer (probe/data.py): the documented epoch order computed independently, the same
+batches in memory and streamed (so a head trained both ways ends bit-identical), prefetch
+changing nothing, only pieces holding used rows read, and the bad inputs (a budget below one
+batch, arrays read together with different chunking)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from diffprobe.probe.data import BudgetError, FeatureData
+from diffprobe.probe.linear import Standardise, feature_stats, fit_sgd
+from diffprobe.store.config import ProbeConfig
+from diffprobe.store.errors import StoreError
+from diffprobe.store.feature_store import FeatureKey, open_store
+from diffprobe.store.synthetic import write_synthetic_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+N, C, P, CHUNK = 300, 4, 2, 32
+CELLS = [(24, 90, P), (19, 90, P)]
+
+
+def _mb(rows: int, cells: int = 2) -> float:
+    return rows * 2 * C * P * P * cells / 2**20
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    y = np.arange(N) % 5
+    x = {
+        FeatureKey(t, b, P): (rng.normal(size=(N, C, P, P)) + y[:, None, None, None]).astype(np.float16)
+        for b, t, _ in CELLS
+    }
+    xv = {k: v[:50] for k, v in x.items()}
+    path = tmp_path_factory.mktemp("data") / "s.zarr"
+    return open_store(
+        write_synthetic_store(path, {"train": x, "val": xv}, {"train": y, "val": y[:50]}, chunk_images=CHUNK)
+    )
+
+
+def _rows():
+    return np.flatnonzero(np.arange(N) % 7 != 3)  # a subset, as a fitted part is
+
+
+def _data(store, budget_rows, stream, prefetch=2, rows=None):
+    rows = _rows() if rows is None else rows
+    y = store.labels("train")[rows]
+    usable = np.ones(N, bool)
+    return FeatureData(
+        store, "train", CELLS, rows, y, usable, memory_mb=_mb(budget_rows), stream=stream, prefetch=prefetch
+    )
+
+
+def _epoch(data, batch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [(xs, y) for _ in range(2) for xs, y in data.batches(batch, gen)]  # two epochs: the generator carries
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb) and all(torch.equal(u, v) for u, v in zip(xa, xb))
+
+
+def test_the_order_is_the_documented_one(store):
+    rows = _rows()
+    whole = _data(store, 10_000, None)
+    assert whole.in_memory
+    gen = torch.Generator().manual_seed(5)
+    want = torch.randperm(len(rows), generator=torch.Generator().manual_seed(5)).numpy()
+    np.testing.assert_array_equal(whole.order(gen), want)  # fits: one permutation of every row
+    # streamed at 100 rows: pieces (whole 32-row chunks) shuffled, cut greedily, each window permuted
+    small = _data(store, 100, None)
+    assert not small.in_memory
+    ref = torch.Generator().manual_seed(5)
+    chunk_of = rows // CHUNK
+    pos_of = {c: np.flatnonzero(chunk_of == c) for c in np.unique(chunk_of)}
+    chunks = sorted(pos_of)
+    expected, window, used = [], [], 0
+    windows = []
+    for i in torch.randperm(len(chunks), generator=ref).tolist():
+        k = len(pos_of[chunks[i]])
+        if window and used + k > 100:
+            windows.append(window)
+            window, used = [], 0
+        window.append(chunks[i])
+        used += k
+    windows.append(window)
+    for w in windows:
+        pos = np.sort(np.concatenate([pos_of[c] for c in w]))
+        expected.append(pos[torch.randperm(len(pos), generator=ref).numpy()])
+    got = small.order(torch.Generator().manual_seed(5))
+    np.testing.assert_array_equal(got, np.concatenate(expected))
+    assert len(windows) > 2 and sorted(got.tolist()) == list(range(len(rows)))
+
+
+@pytest.mark.parametrize("budget", [10_000, 100])
+def test_in_memory_and_streamed_give_the_same_batches(store, budget):
+    in_memory = _data(store, budget, stream=False)
+    streamed = _data(store, budget, stream=True)
+    assert in_memory.in_memory and not streamed.in_memory
+    _same(_epoch(in_memory, 40, 1), _epoch(streamed, 40, 1))
+    _same(_epoch(streamed, 40, 1), _epoch(_data(store, budget, stream=True, prefetch=0), 40, 1))
+    # sequential reads give every row in order, whatever the chunking of the reads
+    a = torch.cat([xs[1] for xs, _ in in_memory.sequential(17)])
+    b = torch.cat([xs[1] for xs, _ in streamed.sequential(17)])
+    want = torch.from_numpy(store.features("train", 19, 90, P)[_rows()])
+    assert torch.equal(a, want) and torch.equal(b, want)
+
+
+def test_a_head_trained_both_ways_ends_bit_identical(store):
+    p = dataclasses.replace(ProbeConfig(), sgd_epochs=3, sgd_batch_size=40, sgd_lr=(0.1, 0.01))
+    heads = []
+    for stream in (False, True):
+        data = _data(store, 10_000, stream)
+        std = Standardise(*feature_stats(data), data.device)
+        heads.append(fit_sgd(data, std, 5, [{"lr": lr, "weight_decay": 0.0} for lr in p.sgd_lr], p, seed=2))
+    assert torch.equal(heads[0][0], heads[1][0]) and torch.equal(heads[0][1], heads[1][1])
+
+
+def test_only_pieces_holding_used_rows_are_read(store, monkeypatch):
+    read = []
+    real = FeatureData._read
+    monkeypatch.setattr(FeatureData, "_read", lambda self, i: read.append(self.pieces[i].lo) or real(self, i))
+    data = _data(store, 100, True, rows=np.array([3, 5, 200]))
+    list(data.sequential(2))
+    assert sorted(read) == [0, 192]  # the chunks of rows 3, 5 and 200 only
+
+
+def test_parts_read_once_when_they_fit_together(store, monkeypatch):
+    read = []
+    real = FeatureData._read
+    monkeypatch.setattr(FeatureData, "_read", lambda self, i: read.append(i) or real(self, i))
+    usable = np.ones(N, bool)
+    y = store.labels("train")
+    a, b = np.arange(0, N, 2), np.arange(1, N, 2)
+    parts = FeatureData.parts(store, "train", CELLS, [(a, y[a]), (b, y[b])], usable, memory_mb=_mb(N))
+    assert all(d.in_memory for d in parts) and len(read) == -(-N // CHUNK)
+    got = torch.cat([xs[0] for xs, _ in parts[1].sequential(50)])
+    assert torch.equal(got, torch.from_numpy(store.features("train", 24, 90, P)[b]))
+    parts = FeatureData.parts(store, "train", CELLS, [(a, y[a]), (b, y[b])], usable, memory_mb=_mb(N - 1))
+    assert not any(d.in_memory for d in parts)  # together they do not fit: each streams
+
+
+def test_a_budget_below_one_batch_is_an_error(store):
+    data = _data(store, 30, None)
+    with pytest.raises(
+        BudgetError, match=r"probe.memory_mb = .* holds 30 images .* fewer than one batch of 40; allowed: at least"
+    ):
+        data.batches(40, torch.Generator())
+
+
+def test_arrays_with_different_chunking_are_an_error(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.arange(64) % 2
+    x = {FeatureKey(90, b, P): rng.normal(size=(64, C, P, P)).astype(np.float16) for b in (19, 24)}
+    path = write_synthetic_store(tmp_path / "s.zarr", {"train": x, "val": x}, {"train": y, "val": y}, chunk_images=16)
+    g = zarr.open_group(str(path / "train" / "features"), mode="r+")
+    name = FeatureKey(90, 24, P).name
+    data = g[name][:]
+    del g[name]
+    g.create_array(name, shape=data.shape, chunks=(8, C, P, P), dtype=data.dtype)[:] = data
+    with pytest.raises(StoreError, match="in chunks of 8, but block 19, t 90, pool 2 has 64 in chunks of 16"):
+        FeatureData(
+            open_store(path), "train", [(19, 90, P), (24, 90, P)], np.arange(64), y, np.ones(64, bool), memory_mb=1
+        )
