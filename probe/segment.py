@@ -460,7 +460,7 @@ def run(
         cells = "_".join(f"b{b}" for b in r.blocks) + "-" + "_".join(f"t{t}" for t in sorted(set(r.timesteps)))
         name = f"segment-{r.fingerprint}-{cells}-p{r.pool}-{r.settings[:8]}.png"
         title = (
-            f"{store.path.name} · blocks {','.join(map(str, r.blocks))} · t {','.join(map(str, r.timesteps))} · "
+            f"{store.path.name} · blocks {','.join(map(str, r.blocks))} · t {','.join(map(str, sorted(set(r.timesteps))))} · "
             f"pool {r.pool} · val mIoU {100 * r.top1:.1f}% at {r['eval_size']}px"
         )
         r.extra["picture"] = str(segmentation_picture(shown, store.mask_classes, folder / name, title))

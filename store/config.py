@@ -283,8 +283,8 @@ class SegmentConfig:
         (1e-3, 1e-2, 1e-1), _float_list(1e-8, 100.0), "learning-rate grid (one pass; the best held-out mIoU wins)"
     )
     weight_decay: float = _key(1e-4, _float(0.0, 1.0), "weight decay (decoupled for adamw)")
-    epochs: int = _key(20, _int(1, 10000), "epochs over the fitted part of train")
-    batch_size: int = _key(32, _int(1, 1 << 20), "images per step")
+    epochs: int = _key(10, _int(1, 10000), "epochs over the fitted part of train")
+    batch_size: int = _key(64, _int(1, 1 << 20), "images per step")
     pool: int = _key(0, _int(0, 1024), "pool P of the maps read (0 = the largest the store holds for every block)")
     eval_size: int = _key(0, _int(0, 8192), "side of the masks scored (0 = the stored mask resolution)")
     examples: int = _key(6, _int(0, 64), "val images drawn in the picture (0 = no picture)")
