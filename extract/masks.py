@@ -29,7 +29,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffprobe.extract.images import EXTENSIONS, DigitsSource, ImageSource, SplitIndex, _limit_per_class, preprocess
+from diffprobe.extract.images import (
+    EXTENSIONS,
+    DigitsSource,
+    ImageSource,
+    SplitIndex,
+    _limit_per_class,
+    center_crop,
+    preprocess,
+)
 from diffprobe.store.errors import ImageError
 
 MASK_PREPROCESSING = "adm-center-crop-nearest-v1"  # recorded in the store; bump if the steps change
@@ -44,14 +52,7 @@ def preprocess_mask(mask: Image.Image | np.ndarray, size: int) -> np.ndarray:
     The geometry of `images.preprocess` (guided-diffusion's center crop), every resize
     nearest-neighbour. A palette image's indices are its labels (never its colours)."""
     image = Image.fromarray(np.asarray(mask, dtype=np.uint8))  # mode "L" of the raw indices
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.NEAREST)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.NEAREST)
-    arr = np.asarray(image)
-    top = (arr.shape[0] - size) // 2
-    left = (arr.shape[1] - size) // 2
-    return arr[top : top + size, left : left + size].copy()
+    return center_crop(image, size, Image.NEAREST, Image.NEAREST).copy()
 
 
 def to_uint8(x0: np.ndarray) -> np.ndarray:
@@ -130,17 +131,8 @@ class SegFolderSource(MaskedSource):
 
     name = "segfolder"
 
-    def __init__(
-        self,
-        root: str | Path,
-        image_size: int,
-        splits=("train", "val"),
-        max_per_class: int = 0,
-        decode_threads: int = 4,
-    ):
-        self.root = Path(root)
-        self.image_size = image_size
-        self.decode_threads = decode_threads
+    def __init__(self, root: str | Path, image_size: int, splits=("train", "val"), max_per_class=0, decode_threads=4):
+        self.root, self.image_size, self.decode_threads = Path(root), image_size, decode_threads
         if not self.root.is_dir():
             raise ImageError(f"data.root: {str(self.root)!r} is not a directory")
         self.mask_classes = read_classes(self.root)
