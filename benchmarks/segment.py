@@ -3,6 +3,7 @@
     python benchmarks/segment.py probe --store runs/digits-dense.zarr         # 3 repeats of blocks 24 / 24+33
     python benchmarks/segment.py blocks --store runs/digits-dense.zarr --t 150  # mIoU of every block at t 150
     python benchmarks/segment.py ade20k                                       # `extract plan` for ADE20K
+    python benchmarks/segment.py forward --repeats 2                          # ADM-256 forward to block 30, CPU
 
 ``probe``: `probe.segment.segment_probe` (the default [segment] settings, no ledger, no picture)
 on block 24 and on blocks 24+33 at t 150, ``--repeats`` times each, alternating; medians.
@@ -11,6 +12,9 @@ on block 24 and on blocks 24+33 at t 150, ``--repeats`` times each, alternating;
 150 classes) planned with ADM-256 (256 px) at blocks 19/24/30, pool 16, ``--t`` timesteps: the
 plan's arrays, bytes and U-Net forwards (the feature bytes; the masks add N x 256 x 256 bytes
 before compression), and ``--seconds-per-forward`` (if given) turned into a time.
+``forward``: seconds of one ADM-256 forward (random weights: the time does not depend on them)
+of ``--batch`` 256-px images at t 150 through `extract.unet.capture` up to block 30 (blocks
+19/24/30), on this machine's CPU: the ``--seconds-per-forward`` of the ADE20K estimate.
 Results are printed as JSON and written to benchmarks/results/segment-<what>.json.
 """
 
@@ -119,9 +123,30 @@ def bench_ade20k(ts: list[int], seconds_per_forward: float | None) -> dict:
     return out
 
 
+def bench_forward(repeats: int, batch: int) -> dict:
+    from diffprobe.extract.unet import build_model, capture, preset
+
+    model = build_model(preset("adm-256-uncond")).eval()
+    x = torch.randn(batch, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    t = torch.full((batch,), 150, dtype=torch.long)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            capture(model, x, t, [19, 24, 30])
+            times.append(time.perf_counter() - start)
+    return {
+        "batch": batch,
+        "times_s": times,
+        "seconds_per_forward": statistics.median(times) / batch,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("probe", "blocks", "ade20k"))
+    ap.add_argument("what", choices=("probe", "blocks", "ade20k", "forward"))
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--store", default="runs/digits-dense.zarr")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--t", default="150")
@@ -132,6 +157,8 @@ def main():
     ts = [int(v) for v in a.t.split(",")]
     if a.what == "probe":
         result = bench_probe(a.store, a.repeats)
+    elif a.what == "forward":
+        result = bench_forward(a.repeats, a.batch)
     elif a.what == "blocks":
         result = bench_blocks(a.store, ts[0])
     else:

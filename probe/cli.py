@@ -244,7 +244,15 @@ def sweep(
     With --head segment: one dense head per (block, t) of a store with masks, heatmaps of val mIoU.
     """
     if head != "linear":
-        return _segment_sweep(head, blocks, t, pool, store, config, seed, device, ledger, as_json)
+        linear_only = {
+            "--recipe": recipe,
+            "--label-fraction": label_fraction,
+            "--shots": shots,
+            "--subset": subset,
+            "--workers": workers or None,
+            "--scheduler": scheduler,
+        }
+        return _segment_sweep(head, blocks, t, pool, store, config, seed, device, ledger, as_json, linear_only)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from diffprobe.probe import sweep as sw
@@ -549,7 +557,7 @@ def segment(
     )
 
 
-def _segment_sweep(head, blocks, t, pool, store, config, seed, device, ledger, as_json):
+def _segment_sweep(head, blocks, t, pool, store, config, seed, device, ledger, as_json, linear_only):
     """`probe sweep --head segment`: one dense head per (block, t) held; heatmaps of val mIoU."""
     from diffprobe.probe import segment as seg
     from diffprobe.store.errors import ConfigError
@@ -557,6 +565,9 @@ def _segment_sweep(head, blocks, t, pool, store, config, seed, device, ledger, a
     with user_errors():
         if head != "segment":
             raise ConfigError(f"--head: {head!r} is not allowed; allowed: 'linear', 'segment'")
+        for flag, value in linear_only.items():
+            if value is not None:
+                raise ConfigError(f"{flag}: not used by the dense sweep (--head segment); settings: [segment]")
         cfg = _config(config, store, ledger, seed=seed, device=device)
         pools = None if pool is None else parse_int_list(pool, "--pool")
         if pools is not None and len(pools) != 1:
