@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from diffprobe.probe.command import prepare
-from diffprobe.probe.data import FeatureData
+from diffprobe.probe.data import FeatureData, train_parts, val_data
 from diffprobe.probe.heads import AttentionHead, FusionHead, auto_dim
 from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import choose, val_scores
@@ -90,29 +89,6 @@ def default_pool(store: FeatureStore, cells: list[tuple[int, int]], h: HeadsConf
             return p
     check_held(store, cells, pools[0] if pools else h.pool)
     raise AssertionError("unreachable: check_held found every cell")
-
-
-def _train_data(store: FeatureStore, cells, sel: Selection, p: ProbeConfig, device, stream=None):
-    """(fit, held-out) `FeatureData` of train: only those rows are read (in memory iff both fit
-    ``probe.memory_mb`` together, counted in the stored dtype's bytes; else streamed)."""
-    rows = np.flatnonzero(sel.usable)
-    return FeatureData.parts(
-        store,
-        "train",
-        cells,
-        [(rows[sel.fit], sel.y[sel.fit]), (rows[sel.hold], sel.y[sel.hold])],
-        sel.usable,
-        memory_mb=p.memory_mb,
-        device=device,
-        stream=stream,
-    )
-
-
-def _val_data(store: FeatureStore, cells, sel: Selection, p: ProbeConfig, device, stream=None) -> FeatureData:
-    rows = np.flatnonzero(sel.usable_val)
-    return FeatureData(
-        store, "val", cells, rows, sel.y_val, sel.usable_val, memory_mb=p.memory_mb, device=device, stream=stream
-    )
 
 
 def _grid_train(build, fit: FeatureData, held: FeatureData, lrs, h: HeadsConfig, seed: int, device, inputs, on_step):
@@ -198,7 +174,7 @@ def attention_probe(
     key = store.stored_key(block, t, pool)
     sel = selection if selection is not None else select(store, seed, p, subset)
     cells = [(block, t, pool)]
-    fit, held = _train_data(store, cells, sel, p, device, stream)
+    fit, held = train_parts(store, cells, sel, memory_mb=p.memory_mb, device=device, stream=stream)
     c, sp = fit.shapes[0][0], fit.shapes[0][-1]
     dim = h.dim or auto_dim([c], h.num_heads)
     build = lambda: AttentionHead(c, sp, len(classes), dim, h.depth, h.num_heads, h.mlp_ratio)
@@ -207,7 +183,7 @@ def attention_probe(
     model = models[best]
     streamed = not fit.in_memory
     del fit, held, models
-    val = _val_data(store, cells, sel, p, device, stream)
+    val = val_data(store, cells, sel, memory_mb=p.memory_mb, device=device, stream=stream)
     (logits,), _ = _predict([model], val, inputs)
     streamed = streamed or not val.in_memory
     point = {"lr": h.attention_lr[best], "weight_decay": h.weight_decay}
@@ -275,7 +251,7 @@ def fusion_probe(
     sel = selection if selection is not None else select(store, seed, p, subset)
 
     arrays = [(b, t, pool) for b, t in cells]  # t-major: cell i * len(blocks) + j is (blocks[j], timesteps[i])
-    fit, held = _train_data(store, arrays, sel, p, device, stream)
+    fit, held = train_parts(store, arrays, sel, memory_mb=p.memory_mb, device=device, stream=stream)
     inputs = [(s[0], s[-1]) for s in fit.shapes[: len(blocks)]]
     dim = h.dim or auto_dim([c for c, _ in inputs], h.num_heads)
     nb = len(blocks)
@@ -285,7 +261,7 @@ def fusion_probe(
     model = models[best]
     streamed = not fit.in_memory
     del fit, held, models
-    val = _val_data(store, arrays, sel, p, device, stream)
+    val = val_data(store, arrays, sel, memory_mb=p.memory_mb, device=device, stream=stream)
     (logits,), _ = _predict([model], val, to_inputs)
     streamed = streamed or not val.in_memory
     tokens = sum(sp * sp for _, sp in inputs)

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.probe.command import prepare
-from diffprobe.probe.data import FeatureData
+from diffprobe.probe.data import FeatureData, train_parts, val_data
 from diffprobe.probe.digest import fingerprint_digest, settings_digest
 from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import per_class_accuracy, topk_accuracy
@@ -380,16 +380,7 @@ def _probe_pass(
     """Train and score one head per key in one pass (several keys: in memory, the same width)."""
     classes = store.class_names
     arrays = [(k.block, k.t, k.pool) for k in keys]
-    rows = np.flatnonzero(sel.usable)  # usable row -> store row
-    data, data_held = FeatureData.parts(
-        store,
-        "train",
-        arrays,
-        [(rows[sel.fit], sel.y[sel.fit]), (rows[sel.hold], sel.y[sel.hold])],
-        sel.usable,
-        memory_mb=p.memory_mb,
-        device=device,
-    )
+    data, data_held = train_parts(store, arrays, sel, memory_mb=p.memory_mb, device=device)
     std = Standardise(*feature_stats(data), device)
     w, b = FITTERS[recipe](data, std, len(classes), grid, p, seed)
     streamed = not data.in_memory
@@ -414,16 +405,7 @@ def _probe_pass(
     w_best, b_best = w[torch.arange(len(keys)), idx][:, None], b[torch.arange(len(keys)), idx][:, None]
 
     y_val = sel.y_val
-    val = FeatureData(
-        store,
-        "val",
-        arrays,
-        np.flatnonzero(sel.usable_val),
-        y_val,
-        sel.usable_val,
-        memory_mb=p.memory_mb,
-        device=device,
-    )
+    val = val_data(store, arrays, sel, memory_mb=p.memory_mb, device=device)
     val_logits = _logits(val, std, w_best, b_best)
     streamed = streamed or not val.in_memory
     y_val_t = torch.from_numpy(y_val).to(device)

@@ -62,8 +62,8 @@ def test_attention_streams_a_split_8x_over_the_budget_bit_identical_to_in_memory
     largest = []
     real = FeatureData._fill
 
-    def spy(self, order):
-        out = real(self, order)
+    def spy(self, order, reuse=False):
+        out = real(self, order, reuse)
         largest.append(len(out[1]))
         return out
 
@@ -156,3 +156,36 @@ def test_cli_attention_json_and_progress(store, tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["head"] == "attention" and out["streamed"] is False and out["ledger"] == str(tmp_path / "l.csv")
+
+
+def test_a_store_still_being_written_is_refused_in_one_line(store, tmp_path):
+    import fcntl
+    import os
+
+    fd = os.open(store.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as `extract run` holds it while writing
+        os.pwrite(fd, b"pid 1 on host, run abcd", 0)
+        res = runner.invoke(
+            probe_app,
+            [
+                "linear",
+                "--block",
+                "24",
+                "--t",
+                "90",
+                "--pool",
+                "4",
+                "--store",
+                str(store.path),
+                "--ledger",
+                str(tmp_path / "l.csv"),
+            ],
+        )
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "an `extract run` is still writing this store (pid 1 on host, run abcd)" in res.output
+    assert not (tmp_path / "l.csv").exists()

@@ -1,0 +1,282 @@
+"""Streaming the heads' maps at the paper's shapes, the lr grid in one read, and the ImageNet
+projection (issue 16's benchmarks).
+
+    python benchmarks/heads_stream.py read --images 4096,16384      # images/s, GB/s, peak RSS
+    python benchmarks/heads_stream.py grid --images 2048             # 3-lr grid: one pass vs three
+    python benchmarks/heads_stream.py project                        # hours per ImageNet epoch
+
+``read``: for each N, a synthetic store of N x 1024 x 16 x 16 float16 maps (ADM block 24 at
+pool 16: 512 KB an image; `store.synthetic.write_synthetic_store`, codec none, chunks of
+``--chunk`` images) in a temporary folder. Each measurement runs in a fresh subprocess: one
+epoch of `probe.data.FeatureData.batches` (batch 128, every train row) into a head that does
+nothing, streamed at a budget (``--budgets``, MB), with prefetch on (`probe.data.PREFETCH`) and
+off (0), page cache warm (read once before) and cold (every file of the store evicted with
+posix_fadvise(DONTNEED) first: the reads then come from the disk). Reported: images/s, GB/s
+of decoded float16 delivered, and peak RSS above the RSS after imports (ru_maxrss). Writes
+benchmarks/results/heads_stream_read.json.
+
+``grid``: the attention head's 3-point lr grid (heads.attention_lr = 0.05, 0.01, 0.002) on a
+streamed synthetic store, trained in one pass (`probe.attention._grid_train`: one read feeds
+every head) vs three passes (one per lr, each reading the data again), alternating ``--repeats``
+times: median seconds, their ratio,
+and the fraction of each run spent waiting for batches. The head runs at ``--channels`` x
+``--pool`` (defaults 128 x 8: on 2 CPU cores one step of the paper's 1024 x 16 x 16 head
+takes about a minute, so at that shape reading would be invisible). Writes
+benchmarks/results/heads_stream_grid.json.
+
+``project``: hours per epoch and for 28 epochs at ImageNet scale (1,281,167 train images) of
+attention (block 24 at pool 16: 512 KB an image) and DifFormer (blocks 19/24/30 x t 90/150/300
+at pool <= 16: 2.75 MB an image) reading at the measured cold and warm GB/s, against
+recomputing the U-Net online (0.64 TFLOP an image to block 24, 2.24 TFLOP the full U-Net per
+timestep, counted with torch.utils.flop_counter) on one GPU at 45% of ``--peak-tflops`` (bf16
+dense; default 989, an H100 SXM). From benchmarks/results/heads_stream_read.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+C, P, K = 1024, 16, 100
+IMAGENET = 1_281_167
+
+CHILD = r"""
+import json, os, resource, sys, time
+import numpy as np, torch
+torch.set_num_threads(2)
+from diffprobe.probe.data import FeatureData
+from diffprobe.store.feature_store import open_store
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+
+a = json.loads(sys.argv[1])
+store = open_store(a["store"])
+if a["cold"]:
+    for root, _, files in os.walk(a["store"]):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+n = store.n_images("train")
+base = rss_mb()
+data = FeatureData(store, "train", [(24, 90, 16)], np.arange(n), store.labels("train"), np.ones(n, bool),
+                   memory_mb=a["budget"], stream=True, prefetch=a["prefetch"])
+start = time.perf_counter()
+images = 0
+for xs, y in data.batches(128, torch.Generator().manual_seed(0)):
+    images += len(y)  # a head that does nothing
+secs = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"images": images, "seconds": secs, "peak_above_base_mb": peak - base, "base_mb": base}))
+"""
+
+
+def _store(path: Path, n: int, chunk: int, channels: int = C, pool: int = P) -> Path:
+    from diffprobe.store.feature_store import FeatureKey
+    from diffprobe.store.synthetic import write_synthetic_store
+
+    if (path / "zarr.json").exists():
+        return path
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(K, channels, pool, pool)).astype(np.float16)
+    noise = rng.normal(size=(chunk, channels, pool, pool)).astype(np.float16)
+    y = np.arange(n) % K
+
+    def rows(lo, hi):  # cheap and deterministic: one noise block, each image its class pattern
+        return noise[: hi - lo] + means[y[lo:hi]]
+
+    nv = max(256, n // 16)
+    yv = np.arange(nv) % K
+
+    def rows_val(lo, hi):
+        return noise[: hi - lo] + means[yv[lo:hi]]
+
+    key = FeatureKey(90, 24, pool)
+    blocks = [{"number": b, "module": f"m{b}", "channels": channels, "spatial": pool} for b in range(1, 38)]
+    return write_synthetic_store(
+        path, {"train": {key: rows}, "val": {key: rows_val}}, {"train": y, "val": yv}, chunk_images=chunk, blocks=blocks
+    )
+
+
+def _child(store: Path, budget: float, prefetch: int, cold: bool) -> dict:
+    arg = json.dumps({"store": str(store), "budget": budget, "prefetch": prefetch, "cold": cold})
+    out = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def read(args) -> None:
+    from diffprobe.probe.data import PREFETCH
+
+    out: dict = {"shape": [C, P, P], "chunk_images": args.chunk, "repeats": args.repeats, "runs": []}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for n in [int(v) for v in args.images.split(",")]:
+            started = time.perf_counter()
+            store = _store(Path(tmp) / f"n{n}.zarr", n, args.chunk)
+            gb = n * C * P * P * 2 / 1e9
+            print(f"N {n}: {gb:.2f} GB written in {time.perf_counter() - started:.0f} s", flush=True)
+            for budget in [float(v) for v in args.budgets.split(",")]:
+                for prefetch in (PREFETCH, 0):
+                    for cold in (True, False):  # the cold run reads the files into the page cache
+                        runs = [_child(store, budget, prefetch, cold) for _ in range(args.repeats)]
+                        secs = statistics.median(r["seconds"] for r in runs)
+                        row = {
+                            "images": n,
+                            "GB": round(gb, 3),
+                            "budget_mb": budget,
+                            "prefetch": prefetch,
+                            "cache": "cold" if cold else "warm",
+                            "seconds": round(secs, 2),
+                            "images_per_s": round(n / secs),
+                            "GBps": round(gb / secs, 2),
+                            "peak_rss_above_base_mb": round(max(r["peak_above_base_mb"] for r in runs)),
+                        }
+                        out["runs"].append(row)
+                        print(row, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "heads_stream_read.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def grid(args) -> None:
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from diffprobe.probe import data as data_mod
+    from diffprobe.probe.data import train_parts
+    from diffprobe.probe.heads import AttentionHead
+    from diffprobe.probe.protocol import select
+    from diffprobe.probe.train import seeded, train_heads
+    from diffprobe.store.config import HeadsConfig, ProbeConfig
+    from diffprobe.store.feature_store import open_store
+
+    torch.set_num_threads(2)
+    lrs = (0.05, 0.01, 0.002)
+    c, pool = args.channels, args.pool
+    h = dataclasses.replace(HeadsConfig(), epochs=1, attention_lr=lrs, dim=c, num_heads=8)
+    p = dataclasses.replace(ProbeConfig(), memory_mb=args.budget)
+    out: dict = {"images": args.images, "shape": [c, pool, pool], "budget_mb": args.budget, "lrs": lrs}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        store = open_store(_store(Path(tmp) / "g.zarr", args.images, args.chunk, c, pool))
+        sel = select(store, 0, p)
+        waited = [0.0]
+        real = data_mod.FeatureData._batches
+
+        def timed_batches(self, batch, windows):  # time spent waiting for each batch
+            it = real(self, batch, windows)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                waited[0] += time.perf_counter() - t0
+                yield item
+
+        data_mod.FeatureData._batches = timed_batches
+        build = lambda: AttentionHead(c, pool, K, c, h.depth, h.num_heads, h.mlp_ratio)
+        inputs = lambda xs: xs[0].float()
+
+        def run(grid_lrs):  # `probe.attention._grid_train`'s training, without the held-out scoring
+            fit, held = train_parts(store, [(24, 90, pool)], sel, memory_mb=p.memory_mb, device="cpu")
+            assert not fit.in_memory
+            models = [seeded(build, 0) for _ in grid_lrs]
+            gen = torch.Generator().manual_seed(0)
+            train_heads(
+                models,
+                grid_lrs,
+                h,
+                lambda _e: fit.batches(h.batch_size, gen),
+                lambda m, xs, y: F.cross_entropy(m(inputs(xs)), y),
+            )
+
+        times: dict[str, list[tuple[float, float]]] = {"one_pass": [], "three_passes": []}
+        for _ in range(args.repeats):  # alternating, so load from other jobs hits both alike
+            for name, passes in (("one_pass", [lrs]), ("three_passes", [(lr,) for lr in lrs])):
+                waited[0] = 0.0
+                t0 = time.perf_counter()
+                for grid_lrs in passes:
+                    run(grid_lrs)
+                secs = time.perf_counter() - t0
+                times[name].append((secs, waited[0] / secs))
+                print(name, round(secs, 1), flush=True)
+        results = {
+            name: {
+                "seconds": round(statistics.median(s for s, _ in runs), 1),
+                "runs": [round(s, 1) for s, _ in runs],
+                "waiting_for_data_fraction": round(statistics.median(w for _, w in runs), 3),
+            }
+            for name, runs in times.items()
+        }
+        out.update(results)
+        out["ratio_three_over_one"] = round(results["three_passes"]["seconds"] / results["one_pass"]["seconds"], 2)
+    print(json.dumps(out, indent=2))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "heads_stream_grid.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def project(args) -> None:
+    runs = json.loads((RESULTS / "heads_stream_read.json").read_text())["runs"]
+    on = [r for r in runs if r["prefetch"] > 0]
+    gbps = {cache: statistics.median(r["GBps"] for r in on if r["cache"] == cache) for cache in ("warm", "cold")}
+    per_image = {"attention": C * P * P * 2, "difformer": 3 * (1024 * 8 * 8 + 1024 * 16 * 16 + 512 * 16 * 16) * 2}
+    tflop = {"attention": 0.64, "difformer": 3 * 2.24}  # DifFormer: the full U-Net at 3 timesteps
+    gpu = args.peak_tflops * 0.45
+    out: dict = {"measured_GBps": gbps, "gpu_tflops_at_45pct": gpu, "imagenet_images": IMAGENET, "heads": {}}
+    for head in per_image:
+        tb = IMAGENET * per_image[head] / 1e12
+        online_h = IMAGENET * tflop[head] / gpu / 3600
+        row = {
+            "TB_per_epoch": round(tb, 2),
+            "online_h_per_epoch": round(online_h, 2),
+            "online_h_28": round(28 * online_h, 1),
+        }
+        for cache, rate in gbps.items():
+            h = tb * 1e3 / rate / 3600
+            row[f"read_{cache}_h_per_epoch"] = round(h, 2)
+            row[f"read_{cache}_h_28"] = round(28 * h, 1)
+        out["heads"][head] = row
+    print(json.dumps(out, indent=2))
+    (RESULTS / "heads_stream_projection.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("read")
+    r.add_argument("--images", default="4096,16384")
+    r.add_argument("--budgets", default="256,1024")
+    r.add_argument("--chunk", type=int, default=64)
+    r.add_argument("--repeats", type=int, default=1)
+    r.add_argument("--tmp", default=None, help="folder for the temporary stores (default: the system temp folder)")
+    g = sub.add_parser("grid")
+    g.add_argument("--images", type=int, default=2048)
+    g.add_argument("--channels", type=int, default=128)
+    g.add_argument("--pool", type=int, default=8)
+    g.add_argument("--budget", type=float, default=64)
+    g.add_argument("--chunk", type=int, default=64)
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--tmp", default=None)
+    pr = sub.add_parser("project")
+    pr.add_argument("--peak-tflops", type=float, default=989.0)
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    {"read": read, "grid": grid, "project": project}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
