@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.extract.images import ImageSource
+from diffprobe.extract.masks import ChunkMasks, MaskedSource, load_masked
 from diffprobe.extract.noise import rows_noise
 from diffprobe.extract.plan import Plan
 from diffprobe.extract.report import Reporter, Totals
@@ -154,21 +155,34 @@ class Ready:
     """A batch ready for the model: images, their noise, and the images that could not be read.
 
     x0: (B, 3, S, S) float32; noise: (B * T, 3, S, S), row i * T + j for (image i, t_j);
-    errors: position -> "ExceptionName: message" of each image that could not be read."""
+    errors: position -> the one-line reason (naming the file) of each image that could not be
+    read; masks: (B, S, S) uint8 label maps of a dense source (`extract.masks`), else None."""
 
     x0: np.ndarray
     noise: np.ndarray
     errors: dict[int, str] = field(default_factory=dict)
+    masks: np.ndarray | None = None
 
 
 def load_batch(source: ImageSource, split: str, ids: tuple[str, ...], timesteps: tuple[int, ...], seed: int) -> Ready:
     """Read and preprocess ``ids`` and generate the noise of every (image, t): a loader's task."""
-    loaded = source.load(split, list(ids))
-    errors = {i: f"{type(x).__name__}: {x}" for i, x in enumerate(loaded) if isinstance(x, Exception)}
+    if isinstance(source, MaskedSource):
+        loaded, masks = load_masked(source, split, ids)
+    else:
+        loaded, masks = source.load(split, list(ids)), None
+    errors = {i: _unreadable(source, split, ids[i], x) for i, x in enumerate(loaded) if isinstance(x, Exception)}
     shape = next((x.shape for x in loaded if not isinstance(x, Exception)), (3, source.image_size, source.image_size))
     x0 = np.stack([np.zeros(shape, np.float32) if isinstance(x, Exception) else x for x in loaded])
     noise = rows_noise(seed, [(i, t) for i in ids for t in timesteps], tuple(shape)).numpy()
-    return Ready(x0, noise, errors)
+    return Ready(x0, noise, errors, masks)
+
+
+def _unreadable(source: ImageSource, split: str, image_id: str, e: Exception) -> str:
+    """Why an image (or its mask) could not be read, naming the file: a source's `ImageError`
+    says it already."""
+    if isinstance(e, ImageError):
+        return str(e)
+    return f"{_where(source, split, image_id)}: cannot read image ({type(e).__name__}: {e})"
 
 
 _PROCESS_SOURCE: ImageSource | None = None
@@ -261,7 +275,7 @@ def _sigkill_hook(split: str, chunk: int) -> None:
 
 
 class ChunkWriter:
-    """Writes finished chunks (``skipped``, data, then completion records) on one thread, at most
+    """Writes finished chunks (a dense source's masks, ``skipped``, data, then completion records) on one thread, at most
     ``behind`` chunks in flight while the caller computes the next; ``behind`` 0 writes in line.
 
     A write that fails is re-raised in the caller at its next `submit` or at `close`, and no later
@@ -274,10 +288,12 @@ class ChunkWriter:
         self.inflight: deque[Future] = deque()
         self.failed = threading.Event()
 
-    def _write(self, work: ChunkWork, skipped: np.ndarray, data: dict) -> None:
+    def _write(self, work: ChunkWork, skipped: np.ndarray, data: dict, masks: ChunkMasks | None) -> None:
         if self.failed.is_set():
             return
         try:
+            if masks is not None:
+                masks.write(self.writer, work.chunk)  # masks and their record before the features' records
             self.writer.write_skipped(work.split, skipped)  # before the chunk's records
             self.writer.write_chunk(work.split, work.chunk, data)
         except BaseException:
@@ -289,14 +305,14 @@ class ChunkWriter:
         self.done += 1
         self.report.chunks(self.done, self.total)
 
-    def submit(self, work: ChunkWork, skipped: np.ndarray, data: dict) -> None:
+    def submit(self, work: ChunkWork, skipped: np.ndarray, data: dict, masks: ChunkMasks | None = None) -> None:
         if self.pool is None:
-            self._write(work, skipped, data)
+            self._write(work, skipped, data, masks)
             self._landed()
             return
         while len(self.inflight) >= self.behind:
             self._reap()
-        self.inflight.append(self.pool.submit(self._write, work, skipped, data))
+        self.inflight.append(self.pool.submit(self._write, work, skipped, data, masks))
 
     def _reap(self) -> None:
         self.inflight.popleft().result()  # the writer's error, if it failed
@@ -430,12 +446,17 @@ def extract_chunks(
     try:
         out: dict[FeatureKey, np.ndarray] = {}
         skipped: list[int] = []
+        dense: ChunkMasks | None = None
         for (w, b0, b1), ready in zip(batches, loader.batches(tasks)):
             if b0 == w.lo:
                 out = {k: np.empty((w.images, *shape), dtype=w.dtype) for k, shape in w.arrays}
                 skipped = []
+                dense = ChunkMasks.for_source(source, w.split, w.lo, w.hi)  # None unless the source has masks
             bad = _bad_positions(source, w, b0, b1, ready, settings.on_corrupt)
             skipped += [b0 + i for i in bad]
+            if dense is not None:
+                dense.add(b0, ready.x0, ready.masks)
+                dense.ignore(b0, bad)
             ts = w.timesteps
             x0 = _to_device(ready.x0, dev).repeat_interleave(len(ts), dim=0)
             noise = _to_device(ready.noise, dev)
@@ -457,7 +478,7 @@ def extract_chunks(
             report.advance(b1 - b0, 0)
             if b1 == w.hi:
                 n_skipped += len(skipped)
-                out_writer.submit(w, np.asarray(skipped, dtype=np.int64), out)
+                out_writer.submit(w, np.asarray(skipped, dtype=np.int64), out, dense)
         out_writer.close()
     except BaseException:
         out_writer.abort()
@@ -473,10 +494,7 @@ def _bad_positions(source: ImageSource, w: ChunkWork, b0: int, b1: int, ready: R
     bad = sorted(ready.errors)
     if bad and on_corrupt == "error":
         i = bad[0]
-        raise ImageError(
-            f"{_where(source, w.split, ids[i])}: cannot read image ({ready.errors[i]}); "
-            f'set data.on_corrupt = "skip" to record it as skipped and go on'
-        )
+        raise ImageError(f'{ready.errors[i]}; set data.on_corrupt = "skip" to record it as skipped and go on')
     was_skipped = set(w.was_skipped)
     newly_bad = [i for i in bad if b0 + i not in was_skipped]
     if newly_bad and w.has_data:

@@ -32,16 +32,22 @@ PREPROCESSING = "adm-center-crop-v1"  # name recorded in the store; bump if the 
 
 def preprocess(image: Image.Image, size: int) -> np.ndarray:
     """PIL image -> float32 array (3, size, size) in [-1, 1] (guided-diffusion's center crop)."""
-    image = image.convert("RGB")
+    arr = center_crop(image.convert("RGB"), size, Image.BOX, Image.BICUBIC)
+    return (arr.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy()
+
+
+def center_crop(image: Image.Image, size: int, halve, resize) -> np.ndarray:
+    """guided-diffusion's ``center_crop_arr`` geometry: halve with ``halve`` while the shorter side
+    is at least twice ``size``, resize the shorter side to ``size`` with ``resize``, center crop.
+    One function for images (box, bicubic) and their masks (nearest, nearest: extract/masks.py)."""
     while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+        image = image.resize(tuple(x // 2 for x in image.size), resample=halve)
     scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=resize)
     arr = np.asarray(image)
     top = (arr.shape[0] - size) // 2
     left = (arr.shape[1] - size) // 2
-    arr = arr[top : top + size, left : left + size]
-    return (arr.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy()
+    return arr[top : top + size, left : left + size]
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,10 @@ def checkpoint_path(cfg: Config) -> str:
 
 def image_source(cfg: Config, image_size: int) -> ImageSource:
     d = cfg.data
+    if d.masks or d.source == "segfolder":
+        from diffprobe.extract.masks import mask_source
+
+        return mask_source(cfg, image_size)
     if d.source == "digits":
         return DigitsSource(image_size, d.splits, d.val_fraction, d.split_seed, d.max_per_class)
     if not d.root:
@@ -221,9 +225,15 @@ def fingerprints(job: Job, checkpoint_sha256: str, device: torch.device, cpu_thr
     for option in ("channels_last", "compile"):  # other kernels, other bits; recorded only when on
         if getattr(e, option):
             compute[option] = True
+    masks = getattr(job.source, "mask_settings", None)  # a dense source's mask settings; none: as before
     return {
         "model": {"checkpoint_sha256": checkpoint_sha256, "arch": job.spec.to_dict()},
-        "preprocessing": {"name": PREPROCESSING, "image_size": job.spec.image_size, "range": [-1, 1]},
+        "preprocessing": {
+            "name": PREPROCESSING,
+            "image_size": job.spec.image_size,
+            "range": [-1, 1],
+            **({"masks": masks()} if masks else {}),
+        },
         "noise": {
             "seed": e.noise_seed,
             "derivation": DERIVATION,
@@ -300,6 +310,10 @@ def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, cpu_thre
     try:
         writer.record_run(record)
         for split in job.plan.split_sizes:
+            if hasattr(job.source, "mask_classes"):  # a dense source: masks beside the features
+                from diffprobe.extract.masks import PREVIEW_IMAGES
+
+                writer.ensure_masks(split, job.spec.image_size, list(job.source.mask_classes), PREVIEW_IMAGES)
             writer.ensure_arrays(
                 split,
                 {a.key: a.shape[1] for a in job.plan.arrays if a.split == split},

@@ -11,6 +11,8 @@
     probe attention --block 24 --t 150 [--pool 16]    # attention head on the stored P x P map
     probe fusion --blocks 19,24,30 --t 90,150,300     # DifFormer over blocks x timesteps
     probe feedback [--block 24 --feedback-blocks 21,24,27,30,33,36 --t 150]   # DifFeed, runs the U-Net
+    probe segment --blocks 24 --t 150 [--pool 8] [--eval-size 32]    # dense linear head on a store with masks
+    probe sweep --head segment                      # block x t heatmaps of val mIoU
 
 A thin typer layer over probe.linear, probe.knn, probe.sweep, probe.attention and probe.feedback; errors a user can fix print one line and exit with
 code 2. Every command starts the same way: `_config` loads pipeline.toml with the command's
@@ -308,14 +310,31 @@ def sweep(
     scheduler: Optional[str] = typer.Option(
         None, "--scheduler", help="Spread the cells over the dask cluster at this address (tcp://host:8786)."
     ),
-    head: str = typer.Option("linear", "--head", help="linear, or knn (the kNN classifier; probe.knn_* keys)."),
+    head: str = typer.Option(
+        "linear",
+        "--head",
+        help="linear; knn (the kNN classifier; probe.knn_* keys); or segment (the dense head per (block, t); "
+        "see `probe segment`).",
+    ),
     k: Optional[str] = typer.Option(None, "--k", help=_key("--head knn: numbers of neighbours.", "probe.knn_k")),
     as_json: bool = JsonOpt,
 ):
     """One linear probe (or kNN classifier, --head knn) per (block, t, pool) the train and val splits hold; heatmaps as PNG.
 
     Each cell appends a ledger row; cells already in the ledger for the same store, recipe, seed, label subset and settings are skipped, so an interrupted sweep resumes.
+    With --head segment: one dense head per (block, t) of a store with masks, heatmaps of val mIoU.
     """
+    if head == "segment":
+        linear_only = {
+            "--recipe": recipe,
+            "--label-fraction": label_fraction,
+            "--shots": shots,
+            "--subset": subset,
+            "--workers": workers or None,
+            "--scheduler": scheduler,
+            "--k": k,
+        }
+        return _segment_sweep(blocks, t, pool, store, config, seed, device, ledger, as_json, linear_only)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from diffprobe.probe import sweep as sw
@@ -570,6 +589,97 @@ def feedback(
         return
     pairs = ", ".join(f"{d}->{e}" for d, e in r["pairs"].items())
     _head_table(r, f"DifFeed: feedback {pairs}; block {r['target']}, t {r['t']}, pool {r['stored_pool']}")
+
+
+@probe_app.command()
+def segment(
+    blocks: str = typer.Option(..., "--blocks", "--block", help="Blocks, e.g. '24' or '19,24,30' (hypercolumns)."),
+    t: str = typer.Option(..., "--t", help="Timesteps, e.g. '150' (every block at every t)."),
+    pool: Optional[int] = typer.Option(
+        None, "--pool", min=1, help="Pool P of the maps (segment.pool; default: the largest held for every block)."
+    ),
+    eval_size: Optional[int] = typer.Option(
+        None, "--eval-size", min=1, help="Side of the masks scored (segment.eval_size; default: the stored masks')."
+    ),
+    store: Optional[Path] = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    ledger: Optional[str] = LedgerOpt,
+    as_json: bool = JsonOpt,
+):
+    """Dense linear probe (DINOv2's BatchNorm + 1x1 conv head) on cached block maps of a store with masks;
+    mIoU, per-class IoU and pixel accuracy on val.
+
+    The lr is chosen on the held-out part of train. One ledger row (head segment: top1 = mIoU, top5 = pixel
+    accuracy) and a PNG of val images with ground truth and prediction. Settings: [segment] in pipeline.toml.
+    """
+    from diffprobe.probe import segment as seg
+
+    with user_errors():
+        cfg = _config(config, store, ledger, seed=seed, device=device)
+        r = seg.run(cfg, parse_int_list(blocks, "--blocks"), parse_int_list(t, "--t"), pool, eval_size)
+    if as_json:
+        print(json.dumps(r.to_json()))
+        return
+    hp = r["hyperparameters"]
+    table = Table(
+        title=escape(
+            f"dense probe ({r['recipe']}): blocks {','.join(map(str, r['blocks']))}, t "
+            f"{','.join(map(str, sorted(set(r['timesteps']))))}, pool {r['pool']}"
+        ),
+        show_header=False,
+    )
+    table.add_column("", style="bold")
+    table.add_column("")
+    lrs = ", ".join(f"{g['lr']:g}: {_pct(g['heldout_miou'])}" for g in r["grid"])
+    for name, value in [
+        ("val mIoU", f"{_pct(r['miou'])} at {r['eval_size']}x{r['eval_size']} (masks stored at {r['mask_size']})"),
+        ("val pixel accuracy", _pct(r["pixel_accuracy"])),
+        ("held-out mIoU", f"{_pct(r['heldout_miou'])} (chose lr {hp['lr']:g}; {lrs})"),
+        ("features", f"{r['dim']} channels at {r['map_size']}x{r['map_size']} (pools {r['stored_pools']})"),
+        ("images", f"{r['n_train']} fitted, {r['n_heldout']} held out, {r['n_val']} val, {r['n_classes']} classes"),
+        ("seed", str(r["seed"])),
+        ("time", f"{r['seconds']:.1f} s on {r['device']}" + (" (streamed)" if r["streamed"] else "")),
+        ("store", f"{r['store']} ({r['fingerprint']})"),
+        ("picture", str(r["picture"])),
+        ("ledger", str(r["ledger"])),
+    ]:
+        table.add_row(name, escape(value))
+    out.print(table)
+    out.print(
+        "val IoU per class: " + ", ".join(f"{escape(k)} {_pct(v)}" for k, v in list(r["per_class_iou"].items())[:40]),
+        highlight=False,
+    )
+
+
+def _segment_sweep(blocks, t, pool, store, config, seed, device, ledger, as_json, linear_only):
+    """`probe sweep --head segment`: one dense head per (block, t) held; heatmaps of val mIoU."""
+    from diffprobe.probe import segment as seg
+    from diffprobe.store.errors import ConfigError
+
+    with user_errors():
+        for flag, value in linear_only.items():
+            if value is not None:
+                raise ConfigError(f"{flag}: not used by the dense sweep (--head segment); its settings: [segment]")
+        cfg = _config(config, store, ledger, seed=seed, device=device)
+        pools = None if pool is None else parse_int_list(pool, "--pool")
+        if pools is not None and len(pools) != 1:
+            raise ConfigError(f"--pool: the dense sweep takes one pool (each block at most it), got {pool!r}")
+        lists = [None if v is None else parse_int_list(v, flag) for v, flag in ((blocks, "--blocks"), (t, "--t"))]
+        r = seg.sweep_run(cfg, *lists, pools[0] if pools else None)
+    if as_json:
+        print(json.dumps(r))
+        return
+    best = r["best"]
+    out.print(
+        f"dense sweep: {len(r['cells'])} cells ({r['trained']} trained, {r['skipped']} already in the ledger) in "
+        f"{r['seconds']:.1f} s; best val mIoU {_pct(best['miou'])} at block {best['block']}, t {best['t']}, "
+        f"pool {best['pool']}",
+        highlight=False,
+    )
+    out.print(f"plots: {escape(str(r['plots']['folder']))}/ ({len(r['plots']['files'])} PNG files)", highlight=False)
+    out.print(f"ledger: {escape(r['ledger'])}", highlight=False)
 
 
 def probe_main():

@@ -41,6 +41,11 @@ device             torch device it trained on
 per_class          top-1 per class on val, JSON ``{class name: fraction}``
 head               ``linear``, ``attention``, ``fusion`` (DifFormer), ``feedback`` (DifFeed) or
                    ``knn`` (`probe knn`: one row per k, ``hyperparameters`` holding k)
+                   ``segment`` (the dense probe, probe/segment.py: its ``top1`` is the val mIoU,
+                   ``top5`` the val pixel accuracy, ``heldout_top1`` the held-out mIoU,
+                   ``per_class`` the IoU per mask class, ``recipe`` the optimiser,
+                   ``n_classes`` the mask classes; ``hyperparameters`` name ``eval_size`` and
+                   ``mask_size``, the resolutions scored and stored)
 blocks, timesteps  every block and timestep the head read, comma-separated (``19,24,30``); a
                    fusion row leaves ``block`` and ``t`` empty
 =================  ==========================================================================

@@ -44,8 +44,13 @@ def _lines(ax, fig, xs, series: dict, cmap, name: str):
         ax.legend(fontsize=8, ncols=2 if len(keys) > 5 else 1)
 
 
-def sweep_plots(points: list[dict], folder: str | Path, label: str) -> list[Path]:
-    """Write the plots of ``points`` ({"block", "t", "pool", "top1"}) into ``folder``; returns the paths."""
+def sweep_plots(
+    points: list[dict], folder: str | Path, label: str, metric: str = "val top-1", stem: str = "top1"
+) -> list[Path]:
+    """Write the plots of ``points`` ({"block", "t", "pool", "top1"}) into ``folder``; returns the paths.
+
+    ``metric`` names the value in the titles and axes (the dense sweep: "val mIoU"), ``stem`` the
+    line plots' files (``<stem>-vs-t-pool{p}.png``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,8 +74,8 @@ def sweep_plots(points: list[dict], folder: str | Path, label: str) -> list[Path
         ax.set_yticks(range(len(ts)), [str(t) for t in ts])
         ax.set_xlabel("block")
         ax.set_ylabel("timestep t")
-        ax.set_title(f"val top-1 (%): {title}")
-        fig.colorbar(im, ax=ax, label="val top-1 (%)")
+        ax.set_title(f"{metric} (%): {title}")
+        fig.colorbar(im, ax=ax, label=f"{metric} (%)")
         if acc.size <= _ANNOTATE_MAX:
             lo, hi = np.nanmin(acc), np.nanmax(acc)
             for (i, j), v in np.ndenumerate(acc):
@@ -84,19 +89,66 @@ def sweep_plots(points: list[dict], folder: str | Path, label: str) -> list[Path
         fig, ax = plt.subplots(figsize=(7, 4.5))
         _lines(ax, fig, ts, {b: acc[:, j] for j, b in enumerate(blocks)}, cmap, "block")
         ax.set_xlabel("timestep t")
-        ax.set_ylabel("val top-1 (%)")
-        ax.set_title(f"top-1 vs t per block: {title}")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(f"{metric} vs t per block: {title}")
         ax.grid(alpha=0.3)
-        written.append(_save(fig, folder / f"top1-vs-t-pool{pool}.png"))
+        written.append(_save(fig, folder / f"{stem}-vs-t-pool{pool}.png"))
 
         fig, ax = plt.subplots(figsize=(max(7.0, 0.2 * len(blocks) + 3), 4.5))
         _lines(ax, fig, blocks, {t: acc[i, :] for i, t in enumerate(ts)}, cmap, "t")
         ax.set_xlabel("block")
-        ax.set_ylabel("val top-1 (%)")
-        ax.set_title(f"top-1 vs block per t: {title}")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(f"{metric} vs block per t: {title}")
         ax.grid(alpha=0.3)
-        written.append(_save(fig, folder / f"top1-vs-block-pool{pool}.png"))
+        written.append(_save(fig, folder / f"{stem}-vs-block-pool{pool}.png"))
     return written
+
+
+def segmentation_picture(examples: dict, class_names: list[str], path: str | Path, title: str) -> Path:
+    """Val images with their ground truth and predicted masks side by side, one row per image.
+
+    ``examples``: ``images`` (n, 3, S, S) uint8, ``truth`` and ``prediction`` (n, E, E) uint8
+    (255 = ignore, drawn white). Classes are coloured with tab20 (a legend names them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = len(class_names)
+    base = plt.get_cmap("tab20" if k > 10 else "tab10")
+    colours = np.ones((256, 4))
+    colours[:k] = [base(i % base.N) for i in range(k)]
+    cmap = ListedColormap(colours)
+    n = len(examples["images"])
+    fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.2 * n + 0.9), squeeze=False)
+    for i in range(n):
+        panels = [
+            (examples["images"][i].transpose(1, 2, 0), "image", {}),
+            (examples["truth"][i], "ground truth", {"cmap": cmap, "vmin": 0, "vmax": 255, "interpolation": "nearest"}),
+            (
+                examples["prediction"][i],
+                "prediction",
+                {"cmap": cmap, "vmin": 0, "vmax": 255, "interpolation": "nearest"},
+            ),
+        ]
+        for ax, (arr, name, kw) in zip(axes[i], panels):
+            ax.imshow(arr, **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    shown = sorted({int(v) for part in ("truth", "prediction") for v in np.unique(examples[part]) if v < k})
+    handles = [Patch(color=colours[c], label=class_names[c]) for c in shown]
+    fig.legend(handles=handles, loc="lower center", ncols=min(6, max(1, len(handles))), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _save(fig, path: Path) -> Path:

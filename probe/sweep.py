@@ -244,7 +244,7 @@ def run(
             raise ConfigError("--head knn: --workers/--scheduler spread linear cells only; a kNN sweep runs here")
         return sweep_run(cfg, blocks, ts, pools, subset, plots, on_plan, on_cell)
     if head != Head.LINEAR:
-        raise ConfigError(f"--head: {head!r} is not allowed; allowed: 'linear', 'knn'")
+        raise ConfigError(f"--head: {head!r} is not allowed; allowed: 'linear', 'knn', 'segment'")
     started = time.perf_counter()
     p = cfg.probe
     if scheduler:  # an address nothing listens on fails before the plan is shown

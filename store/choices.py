@@ -19,6 +19,7 @@ class Preset(StrEnum):
 class Source(StrEnum):
     DIGITS = "digits"
     IMAGEFOLDER = "imagefolder"
+    SEGFOLDER = "segfolder"
 
 
 class OnCorrupt(StrEnum):
@@ -85,6 +86,7 @@ class Head(StrEnum):
     FUSION = "fusion"
     FEEDBACK = "feedback"
     KNN = "knn"
+    SEGMENT = "segment"
 
 
 class KnnMetric(StrEnum):
@@ -106,6 +108,13 @@ class AlignMetric(StrEnum):
 
     MUTUAL_KNN = "mutual-knn"
     CKNNA = "cknna"
+
+
+class Optimizer(StrEnum):
+    """Optimisers of the dense linear head (`probe segment`)."""
+
+    ADAMW = "adamw"
+    SGD = "sgd"
 
 
 def allowed(choices: type[StrEnum]) -> str:

@@ -28,6 +28,7 @@ from .choices import (
     KnnWeighting,
     LoaderKind,
     OnCorrupt,
+    Optimizer,
     Precision,
     Preset,
     Recipe,
@@ -86,6 +87,12 @@ def _bool(v, key):
 def _str(v, key):
     if not isinstance(v, str):
         raise ConfigError(f"{key}: expected a string, got {v!r}")
+    return v
+
+
+def _bool(v, key):
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key}: expected true or false, got {v!r}")
     return v
 
 
@@ -156,6 +163,9 @@ class DataConfig:
     max_per_class: int = _key(0, _int(0), "keep the first N images of each class (0 = all)")
     on_corrupt: str = _key("error", _choice(OnCorrupt), "unreadable image: stop, or record as skipped")
     decode_threads: int = _key(4, _int(1, 256), "threads decoding image files")
+    masks: bool = _key(
+        False, _bool, "store segmentation masks (digits: derived from the strokes; segfolder: required true)"
+    )
 
 
 @dataclass(frozen=True)
@@ -295,6 +305,22 @@ class AnalyzeConfig:
 
 
 @dataclass(frozen=True)
+class SegmentConfig:
+    """`probe segment`: DINOv2's linear head (BatchNorm + 1x1 conv) on cached block maps."""
+
+    optimizer: str = _key("adamw", _choice(Optimizer), "optimiser of the dense head")
+    lr: tuple[float, ...] = _key(
+        (1e-3, 1e-2, 1e-1), _float_list(1e-8, 100.0), "learning-rate grid (one pass; the best held-out mIoU wins)"
+    )
+    weight_decay: float = _key(1e-4, _float(0.0, 1.0), "weight decay (decoupled for adamw)")
+    epochs: int = _key(10, _int(1, 10000), "epochs over the fitted part of train")
+    batch_size: int = _key(64, _int(1, 1 << 20), "images per step")
+    pool: int = _key(0, _int(0, 1024), "pool P of the maps read (0 = the largest the store holds for every block)")
+    eval_size: int = _key(0, _int(0, 8192), "side of the masks scored (0 = the stored mask resolution)")
+    examples: int = _key(6, _int(0, 64), "val images drawn in the picture (0 = no picture)")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -303,6 +329,7 @@ class Config:
     probe: ProbeConfig = ProbeConfig()
     heads: HeadsConfig = HeadsConfig()
     analyze: AnalyzeConfig = AnalyzeConfig()
+    segment: SegmentConfig = SegmentConfig()
 
     def to_dict(self) -> dict:
         out = {}

@@ -13,6 +13,9 @@ Layout (Zarr v3, one group per run; schema version 2)::
         done        (n_chunks, K) uint8  completion records: [c, j] = 1 once image chunk c of
                                          feature array j is written (columns named in the
                                          split's attrs "done_columns"; one row per chunk)
+        masks       (N, S, S) uint8      dense stores only: label maps (255 = ignore), chunks of
+                                         chunk_images images, recorded in the "masks" column
+        previews    (P, 3, S, S) uint8   dense stores only: the first images, for pictures
     run.zarr.lock                  beside the store, outside the Zarr tree: the writers' lock
 
 Every array names its dimensions (Zarr v3 ``dimension_names``): ``image`` along the images,
@@ -63,6 +66,7 @@ from .ranges import format_int_list
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+MASKS = "masks"  # the masks' completion column (never a feature array's name: those are t.._b.._p..)
 _NAME = re.compile(r"^t(\d+)_b(\d+)_p(\d+)$")
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's temporary files (LocalStore._atomic_write)
 FINGERPRINT_SECTIONS = ("model", "preprocessing", "noise", "compute", "dataset")
@@ -263,6 +267,39 @@ class FeatureStore:
 
     def labels(self, split: str) -> np.ndarray:
         return self._per_image(split, "labels")[:]
+
+    # -- masks (dense stores) --------------------------------------------------------
+
+    @property
+    def mask_classes(self) -> list[str]:
+        """Names of the mask labels (index = label; 255 is ignore); [] when the store has no masks."""
+        return list(self.attrs.get("mask_classes", []))
+
+    def mask_array(self, split: str):
+        """The complete (N, S, S) uint8 Zarr array of ``split``'s masks, unread (chunked like the features)."""
+        g = self._split(split)
+        if not self.mask_classes or MASKS not in g:
+            raise StoreError(
+                f"{self.path}: no masks in split {split!r}; extract a dense store "
+                f"(data.masks = true, e.g. `extract run --config pipeline-dense.toml`)"
+            )
+        columns = _columns(g)
+        done = int(g["done"][:, columns.index(MASKS)].astype(bool).sum()) if MASKS in columns else 0
+        if done != self.n_chunks(split):
+            raise StoreError(
+                f"{self.path}: the masks of split {split!r} are incomplete ({done}/{self.n_chunks(split)} chunks); "
+                f"run `extract run --store {self.path}` to finish them"
+            )
+        return g[MASKS]
+
+    def masks(self, split: str) -> np.ndarray:
+        """Label maps of every image of ``split``: (N, S, S) uint8, 255 = ignore (skipped images: all 255)."""
+        return self.mask_array(split)[:]
+
+    def previews(self, split: str) -> np.ndarray:
+        """The first images of ``split`` as extracted (after preprocessing): (P, 3, S, S) uint8."""
+        self.mask_array(split)  # the previews are written with the masks of their chunk
+        return self._split(split)["previews"][:]
 
     def ids(self, split: str) -> np.ndarray:
         return np.asarray(self._per_image(split, "ids")[:].tolist(), dtype=str)
@@ -667,6 +704,58 @@ class StoreWriter(FeatureStore):
         except OSError as e:
             raise self._write_error(e) from None
         self.__dict__.pop("_columns", None)
+
+    def ensure_masks(self, split: str, size: int, classes: list[str], previews: int) -> None:
+        """Create ``split``'s masks (N, S, S) and previews (min(N, previews), 3, S, S) arrays, the
+        masks' record column and the store's ``mask_classes`` if missing (a dense store)."""
+        g = self._split(split)
+        n, chunk = self.n_images(split), self.chunk_images(split)
+        named = self.schema_version >= 2
+        yx = [f"mask_y{size}", f"mask_x{size}"]
+        try:
+            if MASKS not in g:
+                g.create_array(
+                    MASKS,
+                    shape=(n, size, size),
+                    chunks=(min(chunk, n) if named else chunk, size, size),
+                    dtype="uint8",
+                    fill_value=255,
+                    compressors=zarr.codecs.ZstdCodec(level=1),  # label maps are long runs: ~10-50x smaller
+                    dimension_names=["image", *yx] if named else None,
+                )
+                p = min(n, previews)
+                g.create_array(
+                    "previews",
+                    shape=(p, 3, size, size),
+                    chunks=(p, 3, size, size),
+                    dtype="uint8",
+                    fill_value=0,
+                    dimension_names=["preview", "rgb", *yx] if named else None,
+                )
+            if "mask_classes" not in self.attrs:
+                self._root.attrs["mask_classes"] = self.attrs["mask_classes"] = list(classes)
+            columns = _columns(g)
+            if MASKS not in columns:
+                g["done"].resize((_n_chunks(n, chunk), len(columns) + 1))
+                g.attrs["done_columns"] = [*columns, MASKS]
+        except OSError as e:
+            raise self._write_error(e) from None
+        self.__dict__.pop("_columns", None)
+
+    def write_masks(self, split: str, chunk: int, masks: np.ndarray, previews: np.ndarray) -> None:
+        """Write one image chunk of masks (and the previews among its rows), then its record."""
+        if self._attached:
+            self.check_owner()
+        g = self._split(split)
+        lo = chunk * self.chunk_images(split)
+        try:
+            g[MASKS][lo : lo + len(masks)] = masks
+            if len(previews):
+                g["previews"][lo : lo + len(previews)] = previews
+            cols = list(g.attrs["done_columns"])
+            g["done"][chunk, cols.index(MASKS)] = 1
+        except OSError as e:
+            raise self._write_error(e) from None
 
     def write_chunk(self, split: str, chunk: int, data: dict[FeatureKey, np.ndarray]) -> None:
         """Write one image chunk of several arrays, then (after all of them) their completion records."""
