@@ -143,12 +143,21 @@ def plan(
     out.print(table)
     for b, r, s in p.capped:
         out.print(f"block {b}: pool {r} capped at its {s}x{s} map (stored as pool {s})", highlight=False)
+    variants = any(p.variants(s) > 1 for s in p.split_sizes)
+    per_split = " + ".join(f"{n} {s}" + (f" x {p.variants(s)}" if variants else "") for s, n in p.split_sizes.items())
     out.print(
         f"{len(p.arrays)} arrays, {_human(p.nbytes)} in total; "
-        f"{p.forwards} U-Net forwards ({' + '.join(f'{n} {s}' for s, n in p.split_sizes.items())} images "
+        f"{p.forwards} U-Net forwards ({f'({per_split}) image inputs' if variants else f'{per_split} images'} "
         f"x {len(p.timesteps)} timesteps), each stopping after block {max(p.blocks)}",
         highlight=False,
     )
+    for s in p.split_sizes if variants else ():
+        k, m = p.views.get(s, 1), p.noise_draws.get(s, 1)
+        out.print(
+            f"{s}: {k} view{'s' if k != 1 else ''} and {m} noise draw{'s' if m != 1 else ''}: "
+            f"{p.variants(s)}x the forwards and bytes of the center crop alone",
+            highlight=False,
+        )
 
 
 @app.command()

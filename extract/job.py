@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from diffprobe.extract.extraction import ComputeSettings
-from diffprobe.extract.images import PREPROCESSING, DigitsSource, ImageFolderSource, ImageSource
+from diffprobe.extract.images import PREPROCESSING, Augmentation, DigitsSource, ImageFolderSource, ImageSource
 from diffprobe.extract.noise import DERIVATION
 from diffprobe.extract.plan import Plan, make_plan
 from diffprobe.extract.unet import (
@@ -32,9 +32,9 @@ from diffprobe.extract.unet import (
     load_checkpoint,
     preset,
 )
-from diffprobe.store.config import Config
-from diffprobe.store.errors import ConfigError, DiffprobeError
-from diffprobe.store.feature_store import StoreWriter
+from diffprobe.store.config import Config, per_split
+from diffprobe.store.errors import ConfigError, DiffprobeError, StoreError
+from diffprobe.store.feature_store import StoreWriter, open_store
 
 
 def tool_version() -> str:
@@ -83,13 +83,20 @@ def checkpoint_path(cfg: Config) -> str:
     )
 
 
+def augmentation(cfg: Config) -> Augmentation:
+    """The views' settings: ``data.flip`` "auto" is off for digits (a mirrored digit is another
+    glyph), on for image folders; draws are keyed by ``extract.noise_seed``."""
+    flip = cfg.data.flip if isinstance(cfg.data.flip, bool) else cfg.data.source != "digits"
+    return Augmentation(tuple(cfg.data.crop_scale), flip, cfg.extract.noise_seed)
+
+
 def image_source(cfg: Config, image_size: int) -> ImageSource:
     d = cfg.data
     if d.source == "digits":
-        return DigitsSource(image_size, d.splits, d.val_fraction, d.split_seed, d.max_per_class)
+        return DigitsSource(image_size, d.splits, d.val_fraction, d.split_seed, d.max_per_class, augmentation(cfg))
     if not d.root:
         raise ConfigError("data.root: required when data.source = 'imagefolder'")
-    return ImageFolderSource(d.root, image_size, d.splits, d.max_per_class, d.decode_threads)
+    return ImageFolderSource(d.root, image_size, d.splits, d.max_per_class, d.decode_threads, augmentation(cfg))
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,24 @@ def prepare(cfg: Config, source: ImageSource | None = None) -> Job:
     source = image_source(cfg, spec.image_size) if source is None else source
     sizes = {s: len(source.split(s)) for s in cfg.data.splits}
     e = cfg.extract
-    plan = make_plan(table, sizes, e.blocks, e.timesteps, e.pools, cfg.store.dtype, spec.diffusion_steps)
+    for key in ("views", "noise_draws"):
+        value = getattr(e, key)
+        unknown = [s for s, _ in value if s not in sizes] if not isinstance(value, int) else []
+        if unknown:
+            raise ConfigError(
+                f"extract.{key}.{unknown[0]}: not a split being extracted; allowed: {', '.join(sizes)}"
+            )
+    plan = make_plan(
+        table,
+        sizes,
+        e.blocks,
+        e.timesteps,
+        e.pools,
+        cfg.store.dtype,
+        spec.diffusion_steps,
+        {s: per_split(e.views, s) for s in sizes},
+        {s: per_split(e.noise_draws, s) for s in sizes},
+    )
     return Job(cfg, spec, table, diffusion, source, plan, ckpt)
 
 
@@ -195,6 +219,14 @@ def load_model(job: Job, device: torch.device):
     return model, sha
 
 
+def _held_augmentation(path) -> dict | None:
+    """The augmentation settings recorded in the store at ``path`` (None: no store, or none recorded)."""
+    try:
+        return open_store(path).fingerprints.get("preprocessing", {}).get("augmentation")
+    except StoreError:
+        return None
+
+
 def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, cpu_threads: int, **provenance) -> StoreWriter:
     """Create or open the job's store (taking its lock), record this run, create missing arrays.
 
@@ -211,9 +243,17 @@ def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, cpu_thre
         "config": cfg.to_dict(),
         **provenance,
     }
+    fps = fingerprints(job, checkpoint_sha256, device, cpu_threads)
+    # Views' settings: compared with a store that records them; recorded (below, under the lock)
+    # by the first run that writes views; not asked of a store without views (view 0 and noise
+    # draws do not depend on them), so stores made before views existed stay valid.
+    views = augmentation(cfg).fingerprint()
+    held = _held_augmentation(cfg.store.path)
+    if held is not None:
+        fps["preprocessing"]["augmentation"] = views
     writer = StoreWriter.create(
         cfg.store.path,
-        fingerprints=fingerprints(job, checkpoint_sha256, device, cpu_threads),
+        fingerprints=fps,
         provenance=record,
         blocks=job.table.to_list(),
         class_names=list(job.source.class_names),
@@ -221,6 +261,8 @@ def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, cpu_thre
         chunk_images=cfg.store.chunk_images,
     )
     try:
+        if held is None and job.plan.has_views:
+            writer.add_fingerprint("preprocessing", "augmentation", views)
         writer.record_run(record)
         for split in job.plan.split_sizes:
             writer.ensure_arrays(

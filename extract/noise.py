@@ -1,5 +1,7 @@
 """Deterministic noise: the noise for an image at a timestep depends only on
-(noise seed, image id, t), never on the batch, the worker, the device or a resume.
+(noise seed, image id, t) (and its view or noise draw), never on the batch, the worker, the
+device or a resume. View 0 under draw 0 keeps the original derivation, so stores made before
+views existed stay valid.
 """
 
 from __future__ import annotations
@@ -11,10 +13,23 @@ import torch
 DERIVATION = "blake2b-64(seed, image id, t) seeds a CPU torch.Generator; randn float32"
 
 
-def image_noise(seed: int, image_id: str, t: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Standard normal noise of ``shape`` (float32, CPU) for one (image, t)."""
-    digest = hashlib.blake2b(f"{seed}\x00{image_id}\x00{t}".encode(), digest_size=8).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+VARIANT_DERIVATION = "blake2b-64(seed, image id, t, 'view', v | 'draw', m) seeds a CPU torch.Generator; randn float32"
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from ``parts`` joined by NUL (blake2b-64): the key of every seeded draw."""
+    digest = hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def image_noise(
+    seed: int, image_id: str, t: int, shape: tuple[int, ...], view: int = 0, draw: int = 0
+) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (float32, CPU) for one (image, t) at ``view`` (or
+    noise ``draw``): view v >= 1 is keyed by (seed, id, t, "view", v), draw m >= 1 by
+    (seed, id, t, "draw", m), both 0 by (seed, id, t) as before views existed."""
+    extra = ("view", view) if view else ("draw", draw) if draw else ()
+    g = torch.Generator().manual_seed(derive_seed(seed, image_id, t, *extra))
     return torch.randn(shape, generator=g)
 
 
