@@ -108,8 +108,12 @@ def test_views_differ_from_each_other(stores):
     for a, b in ((0, 1), (0, 2), (1, 2)):
         assert np.abs(x[a] - x[b]).mean() > 1e-2 * np.abs(x[0]).mean(), (a, b)
     job = jobs.prepare(cfg)
-    images = job.source.load_views("train", list(s.ids("train")), (0, 1, 2))
-    assert all(not np.array_equal(im[0], im[v]) for im in images for v in (1, 2))  # crops applied
+    ids = list(s.ids("train"))
+    images = job.source.load_views("train", ids, (0, 1, 2))
+    # crops applied: a view equals the center crop only where its drawn shorter side is S itself
+    same = [np.array_equal(im[0], im[v]) for im in images for v in (1, 2)]
+    whole = [job.source.augmentation.draws(i, v, 32)[0] == 32 for i in ids for v in (1, 2)]
+    assert same == whole and not all(same)
     draws = [s.features("val", 8, 90, 1, draw=m) for m in range(2)]
     assert not np.array_equal(draws[0], draws[1])
 
@@ -177,12 +181,17 @@ def test_a_store_with_other_augmentation_settings_is_refused(stores, tmp_path):
 
     path = tmp_path / "copy.zarr"
     shutil.copytree(views.store.path, path)
-    files = sorted((p, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file())
+    files = _files(path)
     for over in ({"data.crop_scale": [0.5, 1.0]}, {"data.flip": True}):
         cfg = _cfg(tmp_path, "copy.zarr", **VIEWS, **over)
         with pytest.raises(FingerprintMismatch, match=r"different preprocessing: preprocessing\.augmentation"):
             extract_run(cfg)
-    assert sorted((p, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()) == files  # nothing written
+    assert _files(path) == files  # nothing written
+
+
+def _files(path):
+    """Every data file under ``path`` (not the lock) with its modification time."""
+    return sorted((p, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file() and p.name != ".lock")
 
 
 def test_reading_a_view_or_draw_the_store_does_not_hold(stores):
