@@ -176,7 +176,9 @@ def load_batch(
     views = tuple(sorted({v for v, _ in variants}))
     loaded = source.load_views(split, list(ids), views)
     errors = {i: f"{type(x).__name__}: {x}" for i, x in enumerate(loaded) if isinstance(x, Exception)}
-    shape = next((x.shape[1:] for x in loaded if not isinstance(x, Exception)), (3, source.image_size, source.image_size))
+    shape = next(
+        (x.shape[1:] for x in loaded if not isinstance(x, Exception)), (3, source.image_size, source.image_size)
+    )
     blank = np.zeros((len(views), *shape), np.float32)
     x0 = np.stack([(blank if isinstance(x, Exception) else x)[views.index(v)] for x in loaded for v, _ in variants])
     noise = torch.stack(

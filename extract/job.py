@@ -136,9 +136,7 @@ def prepare(cfg: Config, source: ImageSource | None = None) -> Job:
         value = getattr(e, key)
         unknown = [s for s, _ in value if s not in sizes] if not isinstance(value, int) else []
         if unknown:
-            raise ConfigError(
-                f"extract.{key}.{unknown[0]}: not a split being extracted; allowed: {', '.join(sizes)}"
-            )
+            raise ConfigError(f"extract.{key}.{unknown[0]}: not a split being extracted; allowed: {', '.join(sizes)}")
     plan = make_plan(
         table,
         sizes,

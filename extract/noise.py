@@ -22,9 +22,7 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def image_noise(
-    seed: int, image_id: str, t: int, shape: tuple[int, ...], view: int = 0, draw: int = 0
-) -> torch.Tensor:
+def image_noise(seed: int, image_id: str, t: int, shape: tuple[int, ...], view: int = 0, draw: int = 0) -> torch.Tensor:
     """Standard normal noise of ``shape`` (float32, CPU) for one (image, t) at ``view`` (or
     noise ``draw``): view v >= 1 is keyed by (seed, id, t, "view", v), draw m >= 1 by
     (seed, id, t, "draw", m), both 0 by (seed, id, t) as before views existed."""

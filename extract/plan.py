@@ -128,6 +128,4 @@ def make_plan(
                                 split, FeatureKey(t, b, p, v, m), tuple(requested), (n, info.channels, p, p), dtype
                             )
                         )
-    return Plan(
-        tuple(blocks), tuple(timesteps), tuple(pools), dict(split_sizes), tuple(arrays), views, noise_draws
-    )
+    return Plan(tuple(blocks), tuple(timesteps), tuple(pools), dict(split_sizes), tuple(arrays), views, noise_draws)

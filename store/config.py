@@ -199,7 +199,9 @@ class DataConfig:
     crop_scale: tuple[float, float] = _key(
         (0.8, 1.0), _crop_scale, "views >= 1: guided-diffusion random_crop_arr's [min, max] crop fractions"
     )
-    flip: bool | str = _key("auto", _flip, "views >= 1: horizontal flip with p 0.5 (auto: off for digits, on otherwise)")
+    flip: bool | str = _key(
+        "auto", _flip, "views >= 1: horizontal flip with p 0.5 (auto: off for digits, on otherwise)"
+    )
 
 
 @dataclass(frozen=True)

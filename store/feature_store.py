@@ -69,7 +69,9 @@ class FeatureKey:
 
     def __post_init__(self):
         if self.view and self.draw:
-            raise StoreError(f"a feature array is a view or a noise draw, not both (view {self.view}, draw {self.draw})")
+            raise StoreError(
+                f"a feature array is a view or a noise draw, not both (view {self.view}, draw {self.draw})"
+            )
 
     @property
     def name(self) -> str:
@@ -257,9 +259,7 @@ class FeatureStore:
         than the same slices through dask)."""
         return self._array(split, block, t, pool, view, draw)
 
-    def features(
-        self, split: str, block: int, t: int, pool: int, dask: bool = False, view: int = 0, draw: int = 0
-    ):
+    def features(self, split: str, block: int, t: int, pool: int, dask: bool = False, view: int = 0, draw: int = 0):
         """Features of every image of ``split``: (N, C, p, p), numpy (or dask with ``dask=True``).
 
         ``view`` v >= 1: the augmented view v (`extract.views`); ``draw`` m >= 1: the center crop

@@ -86,7 +86,14 @@ def test_views_and_draws_equal_an_independent_forward(stores):
     for split, view, draw in (("train", 1, 0), ("train", 2, 0), ("val", 0, 1)):
         ids = list(s.ids(split)[:3])
         x0 = torch.from_numpy(
-            np.stack([preprocess(job.source.open(split, i), 32) if view == 0 else aug.view(job.source.open(split, i), i, view, 32) for i in ids])
+            np.stack(
+                [
+                    preprocess(job.source.open(split, i), 32)
+                    if view == 0
+                    else aug.view(job.source.open(split, i), i, view, 32)
+                    for i in ids
+                ]
+            )
         )
         noise = torch.stack([image_noise(0, i, 90, (3, 32, 32), view, draw) for i in ids])
         out = {}
@@ -199,7 +206,9 @@ def test_reading_a_view_or_draw_the_store_does_not_hold(stores):
     s = open_store(views.store.path)
     assert s.views("train", 8, 90, 1) == 3 and s.views("val", 8, 90, 1) == 1
     assert s.noise_draws("val", 8, 90, 1) == 2 and s.noise_draws("train", 8, 90, 1) == 1
-    with pytest.raises(StoreError, match=r"view 3 of block 8, t 90, pool 1 is not in split 'train'; it holds views 0-2"):
+    with pytest.raises(
+        StoreError, match=r"view 3 of block 8, t 90, pool 1 is not in split 'train'; it holds views 0-2"
+    ):
         s.features("train", 8, 90, 1, view=3)
     with pytest.raises(StoreError, match=r"noise draw 1 .* split 'train'; it holds noise draw 0 only"):
         s.features("train", 8, 90, 1, draw=1)
@@ -219,7 +228,10 @@ def test_reading_a_view_or_draw_the_store_does_not_hold(stores):
         ({"extract.views": 0}, r"^extract\.views: 0 is out of range; allowed: in 1\.\.4096$"),
         ({"extract.views": {"train": 0}}, r"^extract\.views\.train: 0 is out of range"),
         ({"extract.noise_draws": 0}, r"^extract\.noise_draws: 0 is out of range"),
-        ({"data.crop_scale": [0.9, 0.8]}, r"^data\.crop_scale: \[0\.9, 0\.8\] is not allowed; allowed: \[min, max\] with 0 < min <= max <= 1$"),
+        (
+            {"data.crop_scale": [0.9, 0.8]},
+            r"^data\.crop_scale: \[0\.9, 0\.8\] is not allowed; allowed: \[min, max\] with 0 < min <= max <= 1$",
+        ),
         ({"data.crop_scale": [0.0, 1.0]}, r"^data\.crop_scale: .* not allowed"),
         ({"data.crop_scale": [0.8, 1.5]}, r"^data\.crop_scale: .* not allowed"),
         ({"data.flip": "yes"}, r"^data\.flip: 'yes' is not allowed; allowed: 'auto', true, false$"),
