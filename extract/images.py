@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffprobe.extract.noise import derive_seed
 from diffprobe.store.errors import ImageError
+from diffprobe.store.seeds import derive_seed
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 PREPROCESSING = "adm-center-crop-v1"  # name recorded in the store; bump if the steps change
@@ -90,7 +90,8 @@ class Augmentation:
             "name": VIEWS,
             "crop_scale": list(self.crop_scale),
             "flip": self.flip,
-            "derivation": "numpy PCG64 seeded by blake2b-64(seed, image id, 'crop', v)",
+            "derivation": "crop: numpy PCG64 seeded by blake2b-64(seed, image id, 'crop', v); "
+            "noise: blake2b-64(seed, image id, t, 'view', v)",
         }
 
 

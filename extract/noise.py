@@ -6,20 +6,11 @@ views existed stay valid.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
+from diffprobe.store.seeds import derive_seed
+
 DERIVATION = "blake2b-64(seed, image id, t) seeds a CPU torch.Generator; randn float32"
-
-
-VARIANT_DERIVATION = "blake2b-64(seed, image id, t, 'view', v | 'draw', m) seeds a CPU torch.Generator; randn float32"
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from ``parts`` joined by NUL (blake2b-64): the key of every seeded draw."""
-    digest = hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def image_noise(seed: int, image_id: str, t: int, shape: tuple[int, ...], view: int = 0, draw: int = 0) -> torch.Tensor:

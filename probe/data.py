@@ -54,6 +54,13 @@ budget and the generator alone, so it does not depend on where the data lives):
 
 So in-memory and streamed data of a split that fits give the same batches in the same order,
 bit for bit (a head trained both ways ends identical: tests/test_probe_data.py).
+
+Views (``views`` K > 1, the store's augmented views 0..K-1 of `extract.views`): every row is
+held at all K views (a piece reads a chunk's K views together; ``row_bytes`` counts them all),
+and `batches(..., epoch=e)` gives each row the view `view_schedule` chose for it at epoch e: a
+seeded permutation of the K views per (seed, image id, e // K), taken at e % K, so every K
+consecutive epochs show every image at every view once. `sequential` reads view 0. ``draw`` m
+reads the center crop under noise draw m (`extract.noise_draws`) instead of view 0.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ import torch
 from diffprobe.store.errors import StoreError
 from diffprobe.store.feature_store import FeatureStore
 from diffprobe.store.finite import all_finite
+from diffprobe.store.seeds import derive_seed
 
 PREFETCH = 2  # pieces read ahead of the one in use (background threads); 0: read when needed
 READ_THREADS = 4  # threads decoding prefetched pieces (and the cells of one piece) at once
@@ -114,6 +122,34 @@ def _ahead(fn, items: Sequence, depth: int) -> Iterator:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _mix(x):
+    """splitmix64's finaliser on uint64 arrays: a seeded, well-spread hash, vectorised."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _fold(h, x):
+    """Hash ``x`` into ``h`` (uint64 arrays, broadcast)."""
+    with np.errstate(over="ignore"):
+        return _mix(
+            np.asarray(h, dtype=np.uint64) ^ _mix(np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+        )
+
+
+class _AtView:
+    """A (rows, K, ...) buffer indexed by batch positions as if it held each row at its own view:
+    ``self[i]`` = ``buf[idx[i], views[i]]``."""
+
+    def __init__(self, buf: torch.Tensor, views: torch.Tensor, idx: torch.Tensor):
+        self.buf, self.views, self.idx = buf, views, idx
+
+    def __getitem__(self, i):
+        return self.buf[self.idx[i], self.views[i]]
+
+
 class FeatureData:
     """The rows ``rows`` of ``split``'s arrays ``cells``, in memory or streamed (module docstring)."""
 
@@ -130,11 +166,19 @@ class FeatureData:
         device: str | torch.device = "cpu",
         stream: bool | None = None,
         prefetch: int = PREFETCH,
+        views: int = 1,
+        draw: int = 0,
+        view_seed: int = 0,
     ):
         self.store, self.split, self.cells = store, split, [tuple(int(v) for v in c) for c in cells]
         if not self.cells:
             raise ValueError("FeatureData needs at least one (block, t, pool)")
-        self.arrays = [store.feature_array(split, *c) for c in self.cells]
+        self.views, self.draw, self.view_seed = views, draw, view_seed
+        self.arrays = [store.feature_array(split, *c, draw=draw) for c in self.cells]
+        # view v of each cell (view 0 is ``arrays``); a view the store lacks is a StoreError naming what it holds
+        self.view_arrays = [self.arrays] + [
+            [store.feature_array(split, *c, view=v) for c in self.cells] for v in range(1, views)
+        ]
         first = self.arrays[0]
         for c, a in zip(self.cells[1:], self.arrays[1:]):
             if a.shape[0] != first.shape[0] or a.chunks[0] != first.chunks[0]:
@@ -151,7 +195,7 @@ class FeatureData:
         self.device = torch.device(device) if isinstance(device, str) else device
         self.shapes = [tuple(int(s) for s in a.shape[1:]) for a in self.arrays]
         self.dims = [int(np.prod(s)) for s in self.shapes]
-        self.row_bytes = sum(d * a.dtype.itemsize for d, a in zip(self.dims, self.arrays))
+        self.row_bytes = views * sum(d * a.dtype.itemsize for d, a in zip(self.dims, self.arrays))
         self.memory_mb = memory_mb
         self.budget_rows = max(1, int(memory_mb * 2**20 // self.row_bytes))
         self.prefetch = prefetch
@@ -168,6 +212,7 @@ class FeatureData:
         self._checked: set[int] = set()
         self._held: list[torch.Tensor] | None = None
         self._y = None if self.labels is None else torch.from_numpy(self.labels).to(self.device)
+        self._ids: np.ndarray | None = None
 
     # -- several parts of one split ------------------------------------------------------
 
@@ -184,13 +229,35 @@ class FeatureData:
         device: str | torch.device = "cpu",
         stream: bool | None = None,
         prefetch: int = PREFETCH,
+        views: Sequence[int] | None = None,
+        view_seed: int = 0,
     ) -> list[FeatureData]:
         """One `FeatureData` per (rows, labels) of ``parts``: in memory, read once, iff they all
-        fit ``memory_mb`` together (or ``stream`` is False); else each streams on its own."""
+        fit ``memory_mb`` together (or ``stream`` is False); else each streams on its own.
+        ``views``: K of each part (default 1 each; e.g. [K, 1]: the fitted part at K views, the
+        held-out part at view 0)."""
+        views = list(views or [1] * len(parts))
         out = [
-            cls(store, split, cells, r, y, usable, memory_mb=memory_mb, device=device, stream=True, prefetch=prefetch)
-            for r, y in parts
+            cls(
+                store,
+                split,
+                cells,
+                r,
+                y,
+                usable,
+                memory_mb=memory_mb,
+                device=device,
+                stream=True,
+                prefetch=prefetch,
+                views=k,
+                view_seed=view_seed,
+            )
+            for (r, y), k in zip(parts, views)
         ]
+        if len(set(views)) > 1:  # parts at different views are held apart: each decides alone
+            for d in out:
+                d.in_memory = stream is False or (stream is None and len(d) <= d.budget_rows)
+            return out
         together = sum(len(d) for d in out)
         if stream is False or (stream is None and together <= out[0].budget_rows):
             union = cls(
@@ -217,21 +284,25 @@ class FeatureData:
     # -- reading -------------------------------------------------------------------------
 
     def _read(self, i: int) -> list[np.ndarray]:
-        """Piece ``i``: each cell's used rows, float16 (rows, *shape), finite-checked once."""
+        """Piece ``i``: each cell's used rows, float16 (rows, *shape) (with views: (rows, K,
+        *shape), the piece's K views read together), finite-checked once."""
         piece = self.pieces[i]
         keep = self.rows[piece.pos] - piece.lo
         usable = self.usable[piece.lo : piece.hi]
         out = []
-        for cell, arr in zip(self.cells, self.arrays):
-            x = np.asarray(arr[piece.lo : piece.hi])
-            if i not in self._checked:
-                flat = x.reshape(len(x), -1)
-                if not all_finite(flat if usable.all() else flat[usable]):
-                    raise StoreError(
-                        f"{_where(self.store, self.split, cell)} holds non-finite values in images "
-                        f"that are not marked skipped"
-                    )
-            out.append(x if len(keep) == len(x) else x[keep])
+        for j, cell in enumerate(self.cells):
+            per_view = []
+            for v, arrays in enumerate(self.view_arrays):
+                x = np.asarray(arrays[j][piece.lo : piece.hi])
+                if i not in self._checked:
+                    flat = x.reshape(len(x), -1)
+                    if not all_finite(flat if usable.all() else flat[usable]):
+                        raise StoreError(
+                            f"{_where(self.store, self.split, cell)}{f', view {v},' if v else ''} holds "
+                            f"non-finite values in images that are not marked skipped"
+                        )
+                per_view.append(x if len(keep) == len(x) else x[keep])
+            out.append(per_view[0] if self.views == 1 else np.stack(per_view, axis=1))
         self._checked.add(i)
         return out
 
@@ -240,7 +311,8 @@ class FeatureData:
         and their positions in ``rows``."""
         order = sorted(order, key=lambda i: self.pieces[i].lo)
         pos = np.concatenate([self.pieces[i].pos for i in order]) if order else np.zeros(0, np.int64)
-        bufs = [np.empty((len(pos), *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
+        lead = (len(pos),) if self.views == 1 else (len(pos), self.views)
+        bufs = [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
         at = 0
         for part in _ahead(self._read, order, self.prefetch):
             k = len(part[0])
@@ -283,8 +355,24 @@ class FeatureData:
         """The positions in ``rows`` of one epoch, in order (draws from ``gen`` as `batches` does)."""
         return np.concatenate([seq for _, seq in self.windows(gen)])
 
-    def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        """One epoch of (xs, y) batches in the seeded order (module docstring)."""
+    def view_schedule(self, epoch: int) -> np.ndarray:
+        """The view (0..K-1) each row is read at in ``epoch``: a permutation of the K views seeded
+        by (view seed, image id, epoch // K), taken at epoch % K (module docstring)."""
+        k = self.views
+        if k == 1:
+            return np.zeros(len(self.rows), np.int64)
+        if self._ids is None:
+            ids = self.store.ids(self.split)[self.rows]
+            self._ids = np.array([derive_seed(i) for i in ids], dtype=np.uint64)
+        cycle = _fold(_fold(self._ids, self.view_seed), epoch // k)[:, None]  # per (seed, image, cycle)
+        keys = _fold(cycle, np.arange(k, dtype=np.uint64)[None, :])
+        return np.argsort(keys, axis=1, kind="stable")[:, epoch % k].astype(np.int64)
+
+    def batches(
+        self, batch_size: int, gen: torch.Generator, epoch: int = 0
+    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """One epoch of (xs, y) batches in the seeded order (module docstring); with views, each
+        row at its view of ``epoch`` (`view_schedule`)."""
         if not self.in_memory and self.budget_rows < batch_size:
             raise BudgetError(
                 f"probe.memory_mb = {self.memory_mb:g} holds {self.budget_rows} images of "
@@ -292,9 +380,9 @@ class FeatureData:
                 f"({self.row_bytes} bytes each), fewer than one batch of {batch_size}; allowed: at least "
                 f"{batch_size * self.row_bytes / 2**20:.3g} MB"
             )
-        return self._batches(batch_size, self.windows(gen))
+        return self._batches(batch_size, self.windows(gen), self.view_schedule(epoch) if self.views > 1 else None)
 
-    def _batches(self, batch: int, windows):
+    def _batches(self, batch: int, windows, view_of: np.ndarray | None = None):
         carry: tuple[list[torch.Tensor], torch.Tensor] | None = None
         for pieces, seq in windows:
             if self.in_memory:
@@ -304,6 +392,10 @@ class FeatureData:
                 at = np.searchsorted(pos, seq)
             idx = torch.from_numpy(np.ascontiguousarray(at)).to(self.device)
             lab = torch.from_numpy(np.ascontiguousarray(seq)).to(self.device)
+            if view_of is not None:  # one view per row: gather (rows, K, ...) at (row, its view)
+                views = torch.from_numpy(view_of[seq]).to(self.device)
+                bufs = [_AtView(b, views, idx) for b in bufs]
+                idx = torch.arange(len(idx), device=self.device)
             start = 0
             if carry is not None:
                 need = batch - len(carry[1])
@@ -339,13 +431,15 @@ class FeatureData:
         """Every row once, in ``rows`` order, ``step`` rows at a time (the last fewer)."""
         n = len(self.rows)
         if self.in_memory:
-            held = self._memory()
+            held = self._memory() if self.views == 1 else [x[:, 0] for x in self._memory()]
             for lo in range(0, n, step):
                 yield [x[lo : lo + step] for x in held], self._labels(torch.arange(lo, min(lo + step, n)))
             return
         carry: list[np.ndarray] | None = None
         at = 0
         for part in _ahead(self._read, range(len(self.pieces)), self.prefetch):
+            if self.views > 1:
+                part = [x[:, 0] for x in part]
             if carry is not None:
                 part = [np.concatenate([c, x]) for c, x in zip(carry, part)]
             k = len(part[0])
