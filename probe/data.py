@@ -454,3 +454,49 @@ class FeatureData:
     def _host(self, part: list[np.ndarray], lo: int, hi: int, at: int):
         xs = [torch.from_numpy(np.ascontiguousarray(x[lo:hi])).to(self.device) for x in part]
         return xs, self._labels(torch.arange(at, at + hi - lo))
+
+
+# ------------------------------------------------------------------ views and noise draws
+
+
+@dataclass(frozen=True)
+class Views:
+    """How a probe reads the store's views and noise draws (`--views`, `--noise-draws`):
+    ``views`` train views per epoch ("all": every view held; 1: view 0, today's protocol),
+    ``noise_draws`` val noise draws whose logits are averaged (1: view 0 alone)."""
+
+    views: int | str = 1
+    noise_draws: int = 1
+
+    def resolve(self, store: FeatureStore, cells: Sequence[Cell]) -> Views:
+        """These settings with ``views`` a number, checked against what ``store`` holds of
+        every cell: more views (train) or noise draws (val) than stored is a `StoreError`."""
+        k = self.views
+        held = {c: store.views("train", *c) for c in cells}
+        if k == "all":
+            k = min(held.values())
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise StoreError(f"--views: {k!r} is not allowed; allowed: all, or a count >= 1")
+        if isinstance(self.noise_draws, bool) or not isinstance(self.noise_draws, int) or self.noise_draws < 1:
+            raise StoreError(f"--noise-draws: {self.noise_draws!r} is not allowed; allowed: a count >= 1")
+        for what, n, split, count in (
+            ("--views", k, "train", store.views),
+            ("--noise-draws", self.noise_draws, "val", store.noise_draws),
+        ):
+            for c in cells:
+                have = count(split, *c)
+                if n > have:
+                    key = "extract.views" if what == "--views" else "extract.noise_draws"
+                    raise StoreError(
+                        f"{what} {n}: {store.path} holds {have} of block {c[0]}, t {c[1]}, pool {c[2]} in "
+                        f"split {split!r}; allowed: 1-{have} ({key} stores more)"
+                    )
+        return Views(k, self.noise_draws)
+
+    @property
+    def record(self) -> dict:
+        """What a result and its settings digest record: nothing for the default (1 view, 1 draw),
+        so results and digests of probes without views are those of before views existed."""
+        return (
+            {} if self.views == 1 and self.noise_draws == 1 else {"views": self.views, "noise_draws": self.noise_draws}
+        )
