@@ -255,6 +255,8 @@ def sweep(
     scheduler: Optional[str] = typer.Option(
         None, "--scheduler", help="Spread the cells over the dask cluster at this address (tcp://host:8786)."
     ),
+    views: str = ViewsOpt,
+    noise_draws: int = NoiseDrawsOpt,
     as_json: bool = JsonOpt,
 ):
     """One linear probe per (block, t, pool) the train and val splits hold; heatmaps as PNG.
@@ -294,7 +296,16 @@ def sweep(
                 bar.update(task, advance=1, cell=f"block {key.block}, t {key.t}, pool {key.pool}")
 
         try:
-            r = sw.run(cfg, *lists, subset=spec, on_plan=on_plan, on_cell=on_cell, workers=workers, scheduler=scheduler)
+            r = sw.run(
+                cfg,
+                *lists,
+                subset=spec,
+                on_plan=on_plan,
+                on_cell=on_cell,
+                workers=workers,
+                scheduler=scheduler,
+                views=_views(views, noise_draws),
+            )
         finally:
             bar.stop()
     if as_json:

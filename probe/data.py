@@ -474,7 +474,7 @@ class Views:
         k = self.views
         held = {c: store.views("train", *c) for c in cells}
         if k == "all":
-            k = min(held.values())
+            k = min(held.values(), default=1)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise StoreError(f"--views: {k!r} is not allowed; allowed: all, or a count >= 1")
         if isinstance(self.noise_draws, bool) or not isinstance(self.noise_draws, int) or self.noise_draws < 1:

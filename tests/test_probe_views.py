@@ -189,3 +189,47 @@ def test_probe_view_refusals(drawn):
         linear_probe(a, *CELL, recipe="lbfgs", settings=PROBE, views=Views(2))
     with pytest.raises(StoreError, match=r"^--views: 0 is not allowed"):
         linear_probe(a, *CELL, settings=PROBE, views=Views(0))
+
+
+def test_a_sweep_resumes_only_cells_of_the_same_views(drawn, tmp_path):
+    from diffprobe.probe.sweep import sweep
+
+    a, _, _ = drawn
+    ledger = tmp_path / "ledger.csv"
+    cells = [FeatureKey(90, 24, P)]
+    first = sweep(a, cells, settings=PROBE, ledger=ledger, views=Views("all", M))
+    assert first["trained"] == 1
+    again = sweep(a, cells, settings=PROBE, ledger=ledger, views=Views(K, M))  # "all" is K here
+    assert again["trained"] == 0 and again["cells"][0]["top1"] == first["cells"][0]["top1"]
+    assert sweep(a, cells, settings=PROBE, ledger=ledger)["trained"] == 1  # 1 view: other settings
+    assert sweep(a, cells, settings=PROBE, ledger=ledger, views=Views(2, M))["trained"] == 1
+
+
+def test_cli_views_beyond_the_store_is_one_line_exit_2(drawn, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffprobe.probe.cli import probe_app as app
+
+    a, _, _ = drawn
+    for args, message in (
+        (["--views", "9"], "--views 9: "),
+        (["--views", "x"], "--views: 'x' is not allowed"),
+        (["--noise-draws", "4"], "--noise-draws 4: "),
+    ):
+        r = CliRunner().invoke(
+            app,
+            [
+                "linear",
+                "--block",
+                "24",
+                "--t",
+                "90",
+                "--store",
+                str(a.path),
+                "--ledger",
+                str(tmp_path / "l.csv"),
+                *args,
+            ],
+        )
+        assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "l.csv").exists()
