@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from diffprobe.probe.command import prepare
-from diffprobe.probe.data import FeatureData, Views
+from diffprobe.probe.data import FeatureData, Views, train_parts, val_part
 from diffprobe.probe.heads import AttentionHead, FusionHead, auto_dim
 from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import choose, val_scores
@@ -92,50 +91,11 @@ def default_pool(store: FeatureStore, cells: list[tuple[int, int]], h: HeadsConf
     raise AssertionError("unreachable: check_held found every cell")
 
 
-def _train_data(
-    store: FeatureStore, cells, sel: Selection, p: ProbeConfig, device, stream=None, views: Views = Views(), seed=0
-):
-    """(fit, held-out) `FeatureData` of train: only those rows are read (in memory iff both fit
-    ``probe.memory_mb`` together, counted in the stored dtype's bytes; else streamed). The fitted
-    part reads ``views.views`` views (each epoch one per image), the held-out part view 0."""
-    rows = np.flatnonzero(sel.usable)
-    return FeatureData.parts(
-        store,
-        "train",
-        cells,
-        [(rows[sel.fit], sel.y[sel.fit]), (rows[sel.hold], sel.y[sel.hold])],
-        sel.usable,
-        memory_mb=p.memory_mb,
-        device=device,
-        stream=stream,
-        views=[int(views.views), 1],
-        view_seed=seed,
-    )
-
-
-def _val_data(
-    store: FeatureStore, cells, sel: Selection, p: ProbeConfig, device, stream=None, draw: int = 0
-) -> FeatureData:
-    rows = np.flatnonzero(sel.usable_val)
-    return FeatureData(
-        store,
-        "val",
-        cells,
-        rows,
-        sel.y_val,
-        sel.usable_val,
-        memory_mb=p.memory_mb,
-        device=device,
-        stream=stream,
-        draw=draw,
-    )
-
-
 def _val_logits(model, store, cells, sel, p, device, stream, inputs, views: Views) -> tuple[torch.Tensor, bool]:
     """The model's val logits, averaged over ``views.noise_draws`` noise draws; and whether any was streamed."""
     total, streamed = None, False
     for draw in range(views.noise_draws):
-        val = _val_data(store, cells, sel, p, device, stream, draw)
+        val = val_part(store, cells, sel, memory_mb=p.memory_mb, device=device, stream=stream, draw=draw)
         (logits,), _ = _predict([model], val, inputs)
         total = logits if total is None else total + logits
         streamed = streamed or not val.in_memory
@@ -228,7 +188,9 @@ def attention_probe(
     sel = selection if selection is not None else select(store, seed, p, subset)
     cells = [(block, t, pool)]
     views = views.resolve(store, cells)
-    fit, held = _train_data(store, cells, sel, p, device, stream, views, seed)
+    fit, held = train_parts(
+        store, cells, sel, memory_mb=p.memory_mb, device=device, stream=stream, views=views, seed=seed
+    )
     c, sp = fit.shapes[0][0], fit.shapes[0][-1]
     dim = h.dim or auto_dim([c], h.num_heads)
     build = lambda: AttentionHead(c, sp, len(classes), dim, h.depth, h.num_heads, h.mlp_ratio)
@@ -307,7 +269,9 @@ def fusion_probe(
 
     arrays = [(b, t, pool) for b, t in cells]  # t-major: cell i * len(blocks) + j is (blocks[j], timesteps[i])
     views = views.resolve(store, arrays)
-    fit, held = _train_data(store, arrays, sel, p, device, stream, views, seed)
+    fit, held = train_parts(
+        store, arrays, sel, memory_mb=p.memory_mb, device=device, stream=stream, views=views, seed=seed
+    )
     inputs = [(s[0], s[-1]) for s in fit.shapes[: len(blocks)]]
     dim = h.dim or auto_dim([c for c, _ in inputs], h.num_heads)
     nb = len(blocks)

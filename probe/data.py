@@ -74,6 +74,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffprobe.probe.protocol import Selection
 from diffprobe.store.errors import StoreError
 from diffprobe.store.feature_store import FeatureStore
 from diffprobe.store.finite import all_finite
@@ -500,3 +501,58 @@ class Views:
         return (
             {} if self.views == 1 and self.noise_draws == 1 else {"views": self.views, "noise_draws": self.noise_draws}
         )
+
+
+def train_parts(
+    store: FeatureStore,
+    cells: Sequence[Cell],
+    sel: Selection,
+    *,
+    memory_mb: float,
+    device: str | torch.device = "cpu",
+    stream: bool | None = None,
+    views: Views = Views(),
+    seed: int = 0,
+) -> list[FeatureData]:
+    """(fit, held-out) `FeatureData` of train for the selection ``sel``: only those rows are read
+    (in memory iff both fit ``memory_mb`` together; else streamed). The fitted part reads
+    ``views.views`` views (each epoch one per image, scheduled by ``seed``), the held-out part view 0."""
+    rows = np.flatnonzero(sel.usable)  # usable row -> store row
+    return FeatureData.parts(
+        store,
+        "train",
+        cells,
+        [(rows[sel.fit], sel.y[sel.fit]), (rows[sel.hold], sel.y[sel.hold])],
+        sel.usable,
+        memory_mb=memory_mb,
+        device=device,
+        stream=stream,
+        views=[int(views.views), 1],
+        view_seed=seed,
+    )
+
+
+def val_part(
+    store: FeatureStore,
+    cells: Sequence[Cell],
+    sel: Selection,
+    *,
+    memory_mb: float,
+    device: str | torch.device = "cpu",
+    stream: bool | None = None,
+    draw: int = 0,
+) -> FeatureData:
+    """Val's usable rows of ``cells`` at noise ``draw`` (0: view 0)."""
+    rows = np.flatnonzero(sel.usable_val)
+    return FeatureData(
+        store,
+        "val",
+        cells,
+        rows,
+        sel.y_val,
+        sel.usable_val,
+        memory_mb=memory_mb,
+        device=device,
+        stream=stream,
+        draw=draw,
+    )

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.probe.command import prepare
-from diffprobe.probe.data import FeatureData, Views
+from diffprobe.probe.data import FeatureData, Views, train_parts, val_part
 from diffprobe.probe.digest import fingerprint_digest, settings_digest
 from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import per_class_accuracy, topk_accuracy
@@ -393,18 +393,7 @@ def _probe_pass(
     """Train and score one head per key in one pass (several keys: in memory, the same width)."""
     classes = store.class_names
     arrays = [(k.block, k.t, k.pool) for k in keys]
-    rows = np.flatnonzero(sel.usable)  # usable row -> store row
-    data, data_held = FeatureData.parts(
-        store,
-        "train",
-        arrays,
-        [(rows[sel.fit], sel.y[sel.fit]), (rows[sel.hold], sel.y[sel.hold])],
-        sel.usable,
-        memory_mb=p.memory_mb,
-        device=device,
-        views=[int(views.views), 1],  # the held-out part reads view 0
-        view_seed=seed,
-    )
+    data, data_held = train_parts(store, arrays, sel, memory_mb=p.memory_mb, device=device, views=views, seed=seed)
     std = Standardise(*feature_stats(data), device)
     w, b = FITTERS[recipe](data, std, len(classes), grid, p, seed)
     streamed = not data.in_memory
@@ -431,17 +420,7 @@ def _probe_pass(
     y_val = sel.y_val
     val_logits = 0
     for draw in range(views.noise_draws):  # the logits averaged over M noise draws (1: view 0 alone)
-        val = FeatureData(
-            store,
-            "val",
-            arrays,
-            np.flatnonzero(sel.usable_val),
-            y_val,
-            sel.usable_val,
-            memory_mb=p.memory_mb,
-            device=device,
-            draw=draw,
-        )
+        val = val_part(store, arrays, sel, memory_mb=p.memory_mb, device=device, draw=draw)
         val_logits = val_logits + _logits(val, std, w_best, b_best)
         streamed = streamed or not val.in_memory
     val_logits = val_logits / views.noise_draws if views.noise_draws > 1 else val_logits

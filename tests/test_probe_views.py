@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffprobe.probe.attention import _predict, _val_data, _val_logits, attention_probe
-from diffprobe.probe.data import FeatureData, Views
+from diffprobe.probe.attention import _predict, _val_logits, attention_probe
+from diffprobe.probe.data import FeatureData, Views, val_part
 from diffprobe.probe.linear import linear_probe
 from diffprobe.probe.protocol import select
 from diffprobe.store.config import HeadsConfig, ProbeConfig
@@ -160,7 +160,7 @@ def test_attention_noise_draw_averaging_equals_the_average_of_m_evaluations(draw
     model = AttentionHead(C, P, 4, 8, 1, 2, 4.0)
     inputs = lambda xs: xs[0].float()  # noqa: E731
     avg, _ = _val_logits(model, a, [CELL], sel, PROBE, torch.device("cpu"), None, inputs, Views(1, M))
-    separate = [_predict([model], _val_data(a, [CELL], sel, PROBE, "cpu", None, m), inputs)[0][0] for m in range(M)]
+    separate = [_predict([model], val_part(a, [CELL], sel, memory_mb=64, draw=m), inputs)[0][0] for m in range(M)]
     torch.testing.assert_close(avg, sum(separate) / M)
     assert not torch.equal(separate[0], separate[1])
     r = attention_probe(a, *CELL, heads=h, settings=PROBE, views=Views("all", M))

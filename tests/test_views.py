@@ -1,7 +1,5 @@
 """Augmented views and noise draws in the store (extract.views, extract.noise_draws)."""
 
-import os
-import signal
 import subprocess
 import sys
 
@@ -12,7 +10,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffprobe.extract import job as jobs
-from diffprobe.extract.extraction import SIGKILL_FILE
 from diffprobe.extract.images import Augmentation, preprocess
 from diffprobe.extract.noise import image_noise
 from diffprobe.extract.report import Recorder
@@ -21,7 +18,7 @@ from diffprobe.extract.unet import build_diffusion, build_model, load_checkpoint
 from diffprobe.store.errors import ConfigError, FingerprintMismatch, StoreError
 from diffprobe.store.feature_store import FeatureKey, open_store
 
-from .conftest import small_config
+from .conftest import killed_run, small_config
 
 # 10 train + 10 val images in chunks of 4, block 8 only (the forward stops there), one pool.
 TINY = {
@@ -281,23 +278,14 @@ def test_views_resume_after_sigkill(stores, tmp_path):
     kill hook); the resume keeps the complete chunks and ends bit-identical."""
     _, views, _ = stores
     cfg = _cfg(tmp_path, "kill.zarr", **VIEWS)
-    toml = tmp_path / "kill.toml"
-    toml.write_text(
+    killed_run(
+        tmp_path,
         '[data]\nmax_per_class = 1\n[extract]\nblocks = "8"\ntimesteps = [90]\npools = [1]\nforward_batch = 8\n'
         'batch_size = 4\ndevice = "cpu"\nthreads = 1\nloaders = 2\nprefetch = 2\nwrite_behind = 1\n'
         "views = { train = 3 }\nnoise_draws = { val = 2 }\n"
-        f'[store]\nchunk_images = 4\npath = "{cfg.store.path}"\n'
+        f'[store]\nchunk_images = 4\npath = "{cfg.store.path}"\n',
+        "train/1",
     )
-    trigger = tmp_path / "kill-at"
-    trigger.write_text("train/1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "diffprobe.extract.cli", "run", "--config", str(toml), "--json"],
-        cwd=tmp_path,
-        env={**os.environ, SIGKILL_FILE: str(trigger)},
-        capture_output=True,
-        timeout=300,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     s = open_store(cfg.store.path)
     assert [s.chunks_done("train", k) for k in s.keys("train", complete_only=False, variants=True)] == [2] * 3
     result = extract_run(cfg)
