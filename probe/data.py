@@ -473,9 +473,8 @@ class Views:
         """These settings with ``views`` a number, checked against what ``store`` holds of
         every cell: more views (train) or noise draws (val) than stored is a `StoreError`."""
         k = self.views
-        held = {c: store.views("train", *c) for c in cells}
-        if k == "all":
-            k = min(held.values(), default=1)
+        if k == "all":  # a cell without view 0 counts 1: its reader names what the store holds
+            k = max(1, min((store.views("train", *c) for c in cells), default=1))
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise StoreError(f"--views: {k!r} is not allowed; allowed: all, or a count >= 1")
         if isinstance(self.noise_draws, bool) or not isinstance(self.noise_draws, int) or self.noise_draws < 1:
@@ -484,7 +483,7 @@ class Views:
             ("--views", k, "train", store.views),
             ("--noise-draws", self.noise_draws, "val", store.noise_draws),
         ):
-            for c in cells:
+            for c in cells if n > 1 else ():  # view 0 and draw 0: checked by the reader, with its own message
                 have = count(split, *c)
                 if n > have:
                     key = "extract.views" if what == "--views" else "extract.noise_draws"
