@@ -184,9 +184,17 @@ def status(store: Optional[Path] = StoreOpt, config: Optional[Path] = ConfigOpt,
                 f"{format_int_list(a['t'] for a in complete)}, pools {format_int_list(a['pool'] for a in complete)}",
                 highlight=False,
             )
-        for a in partial:
+        views = 1 + max((a.get("view", 0) for a in complete), default=0)
+        draws = 1 + max((a.get("draw", 0) for a in complete), default=0)
+        if views > 1 or draws > 1:
             out.print(
-                f"  incomplete: t {a['t']} block {a['block']} pool {a['pool']}: "
+                f"  views 0-{views - 1}, noise draws 0-{draws - 1} (extract.views, extract.noise_draws)",
+                highlight=False,
+            )
+        for a in partial:
+            variant = f" view {a['view']}" if "view" in a else f" noise draw {a['draw']}" if "draw" in a else ""
+            out.print(
+                f"  incomplete: t {a['t']} block {a['block']} pool {a['pool']}{variant}: "
                 f"{a['chunks_done']}/{a['chunks']} chunks",
                 highlight=False,
             )

@@ -301,3 +301,18 @@ def test_views_with_two_dask_workers_equal_one_process(stores, tmp_path):
     result = extract_run(cfg)
     assert result["workers"] == 2 and result["chunks_written"] == 6
     assert _all(cfg.store.path) == _all(views.store.path)
+
+
+def test_status_counts_views_and_draws(stores):
+    from typer.testing import CliRunner
+
+    from diffprobe.extract.cli import app
+
+    _, views, _ = stores
+    r = CliRunner().invoke(app, ["status", "--store", views.store.path])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert "  views 0-2, noise draws 0-0 (extract.views, extract.noise_draws)" in lines
+    assert "  views 0-0, noise draws 0-1 (extract.views, extract.noise_draws)" in lines
+    arrays = open_store(views.store.path).status()["splits"]["train"]["arrays"]
+    assert arrays["t90_b8_p1_v2"]["view"] == 2 and "view" not in arrays["t90_b8_p1"]
