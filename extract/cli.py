@@ -172,12 +172,21 @@ def plan(
         out.print(
             f"{split}: {n} images, {len(mine)} arrays, {human_bytes(sum(a.nbytes for a in mine))}", highlight=False
         )
+    variants = any(p.variants(s) > 1 for s in p.split_sizes)
+    per_split = " + ".join(f"{n} {s}" + (f" x {p.variants(s)}" if variants else "") for s, n in p.split_sizes.items())
     out.print(
         f"{len(p.arrays)} arrays, {human_bytes(p.nbytes)} in total; "
-        f"{p.forwards} U-Net forwards ({' + '.join(f'{n} {s}' for s, n in p.split_sizes.items())} images "
+        f"{p.forwards} U-Net forwards ({f'({per_split}) image inputs' if variants else f'{per_split} images'} "
         f"x {len(p.timesteps)} timesteps), each stopping after block {max(p.blocks)}",
         highlight=False,
     )
+    for s in p.split_sizes if variants else ():
+        k, m = p.views.get(s, 1), p.noise_draws.get(s, 1)
+        out.print(
+            f"{s}: {k} view{'s' if k != 1 else ''} and {m} noise draw{'s' if m != 1 else ''}: "
+            f"{p.variants(s)}x the forwards and bytes of the center crop alone",
+            highlight=False,
+        )
     _print_cost(cost)
 
 
@@ -233,13 +242,11 @@ def _plan_from_counts(cfg, counts: dict[str, int]):
     """``cfg`` (forward_batch resolved), the plan of its model, blocks, timesteps and pools for
     these image counts, and the model's spec: no data read."""
     from diffprobe.extract import job as jobs
-    from diffprobe.extract.plan import make_plan
     from diffprobe.extract.unet import block_table
 
     spec = jobs.model_spec(cfg)
-    e = cfg.extract
-    plan = make_plan(block_table(spec), counts, e.blocks, e.timesteps, e.pools, cfg.store.dtype, spec.diffusion_steps)
-    return jobs.with_forward_batch(cfg, counts), plan, spec
+    plan = jobs.job_plan(cfg, block_table(spec), counts, spec.diffusion_steps)
+    return jobs.with_forward_batch(cfg, plan), plan, spec
 
 
 def _free_bytes(path) -> int | None:
@@ -273,11 +280,19 @@ def status(store: Optional[Path] = StoreOpt, config: Optional[Path] = ConfigOpt,
             highlight=False,
         )
         if complete:
-            keys = [FeatureKey(a["t"], a["block"], a["pool"]) for a in complete]
+            keys = sorted({FeatureKey(a["t"], a["block"], a["pool"]) for a in complete})
             out.print(f"  complete: {describe_keys(keys)}", highlight=False)
-        for a in partial:
+        views = 1 + max((a.get("view", 0) for a in complete), default=0)
+        draws = 1 + max((a.get("draw", 0) for a in complete), default=0)
+        if views > 1 or draws > 1:
             out.print(
-                f"  incomplete: t {a['t']} block {a['block']} pool {a['pool']}: "
+                f"  views 0-{views - 1}, noise draws 0-{draws - 1} (extract.views, extract.noise_draws)",
+                highlight=False,
+            )
+        for a in partial:
+            variant = f" view {a['view']}" if "view" in a else f" noise draw {a['draw']}" if "draw" in a else ""
+            out.print(
+                f"  incomplete: t {a['t']} block {a['block']} pool {a['pool']}{variant}: "
                 f"{a['chunks_done']}/{a['chunks']} chunks",
                 highlight=False,
             )

@@ -6,8 +6,9 @@ still to do and `extract_chunks` computes them (the same function in this proces
 dask workers, see extract.dask_worker). Three stages overlap:
 
 1. **Loaders** (`Loader`: ``extract.loaders`` threads or processes) read and preprocess a
-   batch of ``batch_size`` images and generate its noise, keyed by (seed, image id, t) on a
-   CPU generator (extract.noise), ``extract.prefetch`` batches ahead of the model.
+   batch of ``batch_size`` images (at each pending view or noise draw: `ChunkWork.variants`)
+   and generate its noise, keyed by (seed, image id, t, view or draw) on a CPU generator
+   (extract.noise), ``extract.prefetch`` batches ahead of the model.
 2. **The model** (this thread): x_t = q_sample(x0, t, noise) on the device, from host tensors
    copied without blocking (pinned on CUDA). Every pending timestep of a batch shares its
    forwards: the rows are (image, t), image-major, and every U-Net call has exactly
@@ -154,7 +155,8 @@ def _where(source: ImageSource, split: str, image_id: str) -> str:
 class Ready:
     """A batch ready for the model: images, their noise, and the images that could not be read.
 
-    x0: (B, 3, S, S) float32; noise: (B * T, 3, S, S), row i * T + j for (image i, t_j);
+    x0: (B * R, 3, S, S) float32, row i * R + r for (image i, variant r: a (view, draw) pair);
+    noise: (B * R * T, 3, S, S), row (i * R + r) * T + j for (image i, variant r, t_j);
     errors: position -> the one-line reason (naming the file) of each image that could not be
     read; masks: (B, S, S) uint8 label maps of a dense source (`extract.masks`), else None."""
 
@@ -164,17 +166,32 @@ class Ready:
     masks: np.ndarray | None = None
 
 
-def load_batch(source: ImageSource, split: str, ids: tuple[str, ...], timesteps: tuple[int, ...], seed: int) -> Ready:
-    """Read and preprocess ``ids`` and generate the noise of every (image, t): a loader's task."""
+def load_batch(
+    source: ImageSource,
+    split: str,
+    ids: tuple[str, ...],
+    variants: tuple[tuple[int, int], ...],
+    timesteps: tuple[int, ...],
+    seed: int,
+) -> Ready:
+    """Read and preprocess ``ids`` at every view of ``variants`` ((view, draw) pairs; a draw
+    m >= 1 is the center crop) and generate the noise of every (image, variant, t): a loader's
+    task. A dense source's masks are of view 0, the only view its stores hold (`extract.job`)."""
+    views = tuple(sorted({v for v, _ in variants}))
+    masks = None
     if isinstance(source, MaskedSource):
         loaded, masks = load_masked(source, split, ids)
+        loaded = [x if isinstance(x, Exception) else x[None] for x in loaded]  # (1, 3, S, S): view 0
     else:
-        loaded, masks = source.load(split, list(ids)), None
+        loaded = source.load_views(split, list(ids), views)
     errors = {i: _unreadable(source, split, ids[i], x) for i, x in enumerate(loaded) if isinstance(x, Exception)}
-    shape = next((x.shape for x in loaded if not isinstance(x, Exception)), (3, source.image_size, source.image_size))
-    x0 = np.stack([np.zeros(shape, np.float32) if isinstance(x, Exception) else x for x in loaded])
-    noise = rows_noise(seed, [(i, t) for i in ids for t in timesteps], tuple(shape)).numpy()
-    return Ready(x0, noise, errors, masks)
+    shape = next(
+        (x.shape[1:] for x in loaded if not isinstance(x, Exception)), (3, source.image_size, source.image_size)
+    )
+    blank = np.zeros((len(views), *shape), np.float32)
+    x0 = np.stack([(blank if isinstance(x, Exception) else x)[views.index(v)] for x in loaded for v, _ in variants])
+    noise = rows_noise(seed, [(i, t, v, m) for i in ids for v, m in variants for t in timesteps], tuple(shape))
+    return Ready(x0, noise.numpy(), errors, masks)
 
 
 def _unreadable(source: ImageSource, split: str, image_id: str, e: Exception) -> str:
@@ -194,9 +211,9 @@ def _start_loader_process(source: ImageSource) -> None:
     torch.set_num_threads(1)  # a loader's torch work is one noise tensor at a time
 
 
-def _load_in_process(split, ids, timesteps, seed) -> Ready:
+def _load_in_process(split, ids, variants, timesteps, seed) -> Ready:
     assert _PROCESS_SOURCE is not None
-    return load_batch(_PROCESS_SOURCE, split, ids, timesteps, seed)
+    return load_batch(_PROCESS_SOURCE, split, ids, variants, timesteps, seed)
 
 
 class Loader:
@@ -224,7 +241,7 @@ class Loader:
         return self.pool.submit(load_batch, self.source, *task)
 
     def batches(self, tasks: Iterable[tuple]) -> Iterator[Ready]:
-        """``load_batch(source, *task)`` for each task (split, ids, timesteps, seed), in order."""
+        """``load_batch(source, *task)`` for each task (split, ids, variants, timesteps, seed), in order."""
         tasks = iter(tasks)
         if self.pool is None:
             for task in tasks:
@@ -364,8 +381,13 @@ class ChunkWork:
         return tuple(sorted({k.t for k, _ in self.arrays}))
 
     @property
+    def variants(self) -> tuple[tuple[int, int], ...]:
+        """The (view, draw) pairs with a pending array, ascending: each image runs once per variant and t."""
+        return tuple(sorted({(k.view, k.draw) for k, _ in self.arrays}))
+
+    @property
     def forwards(self) -> int:
-        return self.images * len(self.timesteps)
+        return self.images * len(self.variants) * len(self.timesteps)
 
 
 def start_chunks(plan: Plan, writer, report: Reporter, job=None) -> tuple[list[ChunkWork], Totals]:
@@ -439,7 +461,10 @@ def extract_chunks(
     batches = [
         (w, b0, min(b0 + settings.batch_size, w.hi)) for w in works for b0 in range(w.lo, w.hi, settings.batch_size)
     ]
-    tasks = ((w.split, source.split(w.split).ids[b0:b1], w.timesteps, settings.noise_seed) for w, b0, b1 in batches)
+    tasks = (
+        (w.split, source.split(w.split).ids[b0:b1], w.variants, w.timesteps, settings.noise_seed)
+        for w, b0, b1 in batches
+    )
     loader = Loader(source, settings.loaders, settings.loader_kind, settings.prefetch)
     out_writer = ChunkWriter(writer, settings.write_behind, report, chunks_done, chunks_total)
     n_skipped = 0
@@ -454,13 +479,13 @@ def extract_chunks(
                 dense = ChunkMasks.for_source(source, w.split, w.lo, w.hi)  # None unless the source has masks
             bad = _bad_positions(source, w, b0, b1, ready, settings.on_corrupt)
             skipped += [b0 + i for i in bad]
+            ts, variants = w.timesteps, w.variants
             if dense is not None:
-                dense.add(b0, ready.x0, ready.masks)
+                dense.add(b0, ready.x0[:: len(variants)], ready.masks)  # a dense store's variants are all view 0
                 dense.ignore(b0, bad)
-            ts = w.timesteps
             x0 = _to_device(ready.x0, dev).repeat_interleave(len(ts), dim=0)
             noise = _to_device(ready.noise, dev)
-            tt = torch.tensor(ts, dtype=torch.long, device=dev).repeat(b1 - b0)  # row i*T + j -> t_j
+            tt = torch.tensor(ts, dtype=torch.long, device=dev).repeat((b1 - b0) * len(variants))  # row .. + j -> t_j
             x_t = diffusion.q_sample(x0, tt, noise)
             pairs = {(k.block, k.pool) for k, _ in w.arrays}
             pooled = forward_rows(
@@ -468,13 +493,15 @@ def extract_chunks(
             )
             for (b, p), rows in pooled.items():
                 rows = rows.cpu().numpy()  # only pooled, cast tensors cross
-                for j, t in enumerate(ts):
-                    key = FeatureKey(t, b, p)
-                    if key in out:
-                        dest = out[key][b0 - w.lo : b1 - w.lo]
-                        dest[:] = rows[j :: len(ts)]
-                        if bad:
-                            dest[bad] = np.nan
+                step = len(variants) * len(ts)  # row (i * R + r) * T + j: image i, variant r, t_j
+                for r, (v, m) in enumerate(variants):
+                    for j, t in enumerate(ts):
+                        key = FeatureKey(t, b, p, v, m)
+                        if key in out:
+                            dest = out[key][b0 - w.lo : b1 - w.lo]
+                            dest[:] = rows[r * len(ts) + j :: step]
+                            if bad:
+                                dest[bad] = np.nan
             report.advance(b1 - b0, 0)
             if b1 == w.hi:
                 n_skipped += len(skipped)

@@ -9,13 +9,19 @@ Two sources, one interface (`ImageSource`):
 
 Preprocessing is guided-diffusion's own (``center_crop_arr``): halve with a box filter while
 the shorter side is at least twice the target, resize the shorter side to the target with
-bicubic, center crop, then scale to [-1, 1].
+bicubic, center crop, then scale to [-1, 1]. That is view 0.
+
+Augmented views v >= 1 (`ImageSource.load_views`) are guided-diffusion's ``random_crop_arr``
+(the shorter side resized to a random size in [S / max, S / min] of ``data.crop_scale``, a
+random S x S crop) and a horizontal flip with p 0.5 (``data.flip``), every draw from a
+generator keyed by (seed, image id, v) alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,29 +31,76 @@ import numpy as np
 from PIL import Image
 
 from diffprobe.store.errors import ImageError
+from diffprobe.store.seeds import derive_seed
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 PREPROCESSING = "adm-center-crop-v1"  # name recorded in the store; bump if the steps change
+VIEWS = "adm-random-crop-flip-v1"  # the views' steps, recorded with their settings; bump if they change
+
+
+def _resize_shorter(image: Image.Image, shorter: int, halve=Image.BOX, resize=Image.BICUBIC) -> np.ndarray:
+    """Halve (``halve``: box) while the shorter side is >= 2 x ``shorter``, then resize
+    (``resize``: bicubic) so that it is ``shorter``; a uint8 array (H, W[, 3])."""
+    while min(image.size) >= 2 * shorter:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=halve)
+    scale = shorter / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=resize)
+    return np.asarray(image)
+
+
+def _to_model(arr: np.ndarray) -> np.ndarray:
+    """uint8 (S, S, 3) -> float32 (3, S, S) in [-1, 1]."""
+    return (arr.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy()
 
 
 def preprocess(image: Image.Image, size: int) -> np.ndarray:
     """PIL image -> float32 array (3, size, size) in [-1, 1] (guided-diffusion's center crop)."""
-    arr = center_crop(image.convert("RGB"), size, Image.BOX, Image.BICUBIC)
-    return (arr.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy()
+    return _to_model(center_crop(image.convert("RGB"), size, Image.BOX, Image.BICUBIC))
 
 
 def center_crop(image: Image.Image, size: int, halve, resize) -> np.ndarray:
-    """guided-diffusion's ``center_crop_arr`` geometry: halve with ``halve`` while the shorter side
-    is at least twice ``size``, resize the shorter side to ``size`` with ``resize``, center crop.
+    """guided-diffusion's ``center_crop_arr`` geometry: `_resize_shorter` to ``size``, center crop.
     One function for images (box, bicubic) and their masks (nearest, nearest: extract/masks.py)."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=halve)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=resize)
-    arr = np.asarray(image)
+    arr = _resize_shorter(image, size, halve, resize)
     top = (arr.shape[0] - size) // 2
     left = (arr.shape[1] - size) // 2
     return arr[top : top + size, left : left + size]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """How views v >= 1 are made: crop fractions [min, max], flip, and the seed of their draws."""
+
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    flip: bool = False
+    seed: int = 0
+
+    def draws(self, image_id: str, view: int, size: int) -> tuple[int, float, float, bool]:
+        """(shorter side, crop y fraction, crop x fraction, flipped) of one view: the same draws
+        in the same order whatever the flip setting, so flip on/off changes only the flip."""
+        rng = np.random.Generator(np.random.PCG64(derive_seed(self.seed, image_id, "crop", view)))
+        lo, hi = math.ceil(size / self.crop_scale[1]), math.ceil(size / self.crop_scale[0])
+        shorter = int(rng.integers(lo, hi + 1))
+        fy, fx = rng.random(2)
+        return shorter, float(fy), float(fx), bool(self.flip and rng.random() < 0.5)
+
+    def view(self, image: Image.Image, image_id: str, view: int, size: int) -> np.ndarray:
+        """View ``view`` >= 1 of ``image``: float32 (3, size, size) in [-1, 1]."""
+        shorter, fy, fx, flipped = self.draws(image_id, view, size)
+        arr = _resize_shorter(image.convert("RGB"), shorter)
+        top = int(fy * (arr.shape[0] - size + 1))  # random.randrange(h - size + 1), from a fraction
+        left = int(fx * (arr.shape[1] - size + 1))
+        arr = arr[top : top + size, left : left + size]
+        return _to_model(arr[:, ::-1] if flipped else arr)
+
+    def fingerprint(self) -> dict:
+        return {
+            "name": VIEWS,
+            "crop_scale": list(self.crop_scale),
+            "flip": self.flip,
+            "derivation": "crop: numpy PCG64 seeded by blake2b-64(seed, image id, 'crop', v); "
+            "noise: blake2b-64(seed, image id, t, 'view', v)",
+        }
 
 
 @dataclass(frozen=True)
@@ -87,6 +140,8 @@ class ImageSource:
 
     name: str
     class_names: tuple[str, ...]
+    image_size: int
+    augmentation: Augmentation = Augmentation()
 
     def split(self, name: str) -> SplitIndex:
         raise NotImplementedError
@@ -94,6 +149,29 @@ class ImageSource:
     def load(self, split: str, ids: list[str]) -> list[np.ndarray | Exception]:
         """Preprocessed (3, S, S) arrays, or the exception that stopped an image from loading."""
         raise NotImplementedError
+
+    def open(self, split: str, image_id: str) -> Image.Image:
+        """The decoded image of ``image_id`` (raises what stopped it)."""
+        raise NotImplementedError
+
+    def load_views(self, split: str, ids: list[str], views: tuple[int, ...]) -> list[np.ndarray | Exception]:
+        """(len(views), 3, S, S) arrays (view 0 = `load`'s center crop, v >= 1 = `Augmentation.view`),
+        or the exception that stopped an image from loading."""
+        if tuple(views) == (0,):
+            return [x if isinstance(x, Exception) else x[None] for x in self.load(split, ids)]
+
+        def one(image_id: str) -> np.ndarray | Exception:
+            try:
+                image = self.open(split, image_id)
+            except Exception as e:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ...
+                return e
+            size = self.image_size
+            return np.stack(
+                [preprocess(image, size) if v == 0 else self.augmentation.view(image, image_id, v, size) for v in views]
+            )
+
+        with ThreadPoolExecutor(getattr(self, "decode_threads", 1)) as pool:  # PIL works without the GIL
+            return list(pool.map(one, ids))
 
     def describe(self) -> dict:
         raise NotImplementedError
@@ -126,12 +204,14 @@ class DigitsSource(ImageSource):
         val_fraction: float = 0.2,
         split_seed: int = 0,
         max_per_class: int = 0,
+        augmentation: Augmentation | None = None,
     ):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
         digits = load_digits()
         self.image_size = image_size
+        self.augmentation = augmentation or Augmentation()
         self.class_names = tuple(str(c) for c in digits.target_names)
         # 0..16 grey levels -> 0..255 uint8, exactly.
         self._pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
@@ -149,8 +229,11 @@ class DigitsSource(ImageSource):
     def split(self, name: str) -> SplitIndex:
         return self._splits[name]
 
+    def open(self, split, image_id):
+        return Image.fromarray(self._pixels[int(image_id.split("/")[1])], mode="L")
+
     def load(self, split, ids):
-        return [preprocess(Image.fromarray(self._pixels[int(i.split("/")[1])], mode="L"), self.image_size) for i in ids]
+        return [preprocess(self.open(split, i), self.image_size) for i in ids]
 
     def describe(self) -> dict:
         return {"source": "digits", **self._params}
@@ -195,9 +278,11 @@ class ImageFolderSource(ImageSource):
         splits=("train", "val"),
         max_per_class: int = 0,
         decode_threads: int = 4,
+        augmentation: Augmentation | None = None,
     ):
         self.root = Path(root)
         self.image_size = image_size
+        self.augmentation = augmentation or Augmentation(flip=True)
         self.decode_threads = decode_threads
         if not self.root.is_dir():
             raise ImageError(f"data.root: {str(self.root)!r} is not a directory")
@@ -246,6 +331,11 @@ class ImageFolderSource(ImageSource):
                 return preprocess(im, self.image_size)
         except Exception as e:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ...
             return e
+
+    def open(self, split, image_id):
+        with Image.open(self.path(split, image_id)) as im:
+            im.load()
+            return im.copy()
 
     def load(self, split, ids):
         paths = [self.root / split / i for i in ids]

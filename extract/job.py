@@ -17,7 +17,14 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from diffprobe.extract.extraction import ComputeSettings
-from diffprobe.extract.images import PREPROCESSING, DigitsSource, ImageFolderSource, ImageSource, check_readable
+from diffprobe.extract.images import (
+    PREPROCESSING,
+    Augmentation,
+    DigitsSource,
+    ImageFolderSource,
+    ImageSource,
+    check_readable,
+)
 from diffprobe.extract.noise import DERIVATION
 from diffprobe.extract.plan import Plan, make_plan
 from diffprobe.extract.unet import (
@@ -33,7 +40,7 @@ from diffprobe.extract.unet import (
     load_checkpoint,
     preset,
 )
-from diffprobe.store.config import Config
+from diffprobe.store.config import Config, per_split
 from diffprobe.store.errors import CheckpointError, ConfigError, DiffprobeError, FingerprintMismatch, StoreError
 from diffprobe.store.feature_store import StoreWriter, open_store
 
@@ -84,6 +91,13 @@ def checkpoint_path(cfg: Config) -> str:
     )
 
 
+def augmentation(cfg: Config) -> Augmentation:
+    """The views' settings: ``data.flip`` "auto" is off for digits (a mirrored digit is another
+    glyph), on for image folders; draws are keyed by ``extract.noise_seed``."""
+    flip = cfg.data.flip if isinstance(cfg.data.flip, bool) else cfg.data.source != "digits"
+    return Augmentation(tuple(cfg.data.crop_scale), flip, cfg.extract.noise_seed)
+
+
 def image_source(cfg: Config, image_size: int) -> ImageSource:
     d = cfg.data
     if d.masks or d.source == "segfolder":
@@ -91,10 +105,10 @@ def image_source(cfg: Config, image_size: int) -> ImageSource:
 
         return mask_source(cfg, image_size)
     if d.source == "digits":
-        return DigitsSource(image_size, d.splits, d.val_fraction, d.split_seed, d.max_per_class)
+        return DigitsSource(image_size, d.splits, d.val_fraction, d.split_seed, d.max_per_class, augmentation(cfg))
     if not d.root:
         raise ConfigError("data.root: required when data.source = 'imagefolder'")
-    return ImageFolderSource(d.root, image_size, d.splits, d.max_per_class, d.decode_threads)
+    return ImageFolderSource(d.root, image_size, d.splits, d.max_per_class, d.decode_threads, augmentation(cfg))
 
 
 @dataclass(frozen=True)
@@ -130,17 +144,45 @@ def prepare(cfg: Config, source: ImageSource | None = None) -> Job:
     source = image_source(cfg, spec.image_size) if source is None else source
     sizes = {s: len(source.split(s)) for s in cfg.data.splits}
     e = cfg.extract
-    plan = make_plan(table, sizes, e.blocks, e.timesteps, e.pools, cfg.store.dtype, spec.diffusion_steps)
-    return Job(with_forward_batch(cfg, sizes), spec, table, diffusion, source, plan, ckpt)
+    if getattr(source, "mask_settings", None) and any(per_split(e.views, s) > 1 for s in sizes):
+        raise ConfigError(
+            "extract.views: a store with masks (data.masks = true) holds the center crop only, the view "
+            "its masks are of; set extract.views = 1 (noise draws are allowed)"
+        )
+    plan = job_plan(cfg, table, sizes, spec.diffusion_steps)
+    return Job(with_forward_batch(cfg, plan), spec, table, diffusion, source, plan, ckpt)
 
 
-def with_forward_batch(cfg: Config, sizes: dict[str, int]) -> Config:
-    """``cfg`` with ``extract.forward_batch = 0`` (auto) resolved for ``sizes`` images per split:
-    resolved once, so every later step sees one number."""
+def job_plan(cfg: Config, table: BlockTable, sizes: dict[str, int], diffusion_steps: int) -> Plan:
+    """The plan of ``cfg``'s blocks, timesteps, pools, views and noise draws for ``sizes``
+    images per split (a split named in extract.views or extract.noise_draws must be one of them)."""
+    e = cfg.extract
+    for key in ("views", "noise_draws"):
+        value = getattr(e, key)
+        unknown = [s for s, _ in value if s not in sizes] if not isinstance(value, int) else []
+        if unknown:
+            raise ConfigError(f"extract.{key}.{unknown[0]}: not a split being extracted; allowed: {', '.join(sizes)}")
+    return make_plan(
+        table,
+        sizes,
+        e.blocks,
+        e.timesteps,
+        e.pools,
+        cfg.store.dtype,
+        diffusion_steps,
+        {s: per_split(e.views, s) for s in sizes},
+        {s: per_split(e.noise_draws, s) for s in sizes},
+    )
+
+
+def with_forward_batch(cfg: Config, plan: Plan) -> Config:
+    """``cfg`` with ``extract.forward_batch = 0`` (auto) resolved for ``plan``: resolved once,
+    so every later step sees one number."""
     e = cfg.extract
     if e.forward_batch:
         return cfg
-    fb = auto_forward_batch(sizes, e.batch_size, cfg.store.chunk_images, len(e.timesteps), store_attrs(cfg))
+    rows_per_image = len(e.timesteps) * max(plan.variants(s) for s in plan.split_sizes)
+    fb = auto_forward_batch(plan.split_sizes, e.batch_size, cfg.store.chunk_images, rows_per_image, store_attrs(cfg))
     return dataclasses.replace(cfg, extract=dataclasses.replace(e, forward_batch=fb))
 
 
@@ -149,8 +191,9 @@ AUTO_FORWARD_BATCH = 32  # the most rows per call auto chooses: memory and kerne
 
 def auto_forward_batch(sizes: dict[str, int], batch_size: int, chunk_images: int, n_t: int, stored: dict | None) -> int:
     """``extract.forward_batch = 0``: an existing store's own; else the fewest calls of at most
-    AUTO_FORWARD_BATCH rows for the largest batch's (image, t) rows, split evenly (18 images x
-    2 t = 36 rows: 2 calls of 18, no padding, where 32 would pad 28 rows)."""
+    AUTO_FORWARD_BATCH rows for the largest batch's rows (``n_t`` per image: its timesteps x
+    views and noise draws), split evenly (18 images x 2 t = 36 rows: 2 calls of 18, no padding,
+    where 32 would pad 28 rows)."""
     if stored:
         fb = stored.get("fingerprints", {}).get("compute", {}).get("forward_batch")
         if fb:
@@ -279,6 +322,14 @@ def load_model(job: Job, device: torch.device, sha256: str | None = None):
     return model, sha
 
 
+def _held_augmentation(path) -> dict | None:
+    """The augmentation settings recorded in the store at ``path`` (None: no store, or none recorded)."""
+    try:
+        return open_store(path).fingerprints.get("preprocessing", {}).get("augmentation")
+    except StoreError:
+        return None
+
+
 def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, cpu_threads: int, **provenance) -> StoreWriter:
     """Create or open the job's store (taking its lock), record this run, create missing arrays.
 
@@ -296,9 +347,17 @@ def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, cpu_thre
         "config": cfg.to_dict(),
         **provenance,
     }
+    fps = fingerprints(job, checkpoint_sha256, device, cpu_threads)
+    # Views' settings: compared with a store that records them; recorded (below, under the lock)
+    # by the first run that writes views; not asked of a store without views (view 0 and noise
+    # draws do not depend on them), so stores made before views existed stay valid.
+    views = augmentation(cfg).fingerprint()
+    held = _held_augmentation(cfg.store.path)
+    if held is not None:
+        fps["preprocessing"]["augmentation"] = views
     writer = StoreWriter.create(
         cfg.store.path,
-        fingerprints=fingerprints(job, checkpoint_sha256, device, cpu_threads),
+        fingerprints=fps,
         provenance=record,
         blocks=job.table.to_list(),
         class_names=list(job.source.class_names),
@@ -308,6 +367,8 @@ def open_writer(job: Job, checkpoint_sha256: str, device: torch.device, cpu_thre
         before_create=(lambda: check_readable(job.source, cfg.data.splits)) if cfg.data.on_corrupt == "error" else None,
     )
     try:
+        if held is None and job.plan.has_views:
+            writer.add_fingerprint("preprocessing", "augmentation", views)
         writer.record_run(record)
         for split in job.plan.split_sizes:
             if hasattr(job.source, "mask_classes"):  # a dense source: masks beside the features

@@ -1,12 +1,14 @@
 """What an extraction will produce, computed before any work: arrays, shapes and bytes.
 
 A pool size larger than a block's map is capped at the map size (a 1x1 block has no
-2x2 pooling); the plan says where that happens.
+2x2 pooling); the plan says where that happens. Views (``extract.views`` K) and noise draws
+(``extract.noise_draws`` M) multiply a split's arrays, bytes and forwards by K + M - 1: view 0
+(draw 0) is one array, views 1..K-1 and draws 1..M-1 one more each.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,11 +37,21 @@ class Plan:
     pools: tuple[int, ...]
     split_sizes: dict[str, int]
     arrays: tuple[PlannedArray, ...]
+    views: dict[str, int] = field(default_factory=dict)  # split -> K (absent: 1)
+    noise_draws: dict[str, int] = field(default_factory=dict)  # split -> M (absent: 1)
+
+    def variants(self, split: str) -> int:
+        """Inputs per image of ``split``: view 0, views 1..K-1, draws 1..M-1."""
+        return self.views.get(split, 1) + self.noise_draws.get(split, 1) - 1
+
+    @property
+    def has_views(self) -> bool:
+        return any(k > 1 for k in self.views.values())
 
     @property
     def forwards(self) -> int:
-        """U-Net forward passes (image x timestep), each truncated after the deepest block."""
-        return sum(self.split_sizes.values()) * len(self.timesteps)
+        """U-Net forward passes (image x view or draw x timestep), each truncated after the deepest block."""
+        return sum(n * self.variants(s) for s, n in self.split_sizes.items()) * len(self.timesteps)
 
     @property
     def nbytes(self) -> int:
@@ -57,6 +69,8 @@ class Plan:
             "timesteps": list(self.timesteps),
             "pools": list(self.pools),
             "splits": self.split_sizes,
+            "views": {s: self.views.get(s, 1) for s in self.split_sizes},
+            "noise_draws": {s: self.noise_draws.get(s, 1) for s in self.split_sizes},
             "forwards": self.forwards,
             "bytes": self.nbytes,
             "capped_pools": [{"block": b, "requested": r, "stored": s} for b, r, s in self.capped],
@@ -67,6 +81,8 @@ class Plan:
                     "t": a.key.t,
                     "block": a.key.block,
                     "pool": a.key.pool,
+                    "view": a.key.view,
+                    "draw": a.key.draw,
                     "shape": list(a.shape),
                     "dtype": a.dtype,
                     "bytes": a.nbytes,
@@ -77,9 +93,19 @@ class Plan:
 
 
 def make_plan(
-    table: BlockTable, split_sizes: dict[str, int], blocks, timesteps, pools, dtype: str, diffusion_steps: int
+    table: BlockTable,
+    split_sizes: dict[str, int],
+    blocks,
+    timesteps,
+    pools,
+    dtype: str,
+    diffusion_steps: int,
+    views: dict[str, int] | None = None,
+    noise_draws: dict[str, int] | None = None,
 ) -> Plan:
-    """Check blocks and timesteps against the model and list every array to write."""
+    """Check blocks and timesteps against the model and list every array to write; ``views`` and
+    ``noise_draws`` (split -> count, absent: 1) add arrays per view v >= 1 and draw m >= 1."""
+    views, noise_draws = dict(views or {}), dict(noise_draws or {})
     table.check(blocks)
     for t in timesteps:
         if not 0 <= t < diffusion_steps:
@@ -92,8 +118,14 @@ def make_plan(
                 stored: dict[int, list[int]] = {}
                 for p in pools:
                     stored.setdefault(min(p, info.spatial), []).append(p)
+                variants = [(0, 0)]
+                variants += [(v, 0) for v in range(1, views.get(split, 1))]
+                variants += [(0, m) for m in range(1, noise_draws.get(split, 1))]
                 for p, requested in stored.items():
-                    arrays.append(
-                        PlannedArray(split, FeatureKey(t, b, p), tuple(requested), (n, info.channels, p, p), dtype)
-                    )
-    return Plan(tuple(blocks), tuple(timesteps), tuple(pools), dict(split_sizes), tuple(arrays))
+                    for v, m in variants:
+                        arrays.append(
+                            PlannedArray(
+                                split, FeatureKey(t, b, p, v, m), tuple(requested), (n, info.channels, p, p), dtype
+                            )
+                        )
+    return Plan(tuple(blocks), tuple(timesteps), tuple(pools), dict(split_sizes), tuple(arrays), views, noise_draws)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.probe.command import prepare
-from diffprobe.probe.data import FeatureData, train_parts, val_data
+from diffprobe.probe.data import FeatureData, Views, train_parts, val_part
 from diffprobe.probe.heads import AttentionHead, FusionHead, auto_dim
 from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import choose, val_scores
@@ -91,6 +91,18 @@ def default_pool(store: FeatureStore, cells: list[tuple[int, int]], h: HeadsConf
     raise AssertionError("unreachable: check_held found every cell")
 
 
+def _val_logits(model, store, cells, sel, p, device, stream, inputs, views: Views) -> tuple[torch.Tensor, bool]:
+    """The model's val logits, averaged over ``views.noise_draws`` noise draws; and whether any was streamed."""
+    total, streamed = None, False
+    for draw in range(views.noise_draws):
+        val = val_part(store, cells, sel, memory_mb=p.memory_mb, device=device, stream=stream, draw=draw)
+        (logits,), _ = _predict([model], val, inputs)
+        total = logits if total is None else total + logits
+        streamed = streamed or not val.in_memory
+    assert total is not None
+    return (total / views.noise_draws if views.noise_draws > 1 else total), streamed
+
+
 def _grid_train(build, fit: FeatureData, held: FeatureData, lrs, h: HeadsConfig, seed: int, device, inputs, on_step):
     """Train one head per lr from the same init and the same batches, in one pass over ``fit``
     (`train.train_heads`); score them all in one pass over ``held``. Returns the heads, the
@@ -103,7 +115,7 @@ def _grid_train(build, fit: FeatureData, held: FeatureData, lrs, h: HeadsConfig,
         models,
         lrs,
         h,
-        lambda _epoch: fit.batches(h.batch_size, gen),
+        lambda epoch: fit.batches(h.batch_size, gen, epoch),
         lambda m, xs, y: F.cross_entropy(m(inputs(xs)), y),
         steps=fit.steps(h.batch_size),
         on_step=on_step,
@@ -157,6 +169,7 @@ def attention_probe(
     selection: Selection | None = None,
     stream: bool | None = None,
     on_step=None,
+    views: Views = Views(),
 ) -> ProbeResult:
     """Train the attention head on ``store``'s train split at (block, t, pool), score it on val.
 
@@ -174,7 +187,10 @@ def attention_probe(
     key = store.stored_key(block, t, pool)
     sel = selection if selection is not None else select(store, seed, p, subset)
     cells = [(block, t, pool)]
-    fit, held = train_parts(store, cells, sel, memory_mb=p.memory_mb, device=device, stream=stream)
+    views = views.resolve(store, cells)
+    fit, held = train_parts(
+        store, cells, sel, memory_mb=p.memory_mb, device=device, stream=stream, views=views, seed=seed
+    )
     c, sp = fit.shapes[0][0], fit.shapes[0][-1]
     dim = h.dim or auto_dim([c], h.num_heads)
     build = lambda: AttentionHead(c, sp, len(classes), dim, h.depth, h.num_heads, h.mlp_ratio)
@@ -183,10 +199,9 @@ def attention_probe(
     model = models[best]
     streamed = not fit.in_memory
     del fit, held, models
-    val = val_data(store, cells, sel, memory_mb=p.memory_mb, device=device, stream=stream)
-    (logits,), _ = _predict([model], val, inputs)
-    streamed = streamed or not val.in_memory
-    point = {"lr": h.attention_lr[best], "weight_decay": h.weight_decay}
+    logits, val_streamed = _val_logits(model, store, cells, sel, p, device, stream, inputs, views)
+    streamed = streamed or val_streamed
+    point = {"lr": h.attention_lr[best], "weight_decay": h.weight_decay, **views.record}
     arch = _architecture(model, h, dim, sp * sp)
     return ProbeResult.of(
         store,
@@ -203,13 +218,14 @@ def attention_probe(
         hyperparameters={**point, **arch},
         architecture=arch,
         seed=seed,
-        settings=head_settings_hash(Head.ATTENTION, h, p),
+        settings=head_settings_hash(Head.ATTENTION, h, p, views.record),
         grid=scored,
         heldout_top1=scored[best]["heldout_top1"],
         **val_scores(logits, sel.y_val, classes),
         device=str(device),
         seconds=round(time.perf_counter() - started, 3),
         streamed=streamed,
+        extra={"views": views.views, "noise_draws": views.noise_draws},
     )
 
 
@@ -229,6 +245,7 @@ def fusion_probe(
     selection: Selection | None = None,
     stream: bool | None = None,
     on_step=None,
+    views: Views = Views(),
 ) -> ProbeResult:
     """Train DifFormer on ``store``'s (blocks x timesteps) maps at ``pool``, score it on val.
 
@@ -251,7 +268,10 @@ def fusion_probe(
     sel = selection if selection is not None else select(store, seed, p, subset)
 
     arrays = [(b, t, pool) for b, t in cells]  # t-major: cell i * len(blocks) + j is (blocks[j], timesteps[i])
-    fit, held = train_parts(store, arrays, sel, memory_mb=p.memory_mb, device=device, stream=stream)
+    views = views.resolve(store, arrays)
+    fit, held = train_parts(
+        store, arrays, sel, memory_mb=p.memory_mb, device=device, stream=stream, views=views, seed=seed
+    )
     inputs = [(s[0], s[-1]) for s in fit.shapes[: len(blocks)]]
     dim = h.dim or auto_dim([c for c, _ in inputs], h.num_heads)
     nb = len(blocks)
@@ -261,11 +281,10 @@ def fusion_probe(
     model = models[best]
     streamed = not fit.in_memory
     del fit, held, models
-    val = val_data(store, arrays, sel, memory_mb=p.memory_mb, device=device, stream=stream)
-    (logits,), _ = _predict([model], val, to_inputs)
-    streamed = streamed or not val.in_memory
+    logits, val_streamed = _val_logits(model, store, arrays, sel, p, device, stream, to_inputs, views)
+    streamed = streamed or val_streamed
     tokens = sum(sp * sp for _, sp in inputs)
-    point = {"lr": h.fusion_lr[best], "weight_decay": h.weight_decay}
+    point = {"lr": h.fusion_lr[best], "weight_decay": h.weight_decay, **views.record}
     extra = {"blocks": blocks, "timesteps": timesteps}
     arch = _architecture(model, h, dim, tokens)
     return ProbeResult.of(
@@ -282,14 +301,14 @@ def fusion_probe(
         hyperparameters={**point, **arch},
         architecture=arch,
         seed=seed,
-        settings=head_settings_hash(Head.FUSION, h, p, extra),
+        settings=head_settings_hash(Head.FUSION, h, p, {**extra, **views.record}),
         grid=scored,
         heldout_top1=scored[best]["heldout_top1"],
         **val_scores(logits, sel.y_val, classes),
         device=str(device),
         seconds=round(time.perf_counter() - started, 3),
         streamed=streamed,
-        extra={"stored_pools": [sp for _, sp in inputs]},
+        extra={"stored_pools": [sp for _, sp in inputs], "views": views.views, "noise_draws": views.noise_draws},
     )
 
 
@@ -304,12 +323,15 @@ def run_attention(
     ledger: bool = True,
     subset: str = "all",
     on_step=None,
+    views: Views = Views(),
 ) -> ProbeResult:
     """`probe attention`: `attention_probe` with ``cfg``'s settings, and the ledger row.
     ``on_step(train.Step)`` after every training step (a progress bar)."""
     cmd = prepare(cfg, subset, ledger)
     p = cfg.probe
-    r = attention_probe(cmd.store, block, t, pool, p.seed, cfg.heads, p, p.device, selection=cmd.sel, on_step=on_step)
+    r = attention_probe(
+        cmd.store, block, t, pool, p.seed, cfg.heads, p, p.device, selection=cmd.sel, on_step=on_step, views=views
+    )
     return record(cfg, r, ledger)
 
 
@@ -321,6 +343,7 @@ def run_fusion(
     ledger: bool = True,
     subset: str = "all",
     on_step=None,
+    views: Views = Views(),
 ) -> ProbeResult:
     """`probe fusion`: `fusion_probe` with ``cfg``'s settings (blocks, timesteps default to [heads])."""
     cmd = prepare(cfg, subset, ledger)
@@ -336,5 +359,6 @@ def run_fusion(
         p.device,
         selection=cmd.sel,
         on_step=on_step,
+        views=views,
     )
     return record(cfg, r, ledger)

@@ -37,6 +37,7 @@ from rich.table import Table
 
 from diffprobe.store.config import Config, load_config
 from diffprobe.store.console import OneLineErrors, user_errors
+from diffprobe.store.errors import ConfigError
 from diffprobe.store.ranges import parse_int_list
 
 probe_app = typer.Typer(
@@ -145,6 +146,25 @@ def _train_bar(name: str, as_json: bool):
     return bar, on_step
 
 
+ViewsOpt = typer.Option(
+    "1", "--views", help="Stored train views per epoch: all, 1 (view 0, the center crop) or K (extract.views)."
+)
+NoiseDrawsOpt = typer.Option(
+    1, "--noise-draws", min=1, help="Average val logits over M stored noise draws (extract.noise_draws)."
+)
+
+
+def _views(views: str, noise_draws: int):
+    """`--views all|1|K` and `--noise-draws M` as `probe.data.Views` (checked against the store later)."""
+    from diffprobe.probe.data import Views
+
+    if views == "all":
+        return Views("all", noise_draws)
+    if not views.isdigit() or int(views) < 1:
+        raise ConfigError(f"--views: {views!r} is not allowed; allowed: all, 1 or a count K >= 1")
+    return Views(int(views), noise_draws)
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -165,6 +185,8 @@ def linear(
     shots: Optional[int] = ShotsOpt,
     subset: Optional[Path] = SubsetOpt,
     ledger: Optional[str] = LedgerOpt,
+    views: str = ViewsOpt,
+    noise_draws: int = NoiseDrawsOpt,
     as_json: bool = JsonOpt,
 ):
     """Train a linear classifier on train's cached (block, t, pool) features; top-1/top-5 on val.
@@ -175,7 +197,9 @@ def linear(
 
     with user_errors():
         cfg = _config(config, store, ledger, seed=seed, device=device, recipe=recipe)
-        r = lin.run(cfg, block, t, pool, subset=_subset(label_fraction, shots, subset))
+        r = lin.run(
+            cfg, block, t, pool, subset=_subset(label_fraction, shots, subset), views=_views(views, noise_draws)
+        )
     if as_json:
         print(json.dumps(r.to_json()))
         return
@@ -317,6 +341,8 @@ def sweep(
         "see `probe segment`).",
     ),
     k: Optional[str] = typer.Option(None, "--k", help=_key("--head knn: numbers of neighbours.", "probe.knn_k")),
+    views: str = ViewsOpt,
+    noise_draws: int = NoiseDrawsOpt,
     as_json: bool = JsonOpt,
 ):
     """One linear probe (or kNN classifier, --head knn) per (block, t, pool) the train and val splits hold; heatmaps as PNG.
@@ -333,6 +359,8 @@ def sweep(
             "--workers": workers or None,
             "--scheduler": scheduler,
             "--k": k,
+            "--views": None if views == "1" else views,
+            "--noise-draws": None if noise_draws == 1 else noise_draws,
         }
         return _segment_sweep(blocks, t, pool, store, config, seed, device, ledger, as_json, linear_only)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -377,9 +405,11 @@ def sweep(
                 workers=workers,
                 scheduler=scheduler,
                 head=head,
+                views=_views(views, noise_draws),
             )
         finally:
-            bar.stop()
+            if bar.live.is_started:  # stopping a bar never shown prints an empty line
+                bar.stop()
     if as_json:
         print(json.dumps(r))
         return
@@ -461,6 +491,8 @@ def attention(
     shots: Optional[int] = ShotsOpt,
     subset: Optional[Path] = SubsetOpt,
     ledger: Optional[str] = LedgerOpt,
+    views: str = ViewsOpt,
+    noise_draws: int = NoiseDrawsOpt,
     as_json: bool = JsonOpt,
 ):
     """Train an attention head (LayerNorm + 1x1 projection to tokens, CLS, transformer) on train's cached
@@ -472,9 +504,12 @@ def attention(
 
     with user_errors():
         cfg = _config(config, store, ledger, seed=seed, device=device)
+        protocol = _views(views, noise_draws)
         bar, on_step = _train_bar("attention", as_json)
         try:
-            r = att.run_attention(cfg, block, t, pool, subset=_subset(label_fraction, shots, subset), on_step=on_step)
+            r = att.run_attention(
+                cfg, block, t, pool, subset=_subset(label_fraction, shots, subset), on_step=on_step, views=protocol
+            )
         finally:
             bar.stop()
     if as_json:
@@ -498,6 +533,8 @@ def fusion(
     shots: Optional[int] = ShotsOpt,
     subset: Optional[Path] = SubsetOpt,
     ledger: Optional[str] = LedgerOpt,
+    views: str = ViewsOpt,
+    noise_draws: int = NoiseDrawsOpt,
     as_json: bool = JsonOpt,
 ):
     """DifFormer: per timestep, the tokens of every block through one shared transformer; the CLS outputs of all
@@ -510,9 +547,12 @@ def fusion(
     with user_errors():
         cfg = _config(config, store, ledger, seed=seed, device=device)
         lists = [None if v is None else parse_int_list(v, flag) for v, flag in ((blocks, "--blocks"), (t, "--t"))]
+        protocol = _views(views, noise_draws)
         bar, on_step = _train_bar("DifFormer", as_json)
         try:
-            r = att.run_fusion(cfg, *lists, pool, subset=_subset(label_fraction, shots, subset), on_step=on_step)
+            r = att.run_fusion(
+                cfg, *lists, pool, subset=_subset(label_fraction, shots, subset), on_step=on_step, views=protocol
+            )
         finally:
             bar.stop()
     if as_json:

@@ -30,7 +30,7 @@ Public interface (kept stable: other probes build on it):
   statistics and scoring.
 - ``in_memory``, ``shapes`` (per-row shape of each cell), ``dims``, ``row_bytes``,
   ``budget_rows``, ``pieces``, ``device``, `__len__`.
-- `train_parts(store, cells, sel, ...)` and `val_data(store, cells, sel, ...)`: the fitted and
+- `train_parts(store, cells, sel, ...)` and `val_part(store, cells, sel, ...)`: the fitted and
   held-out parts of train and the usable val rows of a `probe.protocol.Selection`, as every
   head reads them.
 
@@ -57,6 +57,13 @@ budget and the generator alone, so it does not depend on where the data lives):
 
 So in-memory and streamed data of a split that fits give the same batches in the same order,
 bit for bit (a head trained both ways ends identical: tests/test_probe_data.py).
+
+Views (``views`` K > 1, the store's augmented views 0..K-1 of `extract.views`): every row is
+held at all K views (a piece reads a chunk's K views together; ``row_bytes`` counts them all),
+and `batches(..., epoch=e)` gives each row the view `view_schedule` chose for it at epoch e: a
+seeded permutation of the K views per (seed, image id, e // K), taken at e % K, so every K
+consecutive epochs show every image at every view once. `sequential` reads view 0. ``draw`` m
+reads the center crop under noise draw m (`extract.noise_draws`) instead of view 0.
 """
 
 from __future__ import annotations
@@ -70,9 +77,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffprobe.probe.protocol import Selection
 from diffprobe.store.errors import StoreError
 from diffprobe.store.feature_store import FeatureStore
 from diffprobe.store.finite import all_finite
+from diffprobe.store.seeds import derive_seed
 
 PREFETCH = 2  # pieces read ahead of the one in use (background threads); 0: read when needed
 READ_THREADS = 4  # threads decoding prefetched pieces (and the cells of one piece) at once
@@ -117,42 +126,48 @@ def _ahead(fn, items: Sequence, depth: int) -> Iterator:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def train_parts(
-    store: FeatureStore, cells: Sequence[Cell], sel, *, memory_mb: float, device, stream: bool | None = None
-) -> list[FeatureData]:
-    """[fitted, held-out] `FeatureData` of train for the selection ``sel``: only those rows are
-    read, in memory iff both fit ``memory_mb`` together, else each streamed."""
-    rows = np.flatnonzero(sel.usable)  # usable row -> store row
-    return FeatureData.parts(
-        store,
-        "train",
-        cells,
-        [(rows[sel.fit], sel.y[sel.fit]), (rows[sel.hold], sel.y[sel.hold])],
-        sel.usable,
-        memory_mb=memory_mb,
-        device=device,
-        stream=stream,
-    )
-
-
-def val_data(
-    store: FeatureStore, cells: Sequence[Cell], sel, *, memory_mb: float, device, stream: bool | None = None
-) -> FeatureData:
-    """The usable val rows of ``cells`` with their labels."""
-    rows = np.flatnonzero(sel.usable_val)
-    return FeatureData(
-        store, "val", cells, rows, sel.y_val, sel.usable_val, memory_mb=memory_mb, device=device, stream=stream
-    )
-
-
 def _taker(bufs: list[torch.Tensor], device: torch.device):
-    """rows (numpy positions) -> those rows of every buffer. On the CPU through numpy: torch's
-    float16 gather there runs at ~0.2 GB/s, numpy's fancy indexing at ~2 GB/s (same bits)."""
+    """(rows[, views]) -> those rows of every buffer (with ``views``: each row at its view of a
+    (rows, K, ...) buffer). On the CPU through numpy: torch's float16 gather there runs at
+    ~0.2 GB/s, numpy's fancy indexing at ~2 GB/s (same bits)."""
     if device.type == "cpu":
         arrays = [b.numpy() for b in bufs]
-        return lambda rows: [torch.from_numpy(a[rows]) for a in arrays]
-    idx_of = lambda rows: torch.from_numpy(np.ascontiguousarray(rows)).to(device)
-    return lambda rows: [b[i] for i in [idx_of(rows)] for b in bufs]
+
+        def take_host(rows, views=None):
+            key = rows if views is None else (rows, views)
+            return [torch.from_numpy(a[key]) for a in arrays]
+
+        return take_host
+
+    def take(rows, views=None):
+        i = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
+        if views is None:
+            return [b[i] for b in bufs]
+        v = torch.from_numpy(np.ascontiguousarray(views)).to(device)
+        return [b[i, v] for b in bufs]
+
+    return take
+
+
+def _cut(views: np.ndarray | None, lo: int, hi: int) -> np.ndarray | None:
+    return None if views is None else views[lo:hi]
+
+
+def _mix(x):
+    """splitmix64's finaliser on uint64 arrays: a seeded, well-spread hash, vectorised."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _fold(h, x):
+    """Hash ``x`` into ``h`` (uint64 arrays, broadcast)."""
+    with np.errstate(over="ignore"):
+        return _mix(
+            np.asarray(h, dtype=np.uint64) ^ _mix(np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+        )
 
 
 class FeatureData:
@@ -171,11 +186,19 @@ class FeatureData:
         device: str | torch.device = "cpu",
         stream: bool | None = None,
         prefetch: int = PREFETCH,
+        views: int = 1,
+        draw: int = 0,
+        view_seed: int = 0,
     ):
         self.store, self.split, self.cells = store, split, [tuple(int(v) for v in c) for c in cells]
         if not self.cells:
             raise ValueError("FeatureData needs at least one (block, t, pool)")
-        self.arrays = [store.feature_array(split, *c) for c in self.cells]
+        self.views, self.draw, self.view_seed = views, draw, view_seed
+        self.arrays = [store.feature_array(split, *c, draw=draw) for c in self.cells]
+        # view v of each cell (view 0 is ``arrays``); a view the store lacks is a StoreError naming what it holds
+        self.view_arrays = [self.arrays] + [
+            [store.feature_array(split, *c, view=v) for c in self.cells] for v in range(1, views)
+        ]
         first = self.arrays[0]
         for c, a in zip(self.cells[1:], self.arrays[1:]):
             if a.shape[0] != first.shape[0] or a.chunks[0] != first.chunks[0]:
@@ -192,7 +215,7 @@ class FeatureData:
         self.device = torch.device(device) if isinstance(device, str) else device
         self.shapes = [tuple(int(s) for s in a.shape[1:]) for a in self.arrays]
         self.dims = [int(np.prod(s)) for s in self.shapes]
-        self.row_bytes = sum(d * a.dtype.itemsize for d, a in zip(self.dims, self.arrays))
+        self.row_bytes = views * sum(d * a.dtype.itemsize for d, a in zip(self.dims, self.arrays))
         self.memory_mb = memory_mb
         self.budget_rows = max(1, int(memory_mb * 2**20 // self.row_bytes))
         self.prefetch = prefetch
@@ -210,6 +233,7 @@ class FeatureData:
         self._held: list[torch.Tensor] | None = None
         self._window: list[np.ndarray] | None = None
         self._y = None if self.labels is None else torch.from_numpy(self.labels).to(self.device)
+        self._ids: np.ndarray | None = None
 
     # -- several parts of one split ------------------------------------------------------
 
@@ -226,13 +250,35 @@ class FeatureData:
         device: str | torch.device = "cpu",
         stream: bool | None = None,
         prefetch: int = PREFETCH,
+        views: Sequence[int] | None = None,
+        view_seed: int = 0,
     ) -> list[FeatureData]:
         """One `FeatureData` per (rows, labels) of ``parts``: in memory, read once, iff they all
-        fit ``memory_mb`` together (or ``stream`` is False); else each streams on its own."""
+        fit ``memory_mb`` together (or ``stream`` is False); else each streams on its own.
+        ``views``: K of each part (default 1 each; e.g. [K, 1]: the fitted part at K views, the
+        held-out part at view 0)."""
+        views = list(views or [1] * len(parts))
         out = [
-            cls(store, split, cells, r, y, usable, memory_mb=memory_mb, device=device, stream=True, prefetch=prefetch)
-            for r, y in parts
+            cls(
+                store,
+                split,
+                cells,
+                r,
+                y,
+                usable,
+                memory_mb=memory_mb,
+                device=device,
+                stream=True,
+                prefetch=prefetch,
+                views=k,
+                view_seed=view_seed,
+            )
+            for (r, y), k in zip(parts, views)
         ]
+        if len(set(views)) > 1:  # parts at different views are held apart: each decides alone
+            for d in out:
+                d.in_memory = stream is False or (stream is None and len(d) <= d.budget_rows)
+            return out
         together = sum(len(d) for d in out)
         if stream is False or (stream is None and together <= out[0].budget_rows):
             union = cls(
@@ -258,21 +304,25 @@ class FeatureData:
     # -- reading -------------------------------------------------------------------------
 
     def _read(self, i: int) -> list[np.ndarray]:
-        """Piece ``i``: each cell's used rows, float16 (rows, *shape), finite-checked once."""
+        """Piece ``i``: each cell's used rows, float16 (rows, *shape) (with views: (rows, K,
+        *shape), the piece's K views read together), finite-checked once."""
         piece = self.pieces[i]
         keep = self.rows[piece.pos] - piece.lo
         usable = self.usable[piece.lo : piece.hi]
         out = []
-        for cell, arr in zip(self.cells, self.arrays):
-            x = np.asarray(arr[piece.lo : piece.hi])
-            if i not in self._checked:
-                flat = x.reshape(len(x), -1)
-                if not all_finite(flat if usable.all() else flat[usable]):
-                    raise StoreError(
-                        f"{_where(self.store, self.split, cell)} holds non-finite values in images "
-                        f"that are not marked skipped"
-                    )
-            out.append(x if len(keep) == len(x) else x[keep])
+        for j, cell in enumerate(self.cells):
+            per_view = []
+            for v, arrays in enumerate(self.view_arrays):
+                x = np.asarray(arrays[j][piece.lo : piece.hi])
+                if i not in self._checked:
+                    flat = x.reshape(len(x), -1)
+                    if not all_finite(flat if usable.all() else flat[usable]):
+                        raise StoreError(
+                            f"{_where(self.store, self.split, cell)}{f', view {v},' if v else ''} holds "
+                            f"non-finite values in images that are not marked skipped"
+                        )
+                per_view.append(x if len(keep) == len(x) else x[keep])
+            out.append(per_view[0] if self.views == 1 else np.stack(per_view, axis=1))
         self._checked.add(i)
         return out
 
@@ -282,12 +332,13 @@ class FeatureData:
         copies, so the next window may overwrite it)."""
         order = sorted(order, key=lambda i: self.pieces[i].lo)
         pos = np.concatenate([self.pieces[i].pos for i in order]) if order else np.zeros(0, np.int64)
+        lead = (len(pos),) if self.views == 1 else (len(pos), self.views)
         if reuse:  # a streamed window: one buffer of budget rows, allocated (and paged in) once
             if self._window is None or len(self._window[0]) < len(pos):
-                self._window = [np.empty((len(pos), *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
+                self._window = [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
             bufs = [w[: len(pos)] for w in self._window]
         else:
-            bufs = [np.empty((len(pos), *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
+            bufs = [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
         at = 0
         for part in _ahead(self._read, order, self.prefetch):
             k = len(part[0])
@@ -330,8 +381,24 @@ class FeatureData:
         """The positions in ``rows`` of one epoch, in order (draws from ``gen`` as `batches` does)."""
         return np.concatenate([seq for _, seq in self.windows(gen)])
 
-    def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        """One epoch of (xs, y) batches in the seeded order (module docstring)."""
+    def view_schedule(self, epoch: int) -> np.ndarray:
+        """The view (0..K-1) each row is read at in ``epoch``: a permutation of the K views seeded
+        by (view seed, image id, epoch // K), taken at epoch % K (module docstring)."""
+        k = self.views
+        if k == 1:
+            return np.zeros(len(self.rows), np.int64)
+        if self._ids is None:
+            ids = self.store.ids(self.split)[self.rows]
+            self._ids = np.array([derive_seed(i) for i in ids], dtype=np.uint64)
+        cycle = _fold(_fold(self._ids, self.view_seed), epoch // k)[:, None]  # per (seed, image, cycle)
+        keys = _fold(cycle, np.arange(k, dtype=np.uint64)[None, :])
+        return np.argsort(keys, axis=1, kind="stable")[:, epoch % k].astype(np.int64)
+
+    def batches(
+        self, batch_size: int, gen: torch.Generator, epoch: int = 0
+    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """One epoch of (xs, y) batches in the seeded order (module docstring); with views, each
+        row at its view of ``epoch`` (`view_schedule`)."""
         if not self.in_memory and self.budget_rows < batch_size:
             raise BudgetError(
                 f"probe.memory_mb = {self.memory_mb:g} holds {self.budget_rows} images of "
@@ -339,9 +406,9 @@ class FeatureData:
                 f"({self.row_bytes} bytes each), fewer than one batch of {batch_size}; allowed: at least "
                 f"{batch_size * self.row_bytes / 2**20:.3g} MB"
             )
-        return self._batches(batch_size, self.windows(gen))
+        return self._batches(batch_size, self.windows(gen), self.view_schedule(epoch) if self.views > 1 else None)
 
-    def _batches(self, batch: int, windows):
+    def _batches(self, batch: int, windows, view_of: np.ndarray | None = None):
         carry: tuple[list[torch.Tensor], torch.Tensor] | None = None
         for pieces, seq in windows:
             if self.in_memory:
@@ -350,11 +417,12 @@ class FeatureData:
                 bufs, pos = self._fill(pieces, reuse=True)
                 at = np.searchsorted(pos, seq)
             take = _taker(bufs, self.device)
+            views = None if view_of is None else view_of[seq]  # one view per row: (row, its view)
             lab = torch.from_numpy(np.ascontiguousarray(seq)).to(self.device)
             start = 0
             if carry is not None:
                 need = batch - len(carry[1])
-                xs = [torch.cat([c, x]) for c, x in zip(carry[0], take(at[:need]))]
+                xs = [torch.cat([c, x]) for c, x in zip(carry[0], take(at[:need], _cut(views, 0, need)))]
                 ys = torch.cat([carry[1], self._labels(lab[:need])])
                 carry = None
                 if len(ys) < batch:
@@ -364,9 +432,9 @@ class FeatureData:
                 start = need
             full = start + (len(at) - start) // batch * batch
             for lo in range(start, full, batch):
-                yield take(at[lo : lo + batch]), self._labels(lab[lo : lo + batch])
+                yield take(at[lo : lo + batch], _cut(views, lo, lo + batch)), self._labels(lab[lo : lo + batch])
             if full < len(at):
-                carry = (take(at[full:]), self._labels(lab[full:]))
+                carry = (take(at[full:], _cut(views, full, len(at))), self._labels(lab[full:]))
             del bufs, take
         if carry is not None:
             yield carry
@@ -386,13 +454,15 @@ class FeatureData:
         """Every row once, in ``rows`` order, ``step`` rows at a time (the last fewer)."""
         n = len(self.rows)
         if self.in_memory:
-            held = self._memory()
+            held = self._memory() if self.views == 1 else [x[:, 0] for x in self._memory()]
             for lo in range(0, n, step):
                 yield [x[lo : lo + step] for x in held], self._labels(torch.arange(lo, min(lo + step, n)))
             return
         carry: list[np.ndarray] | None = None
         at = 0
         for part in _ahead(self._read, range(len(self.pieces)), self.prefetch):
+            if self.views > 1:
+                part = [x[:, 0] for x in part]
             if carry is not None:
                 part = [np.concatenate([c, x]) for c, x in zip(carry, part)]
             k = len(part[0])
@@ -407,3 +477,103 @@ class FeatureData:
     def _host(self, part: list[np.ndarray], lo: int, hi: int, at: int):
         xs = [torch.from_numpy(np.ascontiguousarray(x[lo:hi])).to(self.device) for x in part]
         return xs, self._labels(torch.arange(at, at + hi - lo))
+
+
+# ------------------------------------------------------------------ views and noise draws
+
+
+@dataclass(frozen=True)
+class Views:
+    """How a probe reads the store's views and noise draws (`--views`, `--noise-draws`):
+    ``views`` train views per epoch ("all": every view held; 1: view 0, today's protocol),
+    ``noise_draws`` val noise draws whose logits are averaged (1: view 0 alone)."""
+
+    views: int | str = 1
+    noise_draws: int = 1
+
+    def resolve(self, store: FeatureStore, cells: Sequence[Cell]) -> Views:
+        """These settings with ``views`` a number, checked against what ``store`` holds of
+        every cell: more views (train) or noise draws (val) than stored is a `StoreError`."""
+        k = self.views
+        if k == "all":  # a cell without view 0 counts 1: its reader names what the store holds
+            k = max(1, min((store.views("train", *c) for c in cells), default=1))
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise StoreError(f"--views: {k!r} is not allowed; allowed: all, or a count >= 1")
+        if isinstance(self.noise_draws, bool) or not isinstance(self.noise_draws, int) or self.noise_draws < 1:
+            raise StoreError(f"--noise-draws: {self.noise_draws!r} is not allowed; allowed: a count >= 1")
+        for what, n, split, count in (
+            ("--views", k, "train", store.views),
+            ("--noise-draws", self.noise_draws, "val", store.noise_draws),
+        ):
+            for c in cells if n > 1 else ():  # view 0 and draw 0: checked by the reader, with its own message
+                have = count(split, *c)
+                if n > have:
+                    key = "extract.views" if what == "--views" else "extract.noise_draws"
+                    raise StoreError(
+                        f"{what} {n}: {store.path} holds {have} of block {c[0]}, t {c[1]}, pool {c[2]} in "
+                        f"split {split!r}; allowed: 1-{have} ({key} stores more)"
+                    )
+        return Views(k, self.noise_draws)
+
+    @property
+    def record(self) -> dict:
+        """What a result and its settings digest record: nothing for the default (1 view, 1 draw),
+        so results and digests of probes without views are those of before views existed."""
+        return (
+            {} if self.views == 1 and self.noise_draws == 1 else {"views": self.views, "noise_draws": self.noise_draws}
+        )
+
+
+def train_parts(
+    store: FeatureStore,
+    cells: Sequence[Cell],
+    sel: Selection,
+    *,
+    memory_mb: float,
+    device: str | torch.device = "cpu",
+    stream: bool | None = None,
+    views: Views = Views(),
+    seed: int = 0,
+) -> list[FeatureData]:
+    """(fit, held-out) `FeatureData` of train for the selection ``sel``: only those rows are read
+    (in memory iff both fit ``memory_mb`` together; else streamed). The fitted part reads
+    ``views.views`` views (each epoch one per image, scheduled by ``seed``), the held-out part view 0."""
+    rows = np.flatnonzero(sel.usable)  # usable row -> store row
+    return FeatureData.parts(
+        store,
+        "train",
+        cells,
+        [(rows[sel.fit], sel.y[sel.fit]), (rows[sel.hold], sel.y[sel.hold])],
+        sel.usable,
+        memory_mb=memory_mb,
+        device=device,
+        stream=stream,
+        views=[int(views.views), 1],
+        view_seed=seed,
+    )
+
+
+def val_part(
+    store: FeatureStore,
+    cells: Sequence[Cell],
+    sel: Selection,
+    *,
+    memory_mb: float,
+    device: str | torch.device = "cpu",
+    stream: bool | None = None,
+    draw: int = 0,
+) -> FeatureData:
+    """Val's usable rows of ``cells`` at noise ``draw`` (0: view 0)."""
+    rows = np.flatnonzero(sel.usable_val)
+    return FeatureData(
+        store,
+        "val",
+        cells,
+        rows,
+        sel.y_val,
+        sel.usable_val,
+        memory_mb=memory_mb,
+        device=device,
+        stream=stream,
+        draw=draw,
+    )

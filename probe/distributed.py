@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from diffprobe.probe.data import Views
 from diffprobe.probe.protocol import Selection
 from diffprobe.store.config import ProbeConfig
 from diffprobe.store.device import resolve_device
@@ -84,13 +85,16 @@ def probe_pass(
     device: str,
     threads: int,
     selection: Selection,
+    views: Views = Views(),
 ):
     """One task: `linear_probes` of ``cells`` (one pass) on this worker; returns the results."""
     from diffprobe.probe import linear as lin
 
     torch.set_num_threads(threads)
     store = open_store(store_path)
-    return lin.linear_probes(store, cells, recipe, seed, settings, _worker_device(device), selection=selection)
+    return lin.linear_probes(
+        store, cells, recipe, seed, settings, _worker_device(device), selection=selection, views=views
+    )
 
 
 @contextlib.contextmanager
@@ -144,6 +148,7 @@ def linear_probes_distributed(
     workers: int = 0,
     scheduler: str | None = None,
     on_result: Callable | None = None,
+    views: Views = Views(),
 ) -> list:
     """`probe.linear.linear_probes` of ``keys``, one task per pass, on a dask cluster; calls
     ``on_result(result)`` in this process as each result comes back. Returns them in ``keys`` order."""
@@ -166,6 +171,7 @@ def linear_probes_distributed(
                 device,
                 threads,
                 selection,
+                views,
                 key=f"probe-pass-{n}-{keys[group[0]].name}",
                 retries=RETRIES,
                 pure=False,

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.probe.command import prepare
-from diffprobe.probe.data import FeatureData, train_parts, val_data
+from diffprobe.probe.data import FeatureData, Views, train_parts, val_part
 from diffprobe.probe.digest import fingerprint_digest, settings_digest
 from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import per_class_accuracy, topk_accuracy
@@ -77,7 +77,7 @@ from diffprobe.probe.result import ProbeResult
 from diffprobe.store.choices import Head, Recipe, allowed
 from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.device import resolve_device
-from diffprobe.store.errors import ConfigError
+from diffprobe.store.errors import ConfigError, StoreError
 from diffprobe.store.feature_store import FeatureKey, FeatureStore
 
 _TEMP_BYTES = 32 << 20  # float32/float64 temporaries of statistics and scoring: chunks of at most this
@@ -189,7 +189,7 @@ def fit_sgd(
     wd = torch.tensor([g["weight_decay"] for g in grid], device=device)
     for epoch in range(p.sgd_epochs):
         lr = lr0 * p.sgd_gamma ** (epoch // p.sgd_step_size)  # StepLR
-        for xs, yb in data.batches(p.sgd_batch_size, order):
+        for xs, yb in data.batches(p.sgd_batch_size, order, epoch):
             logits = torch.einsum("fnd,fhdk->fhnk", std(xs), w) + b[:, :, None, :]
             # the sum of every head's mean loss: each head gets exactly its own gradient
             loss = F.cross_entropy(logits.reshape(-1, k), yb.repeat(f * h), reduction="sum") / len(yb)
@@ -274,10 +274,11 @@ def _logits(data: FeatureData, std: Standardise, w: torch.Tensor, b: torch.Tenso
 # ------------------------------------------------------------------ the probe
 
 
-def settings_hash(recipe: str, p: ProbeConfig) -> str:
-    """12 hex digits naming the settings that change what ``recipe`` trains (not device or threads)."""
+def settings_hash(recipe: str, p: ProbeConfig, views: Views = Views()) -> str:
+    """12 hex digits naming the settings that change what ``recipe`` trains (not device or
+    threads), views and noise draws included unless both are 1."""
     names = ["holdout_fraction"] + [f.name for f in dataclasses.fields(p) if f.name.startswith(f"{recipe}_")]
-    return settings_digest({"recipe": recipe, **{n: getattr(p, n) for n in names}})
+    return settings_digest({"recipe": recipe, **{n: getattr(p, n) for n in names}, **views.record})
 
 
 def linear_probe(
@@ -291,6 +292,7 @@ def linear_probe(
     device: str | torch.device = "cpu",
     subset: str = "all",
     selection: Selection | None = None,
+    views: Views = Views(),
 ) -> ProbeResult:
     """Train a linear head on ``store``'s train split at (block, t, pool), score it on val.
 
@@ -303,8 +305,12 @@ def linear_probe(
     point), ``grid`` (every point with its held-out top-1 and loss), ``heldout_top1``, the
     split sizes, the feature set and its stored pool, ``fingerprint``, ``subset``,
     ``subset_sha``, ``settings`` (`settings_hash`), ``seconds``.
+
+    ``views`` (`probe.data.Views`): train on K stored views (each epoch every image at one view,
+    `FeatureData.view_schedule`; sgd only), score val with the logits averaged over M noise
+    draws; recorded in ``hyperparameters``, ``settings`` and --json unless both are 1.
     """
-    return linear_probes(store, [(block, t, pool)], recipe, seed, settings, device, subset, selection)[0]
+    return linear_probes(store, [(block, t, pool)], recipe, seed, settings, device, subset, selection, views=views)[0]
 
 
 def linear_probes(
@@ -317,6 +323,7 @@ def linear_probes(
     subset: str = "all",
     selection: Selection | None = None,
     on_result=None,
+    views: Views = Views(),
 ) -> list[ProbeResult]:
     """`linear_probe` for each (block, t, pool) of ``cells``, with ``sgd`` training several
     feature sets in one pass: those of the same width whose train splits fit ``probe.memory_mb``
@@ -327,12 +334,17 @@ def linear_probes(
     grid = recipe_grid(recipe, p)
     device = resolve_device(device, "probe.device") if isinstance(device, str) else device
     keys = [store.stored_key(*c) for c in cells]  # unknown cells fail before anything is trained
+    views = views.resolve(store, [(k.block, k.t, k.pool) for k in keys])
+    if recipe != "sgd" and views.views != 1:
+        raise StoreError(
+            f"--views {views.views}: views are read per epoch, by recipe 'sgd' only; allowed with {recipe!r}: 1"
+        )
     sel = selection if selection is not None else select(store, seed, p, subset)
     out: list[ProbeResult | None] = [None] * len(cells)
     for group in passes(store, keys, recipe, p, len(sel.fit) + len(sel.hold)):
         started = time.perf_counter()
         results = _probe_pass(
-            store, [keys[i] for i in group], [cells[i] for i in group], recipe, grid, seed, p, device, sel
+            store, [keys[i] for i in group], [cells[i] for i in group], recipe, grid, seed, p, device, sel, views
         )
         share = round((time.perf_counter() - started) / len(group), 3)
         for i, r in zip(group, results):
@@ -376,11 +388,12 @@ def _probe_pass(
     p: ProbeConfig,
     device: torch.device,
     sel: Selection,
+    views: Views = Views(),
 ) -> list[ProbeResult]:
     """Train and score one head per key in one pass (several keys: in memory, the same width)."""
     classes = store.class_names
     arrays = [(k.block, k.t, k.pool) for k in keys]
-    data, data_held = train_parts(store, arrays, sel, memory_mb=p.memory_mb, device=device)
+    data, data_held = train_parts(store, arrays, sel, memory_mb=p.memory_mb, device=device, views=views, seed=seed)
     std = Standardise(*feature_stats(data), device)
     w, b = FITTERS[recipe](data, std, len(classes), grid, p, seed)
     streamed = not data.in_memory
@@ -405,9 +418,12 @@ def _probe_pass(
     w_best, b_best = w[torch.arange(len(keys)), idx][:, None], b[torch.arange(len(keys)), idx][:, None]
 
     y_val = sel.y_val
-    val = val_data(store, arrays, sel, memory_mb=p.memory_mb, device=device)
-    val_logits = _logits(val, std, w_best, b_best)
-    streamed = streamed or not val.in_memory
+    val_logits = 0
+    for draw in range(views.noise_draws):  # the logits averaged over M noise draws (1: view 0 alone)
+        val = val_part(store, arrays, sel, memory_mb=p.memory_mb, device=device, draw=draw)
+        val_logits = val_logits + _logits(val, std, w_best, b_best)
+        streamed = streamed or not val.in_memory
+    val_logits = val_logits / views.noise_draws if views.noise_draws > 1 else val_logits
     y_val_t = torch.from_numpy(y_val).to(device)
 
     results = []
@@ -426,9 +442,9 @@ def _probe_pass(
                 blocks=[block],
                 timesteps=[t],
                 recipe=recipe,
-                hyperparameters=grid[best[f]],
+                hyperparameters={**grid[best[f]], **views.record},
                 seed=seed,
-                settings=settings_hash(recipe, p),
+                settings=settings_hash(recipe, p, views),
                 grid=scored[f],
                 heldout_top1=scored[f][best[f]]["heldout_top1"],
                 top1=topk_accuracy(vl, y_val_t, 1),
@@ -436,12 +452,15 @@ def _probe_pass(
                 per_class=per_class_accuracy(vl.argmax(-1).cpu().numpy(), y_val, classes),
                 device=str(device),
                 streamed=streamed,
+                extra={"views": views.views, "noise_draws": views.noise_draws},
             )
         )
     return results
 
 
-def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, subset: str = "all") -> ProbeResult:
+def run(
+    cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, subset: str = "all", views: Views = Views()
+) -> ProbeResult:
     """`probe linear`: probe ``cfg.store.path`` with ``cfg.probe`` and append the ledger row.
 
     ``subset`` is a label-subset spec (probe/subsets.py). The result of `linear_probe`, with
@@ -451,6 +470,15 @@ def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, sub
     cmd = prepare(cfg, subset, ledger)
     p = cfg.probe
     result = linear_probe(
-        cmd.store, block, t, pool, recipe=p.recipe, seed=p.seed, settings=p, device=p.device, selection=cmd.sel
+        cmd.store,
+        block,
+        t,
+        pool,
+        recipe=p.recipe,
+        seed=p.seed,
+        settings=p,
+        device=p.device,
+        selection=cmd.sel,
+        views=views,
     )
     return record(cfg, result, ledger)

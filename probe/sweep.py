@@ -33,6 +33,7 @@ import torch
 
 from diffprobe.probe import linear as lin
 from diffprobe.probe.command import prepare
+from diffprobe.probe.data import Views
 from diffprobe.probe.ledger import append_row, read_rows
 from diffprobe.probe.protocol import Selection, select
 from diffprobe.store.choices import Head
@@ -149,8 +150,13 @@ def sweep(
     selection: Selection | None = None,
     workers: int = 0,
     scheduler: str | None = None,
+    views: Views = Views(),
 ) -> dict:
     """Probe every cell not already in ``ledger`` (None: train them all, record nothing).
+
+    ``views`` (`probe.data.Views`, "all" = the fewest views any cell holds): every cell trained
+    on those views and scored over those noise draws; part of ``settings``, so a sweep resumes
+    only cells of the same views and noise draws.
 
     ``workers`` > 0 or ``scheduler``: the passes run on a dask cluster (probe/distributed.py),
     with the same results; rows are still written here, by this process, as results come back.
@@ -165,7 +171,8 @@ def sweep(
     spec = device if isinstance(device, str) else str(device)  # workers resolve it themselves
     device = lin.resolve_device(device, "probe.device") if isinstance(device, str) else device
     sel = selection if selection is not None else select(store, seed, p, subset)
-    fingerprint, settings_id = lin.store_fingerprint(store), lin.settings_hash(recipe, p)
+    views = views.resolve(store, [(k.block, k.t, k.pool) for k in cells])
+    fingerprint, settings_id = lin.store_fingerprint(store), lin.settings_hash(recipe, p, views)
     ledger = Path(ledger) if ledger is not None else None
     done = done_cells(ledger, fingerprint, recipe, seed, sel, settings_id)
     for key in cells:
@@ -183,7 +190,7 @@ def sweep(
         from diffprobe.probe.distributed import linear_probes_distributed
 
         results = linear_probes_distributed(
-            store, todo, recipe, seed, p, spec, sel, workers, scheduler, on_result=record
+            store, todo, recipe, seed, p, spec, sel, workers, scheduler, on_result=record, views=views
         )
     else:
         results = lin.linear_probes(
@@ -195,6 +202,7 @@ def sweep(
             device=device,
             selection=sel,
             on_result=record,
+            views=views,
         )
     found = {
         **{k: _summary(r, trained=False) for k, r in done.items()},
@@ -227,6 +235,7 @@ def run(
     workers: int = 0,
     scheduler: str | None = None,
     head: str = "linear",
+    views: Views = Views(),
 ) -> dict:
     """`probe sweep`: plan, sweep into ``cfg.probe.ledger``, write the subset's ids and the plots.
 
@@ -242,6 +251,8 @@ def run(
 
         if workers or scheduler:
             raise ConfigError("--head knn: --workers/--scheduler spread linear cells only; a kNN sweep runs here")
+        if views != Views():
+            raise ConfigError("--head knn: --views/--noise-draws are for trained heads; a kNN sweep reads view 0")
         return sweep_run(cfg, blocks, ts, pools, subset, plots, on_plan, on_cell)
     if head != Head.LINEAR:
         raise ConfigError(f"--head: {head!r} is not allowed; allowed: 'linear', 'knn', 'segment'")
@@ -255,7 +266,8 @@ def run(
     store, sel, ledger = cmd.store, cmd.sel, cmd.ledger
     cells, grid = plan(store, blocks, ts, pools)
     if on_plan:
-        done = done_cells(ledger, lin.store_fingerprint(store), p.recipe, p.seed, sel, lin.settings_hash(p.recipe, p))
+        settings_id = lin.settings_hash(p.recipe, p, views.resolve(store, [(k.block, k.t, k.pool) for k in cells]))
+        done = done_cells(ledger, lin.store_fingerprint(store), p.recipe, p.seed, sel, settings_id)
         on_plan(len(cells), sum(c in done for c in cells))
     result = sweep(
         store,
@@ -270,6 +282,7 @@ def run(
         selection=sel,
         workers=workers,
         scheduler=scheduler,
+        views=views,
     )
     sel = result.pop("selection")
     folder = plot_folder(ledger, result["fingerprint"], p.recipe, p.seed, sel.subset_sha, result["settings"])

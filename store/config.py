@@ -139,6 +139,49 @@ def _str_list(v, key):
     return tuple(v)
 
 
+def _crop_scale(v, key):
+    """guided-diffusion's random_crop_arr fractions [min, max]: 0 < min <= max <= 1."""
+    if (
+        not isinstance(v, (list, tuple))
+        or len(v) != 2
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        or not 0 < v[0] <= v[1] <= 1
+    ):
+        raise ConfigError(f"{key}: {v!r} is not allowed; allowed: [min, max] with 0 < min <= max <= 1")
+    return (float(v[0]), float(v[1]))
+
+
+def _flip(v, key):
+    if v == "auto" or isinstance(v, bool):
+        return v
+    raise ConfigError(f"{key}: {v!r} is not allowed; allowed: 'auto', true, false")
+
+
+def per_split(value, split: str) -> int:
+    """A count that is one integer for every split, or a per-split table (a split not named: 1)."""
+    return value if isinstance(value, int) else dict(value).get(split, 1)
+
+
+def _per_split_count(lo: int, hi: int):
+    """An integer for every split, or a table {split = integer} (a TOML table or [[split, n], ...])."""
+
+    def parse(v, key):
+        if isinstance(v, dict):
+            v = list(v.items())
+        if isinstance(v, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in v):
+            out = []
+            for split, n in v:
+                if not isinstance(split, str) or not split:
+                    raise ConfigError(f"{key}: {split!r} is not a split name")
+                out.append((split, _int(lo, hi)(n, f"{key}.{split}")))
+            return tuple(sorted(out))
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{key}: expected an integer or a table {{split = integer}}, got {v!r}")
+        return _int(lo, hi)(v, key)
+
+    return parse
+
+
 def _arch(v, key):
     # Architecture flags overriding the preset; extract.unet.ModelSpec checks names and types.
     if not isinstance(v, dict):
@@ -165,6 +208,12 @@ class DataConfig:
     decode_threads: int = _key(4, _int(1, 256), "threads decoding image files")
     masks: bool = _key(
         False, _bool, "store segmentation masks (digits: derived from the strokes; segfolder: required true)"
+    )
+    crop_scale: tuple[float, float] = _key(
+        (0.8, 1.0), _crop_scale, "views >= 1: guided-diffusion random_crop_arr's [min, max] crop fractions"
+    )
+    flip: bool | str = _key(
+        "auto", _flip, "views >= 1: horizontal flip with p 0.5 (auto: off for digits, on otherwise)"
     )
 
 
@@ -206,6 +255,12 @@ class ExtractConfig:
     write_behind: int = _key(1, _int(0, 64), "chunks written while the next computes (0 = write in line)")
     channels_last: bool = _key(False, _bool, "run the U-Net in channels-last memory format")
     compile: bool = _key(False, _bool, "torch.compile the U-Net's layers (compile time reported apart)")
+    views: int | tuple = _key(
+        1, _per_split_count(1, 4096), "views per image: the center crop, then random crops/flips (int or per split)"
+    )
+    noise_draws: int | tuple = _key(
+        1, _per_split_count(1, 4096), "noise draws of the center crop per (image, t) (int or per split)"
+    )
 
 
 @dataclass(frozen=True)

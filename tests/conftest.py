@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -43,6 +47,25 @@ def writer_kwargs(path, chunk_images: int) -> dict:
         splits={sp: (list(s.ids(sp)), s.labels(sp)) for sp in s.splits},
         chunk_images=chunk_images,
     )
+
+
+def killed_run(tmp_path: Path, toml: str, at: str) -> None:
+    """`extract run` of the config ``toml`` in a subprocess that SIGKILLs itself right after the
+    completion record of chunk ``at`` ("train/2"; the hook extract.extraction.SIGKILL_FILE)."""
+    from diffprobe.extract.extraction import SIGKILL_FILE
+
+    config = tmp_path / "kill.toml"
+    config.write_text(toml)
+    trigger = tmp_path / "kill-at"
+    trigger.write_text(at)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffprobe.extract.cli", "run", "--config", str(config), "--json"],
+        cwd=tmp_path,
+        env={**os.environ, SIGKILL_FILE: str(trigger)},
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,6 @@
 """Extraction into the store: correctness against a plain forward, determinism, resume, refusal."""
 
 import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.extract import job as jobs
-from diffprobe.extract.extraction import SIGKILL_FILE
 from diffprobe.extract.noise import image_noise
 from diffprobe.extract.run import run as extract_run
 from diffprobe.extract.unet import build_diffusion, build_model, load_checkpoint
@@ -19,7 +15,7 @@ from diffprobe.store.errors import FingerprintMismatch, ImageError, StoreError, 
 from diffprobe.store.feature_store import FeatureKey, StoreWriter, open_store
 from diffprobe.store.synthetic import write_synthetic_store
 
-from .conftest import REPO, small_config, writer_kwargs
+from .conftest import REPO, killed_run, small_config, writer_kwargs
 
 
 def _arrays(path):
@@ -264,22 +260,13 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
     controls: extract.extraction.SIGKILL_FILE), with loaders ahead and the writer behind; a resume
     keeps exactly the 3 complete chunks and ends bit-identical."""
     cfg = small_config(tmp_path, **{"store.chunk_images": 2, "extract.forward_batch": 8})
-    toml = tmp_path / "kill.toml"
-    toml.write_text(
+    killed_run(
+        tmp_path,
         '[data]\nmax_per_class = 3\n[extract]\nblocks = "3,8,16,24"\ntimesteps = [90]\nforward_batch = 8\n'
         f'batch_size = 8\ndevice = "cpu"\nthreads = 2\nloaders = 2\nprefetch = 2\nwrite_behind = 2\n'
-        f'[store]\nchunk_images = 2\npath = "{cfg.store.path}"\n'
+        f'[store]\nchunk_images = 2\npath = "{cfg.store.path}"\n',
+        "train/2",
     )
-    trigger = tmp_path / "kill-at"
-    trigger.write_text("train/2")
-    proc = subprocess.run(
-        [sys.executable, "-m", "diffprobe.extract.cli", "run", "--config", str(toml), "--json"],
-        cwd=tmp_path,
-        env={**os.environ, SIGKILL_FILE: str(trigger)},
-        capture_output=True,
-        timeout=300,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     s = open_store(cfg.store.path)
     assert [s.chunks_done("train", k) for k in s.keys("train", complete_only=False)] == [3] * 7
     result = extract_run(cfg)
