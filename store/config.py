@@ -90,12 +90,6 @@ def _str(v, key):
     return v
 
 
-def _bool(v, key):
-    if not isinstance(v, bool):
-        raise ConfigError(f"{key}: expected true or false, got {v!r}")
-    return v
-
-
 def _device(v, key):
     _str(v, key)
     if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
