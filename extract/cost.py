@@ -112,19 +112,35 @@ def free_bytes(device: torch.device) -> int | None:
 
 
 def calls_and_padding(
-    split_sizes: dict[str, int], chunk_images: int, batch_size: int, forward_batch: int, n_timesteps: int
+    split_sizes: dict[str, int],
+    chunk_images: int,
+    batch_size: int,
+    forward_batch: int,
+    rows_per_image: int | dict[str, int],
 ) -> tuple[int, int]:
     """U-Net calls of a whole run and the zero rows padding them: each batch of b images (batches
-    never cross an image chunk) runs its b x T rows of (image, t) in calls of forward_batch rows."""
+    never cross an image chunk) runs its b x R rows (R = ``rows_per_image``: timesteps x views
+    and noise draws, one number or one per split) in calls of ``forward_batch`` rows. Counted
+    per distinct batch size, so ImageNet's count takes no longer than the digits'."""
+
+    def batch(b: int, r: int) -> tuple[int, int]:
+        k = -(-(b * r) // forward_batch)
+        return k, k * forward_batch - b * r
+
+    def chunk(c: int, r: int) -> tuple[int, int]:
+        full, tail = divmod(c, batch_size)
+        k, pad = batch(batch_size, r)
+        kt, padt = batch(tail, r) if tail else (0, 0)
+        return full * k + kt, full * pad + padt
+
     calls = padded = 0
-    for n in split_sizes.values():
-        for c0 in range(0, n, chunk_images):
-            chunk = min(chunk_images, n - c0)
-            for b0 in range(0, chunk, batch_size):
-                rows = min(batch_size, chunk - b0) * n_timesteps
-                k = -(-rows // forward_batch)
-                calls += k
-                padded += k * forward_batch - rows
+    for split, n in split_sizes.items():
+        r = rows_per_image if isinstance(rows_per_image, int) else rows_per_image[split]
+        full, tail = divmod(n, chunk_images)
+        k, pad = chunk(chunk_images, r)
+        kt, padt = chunk(tail, r) if tail else (0, 0)
+        calls += full * k + kt
+        padded += full * pad + padt
     return calls, padded
 
 
@@ -237,7 +253,11 @@ def estimate(cfg, plan, spec, device: torch.device, calibrate: bool = True) -> E
     deepest = max(plan.blocks)
     flops = forward_flops(spec, deepest)
     calls, padded = calls_and_padding(
-        plan.split_sizes, cfg.store.chunk_images, cfg.extract.batch_size, fb, len(plan.timesteps)
+        plan.split_sizes,
+        cfg.store.chunk_images,
+        cfg.extract.batch_size,
+        fb,
+        {s: len(plan.timesteps) * plan.variants(s) for s in plan.split_sizes},
     )
     one, at_fb = peak_call_bytes(spec, plan.blocks, 1), peak_call_bytes(spec, plan.blocks, fb)
     per_row = (at_fb - one) // (fb - 1) if fb > 1 else at_fb

@@ -98,6 +98,23 @@ def test_calls_and_padding_equal_what_a_run_does(tmp_path):
     assert cost.calls_and_padding(sizes, 8, 8, 6, 2) == (want_calls, want_padding) == (22, 12)
 
 
+def test_calls_and_padding_in_closed_form_equal_counting_batch_by_batch():
+    def by_batch(sizes, chunk_images, batch_size, fb, rows):
+        calls = padded = 0
+        for split, n in sizes.items():
+            for c0 in range(0, n, chunk_images):
+                chunk = min(chunk_images, n - c0)
+                for b0 in range(0, chunk, batch_size):
+                    r = min(batch_size, chunk - b0) * rows[split]
+                    calls += -(-r // fb)
+                    padded += -(-r // fb) * fb - r
+        return calls, padded
+
+    for sizes, chunk, batch, fb in [({"a": 1000, "b": 37}, 64, 24, 18), ({"a": 7}, 8, 8, 32), ({"a": 513}, 512, 64, 5)]:
+        rows = {s: 1 + i for i, s in enumerate(sizes)}
+        assert cost.calls_and_padding(sizes, chunk, batch, fb, rows) == by_batch(sizes, chunk, batch, fb, rows)
+
+
 def _estimate(**over):
     base = dict(
         deepest=24,
