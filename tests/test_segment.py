@@ -169,8 +169,8 @@ def test_cli_errors_are_one_line(dense, tmp_path):
     assert r.exit_code == 2 and "no masks in split 'train'" in r.output and len(r.output.strip().splitlines()) == 1
     r = runner.invoke(probe_app, ["segment", "--config", toml, "--blocks", "33", "--t", "150", "--pool", "3"])
     assert r.exit_code == 2 and "no complete features for block 33, t 150, pool 3" in r.output
-    r = runner.invoke(probe_app, ["sweep", "--config", toml, "--head", "knn"])
-    assert r.exit_code == 2 and "--head: 'knn' is not allowed" in r.output
+    r = runner.invoke(probe_app, ["sweep", "--config", toml, "--head", "dense"])
+    assert r.exit_code == 2 and "--head: 'dense' is not allowed; allowed: 'linear', 'knn', 'segment'" in r.output
     r = runner.invoke(probe_app, ["sweep", "--config", toml, "--head", "segment", "--shots", "5"])
     assert r.exit_code == 2 and "--shots: not used by the dense sweep" in r.output
     bad = _dense_toml(tmp_path, dense, 'optimizer = "adam"\n')
