@@ -169,8 +169,11 @@ def plan(
         out.print(f"block {b}: pool {r} capped at its {s}x{s} map (stored as pool {s})", highlight=False)
     for split, n in p.split_sizes.items():
         mine = [a for a in p.arrays if a.split == split]
+        masks = p.mask_bytes(split)
         out.print(
-            f"{split}: {n} images, {len(mine)} arrays, {human_bytes(sum(a.nbytes for a in mine))}", highlight=False
+            f"{split}: {n} images, {len(mine)} arrays, {human_bytes(sum(a.nbytes for a in mine) + masks)}"
+            + (f" (masks {n}x{p.mask_size}x{p.mask_size} uint8: {human_bytes(masks)})" if masks else ""),
+            highlight=False,
         )
     variants = any(p.variants(s) > 1 for s in p.split_sizes)
     per_split = " + ".join(f"{n} {s}" + (f" x {p.variants(s)}" if variants else "") for s, n in p.split_sizes.items())
@@ -245,7 +248,7 @@ def _plan_from_counts(cfg, counts: dict[str, int]):
     from diffprobe.extract.unet import block_table
 
     spec = jobs.model_spec(cfg)
-    plan = jobs.job_plan(cfg, block_table(spec), counts, spec.diffusion_steps)
+    plan = jobs.job_plan(cfg, spec, block_table(spec), counts)
     return jobs.with_forward_batch(cfg, plan), plan, spec
 
 

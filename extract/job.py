@@ -149,13 +149,14 @@ def prepare(cfg: Config, source: ImageSource | None = None) -> Job:
             "extract.views: a store with masks (data.masks = true) holds the center crop only, the view "
             "its masks are of; set extract.views = 1 (noise draws are allowed)"
         )
-    plan = job_plan(cfg, table, sizes, spec.diffusion_steps)
+    plan = job_plan(cfg, spec, table, sizes)
     return Job(with_forward_batch(cfg, plan), spec, table, diffusion, source, plan, ckpt)
 
 
-def job_plan(cfg: Config, table: BlockTable, sizes: dict[str, int], diffusion_steps: int) -> Plan:
-    """The plan of ``cfg``'s blocks, timesteps, pools, views and noise draws for ``sizes``
-    images per split (a split named in extract.views or extract.noise_draws must be one of them)."""
+def job_plan(cfg: Config, spec: ModelSpec, table: BlockTable, sizes: dict[str, int]) -> Plan:
+    """The plan of ``cfg``'s blocks, timesteps, pools, views, noise draws and masks (data.masks)
+    for ``sizes`` images per split (a split named in extract.views or extract.noise_draws must
+    be one of them)."""
     e = cfg.extract
     for key in ("views", "noise_draws"):
         value = getattr(e, key)
@@ -169,9 +170,10 @@ def job_plan(cfg: Config, table: BlockTable, sizes: dict[str, int], diffusion_st
         e.timesteps,
         e.pools,
         cfg.store.dtype,
-        diffusion_steps,
+        spec.diffusion_steps,
         {s: per_split(e.views, s) for s in sizes},
         {s: per_split(e.noise_draws, s) for s in sizes},
+        spec.image_size if cfg.data.masks else 0,
     )
 
 

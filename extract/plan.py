@@ -3,7 +3,8 @@
 A pool size larger than a block's map is capped at the map size (a 1x1 block has no
 2x2 pooling); the plan says where that happens. Views (``extract.views`` K) and noise draws
 (``extract.noise_draws`` M) multiply a split's arrays, bytes and forwards by K + M - 1: view 0
-(draw 0) is one array, views 1..K-1 and draws 1..M-1 one more each.
+(draw 0) is one array, views 1..K-1 and draws 1..M-1 one more each. A dense store
+(``data.masks``) adds each split's masks: (N, S, S) uint8 at the model's image size S.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Plan:
     arrays: tuple[PlannedArray, ...]
     views: dict[str, int] = field(default_factory=dict)  # split -> K (absent: 1)
     noise_draws: dict[str, int] = field(default_factory=dict)  # split -> M (absent: 1)
+    mask_size: int = 0  # S of the (N, S, S) uint8 masks of a dense store; 0: no masks
 
     def variants(self, split: str) -> int:
         """Inputs per image of ``split``: view 0, views 1..K-1, draws 1..M-1."""
@@ -53,9 +55,15 @@ class Plan:
         """U-Net forward passes (image x view or draw x timestep), each truncated after the deepest block."""
         return sum(n * self.variants(s) for s, n in self.split_sizes.items()) * len(self.timesteps)
 
+    def mask_bytes(self, split: str | None = None) -> int:
+        """Bytes of the masks (uncompressed) of ``split`` (None: every split); 0 without masks."""
+        n = sum(self.split_sizes.values()) if split is None else self.split_sizes[split]
+        return n * self.mask_size**2
+
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
+        """Every array's bytes, uncompressed: features and masks."""
+        return sum(a.nbytes for a in self.arrays) + self.mask_bytes()
 
     @property
     def capped(self) -> list[tuple[int, int, int]]:
@@ -73,6 +81,7 @@ class Plan:
             "noise_draws": {s: self.noise_draws.get(s, 1) for s in self.split_sizes},
             "forwards": self.forwards,
             "bytes": self.nbytes,
+            "mask_bytes": self.mask_bytes(),
             "capped_pools": [{"block": b, "requested": r, "stored": s} for b, r, s in self.capped],
             "arrays": [
                 {
@@ -102,9 +111,11 @@ def make_plan(
     diffusion_steps: int,
     views: dict[str, int] | None = None,
     noise_draws: dict[str, int] | None = None,
+    mask_size: int = 0,
 ) -> Plan:
     """Check blocks and timesteps against the model and list every array to write; ``views`` and
-    ``noise_draws`` (split -> count, absent: 1) add arrays per view v >= 1 and draw m >= 1."""
+    ``noise_draws`` (split -> count, absent: 1) add arrays per view v >= 1 and draw m >= 1;
+    ``mask_size`` S > 0 adds each split's (N, S, S) uint8 masks."""
     views, noise_draws = dict(views or {}), dict(noise_draws or {})
     table.check(blocks)
     for t in timesteps:
@@ -128,4 +139,6 @@ def make_plan(
                                 split, FeatureKey(t, b, p, v, m), tuple(requested), (n, info.channels, p, p), dtype
                             )
                         )
-    return Plan(tuple(blocks), tuple(timesteps), tuple(pools), dict(split_sizes), tuple(arrays), views, noise_draws)
+    return Plan(
+        tuple(blocks), tuple(timesteps), tuple(pools), dict(split_sizes), tuple(arrays), views, noise_draws, mask_size
+    )

@@ -139,6 +139,12 @@ def test_segfolder_extracts_masks_chunked_like_features(tmp_path):
             ),
         )
     assert s.fingerprints["preprocessing"]["masks"]["classes"] == ["class0", "class1", "class2"]
+    # the plan counts the masks' bytes: what the store holds, uncompressed
+    plan = jobs.prepare(cfg).plan
+    assert plan.mask_bytes("train") == s.masks("train").nbytes == 10 * 32 * 32
+    assert plan.mask_bytes() == sum(s.masks(sp).nbytes for sp in s.splits)
+    assert plan.nbytes == sum(a.nbytes for a in plan.arrays) + plan.mask_bytes()
+    assert plan.to_dict()["mask_bytes"] == 13 * 32 * 32
     # the image-level probes refuse a store without image labels
     from diffprobe.probe.protocol import labelled
 
