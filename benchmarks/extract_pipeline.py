@@ -166,10 +166,10 @@ def ceiling(args) -> dict:
 # ------------------------------------------------------------------ overlap
 
 
-def bare_forward_seconds(cfg, calls: int) -> float:
+def bare_forward_seconds(job, calls: int) -> float:
     """``calls`` full forwards of forward_batch rows on x_t made beforehand (what the pipeline's
-    calls cost with nothing around them)."""
-    job = jobs.prepare(cfg)
+    calls cost with nothing around them); ``job``: `extract.job.prepare`'s (forward_batch resolved)."""
+    cfg = job.cfg
     model, _ = jobs.load_model(job, torch.device("cpu"))
     fb = cfg.extract.forward_batch
     x = torch.from_numpy(
@@ -203,17 +203,17 @@ def overlap(args) -> dict:
                 }
                 cfg = load_config(REPO / "pipeline.toml", {**over, **variants.get(name, {})})
                 if name == "bare forward":
-                    job = jobs.prepare(cfg)
+                    job = jobs.prepare(cfg)  # forward_batch 0 (auto) resolved: the runs' own call shape
                     from diffprobe.extract.cost import calls_and_padding
 
                     calls, _ = calls_and_padding(
                         job.plan.split_sizes,
                         cfg.store.chunk_images,
                         cfg.extract.batch_size,
-                        cfg.extract.forward_batch,
+                        job.cfg.extract.forward_batch,
                         len(cfg.extract.timesteps),
                     )
-                    res[name].append(bare_forward_seconds(cfg, calls))
+                    res[name].append(bare_forward_seconds(job, calls))
                 else:
                     rec = Recorder()
                     extract_run(cfg, rec)
