@@ -296,15 +296,7 @@ def _done(ledger, fingerprint: str, seed: int, sel: Selection, settings: str) ->
 
 
 def sweep_run(
-    cfg: Config,
-    blocks=None,
-    ts=None,
-    pools=None,
-    subset: str = "all",
-    plots: bool = True,
-    on_plan=None,
-    on_cell=None,
-    out_dir=None,
+    cfg: Config, blocks=None, ts=None, pools=None, subset="all", plots=True, on_plan=None, on_cell=None, out_dir=None
 ) -> dict:
     """`probe sweep --head knn`: `knn_probe` on every (block, t, pool) of `probe.sweep.plan`, each k's
     row appended as its cell is done; cells whose rows (same store, seed, subset, settings, k)
