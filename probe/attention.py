@@ -33,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diffprobe.probe.command import prepare
+from diffprobe.probe.command import check_block, prepare
 from diffprobe.probe.data import FeatureData, Views, train_parts, val_part
 from diffprobe.probe.heads import AttentionHead, FusionHead, auto_dim
 from diffprobe.probe.ledger import record
@@ -328,6 +328,7 @@ def run_attention(
     """`probe attention`: `attention_probe` with ``cfg``'s settings, and the ledger row.
     ``on_step(train.Step)`` after every training step (a progress bar)."""
     cmd = prepare(cfg, subset, ledger)
+    check_block(cmd.store, block)
     p = cfg.probe
     r = attention_probe(
         cmd.store, block, t, pool, p.seed, cfg.heads, p, p.device, selection=cmd.sel, on_step=on_step, views=views

@@ -85,8 +85,12 @@ SeedOpt = typer.Option(
 LedgerOpt = typer.Option(None, "--ledger", help=_key("Results ledger CSV; relative: beside the store.", "probe.ledger"))
 DeviceOpt = typer.Option(None, "--device", help=_key("auto, cpu, cuda, cuda:N, mps.", "probe.device"))
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
-BlockOpt = typer.Option(..., "--block", min=1, help="The block the head reads (1-based, as in `extract blocks`).")
+BlockOpt = typer.Option(..., "--block", help="The block the head reads (1-based, as in `extract blocks`).")
 TOpt = typer.Option(..., "--t", min=0, help="Timestep t.")
+OutOpt = typer.Option(
+    None, "--out", help="Folder for the pictures (default: beside the ledger); checked writable before training."
+)
+NoPlotsOpt = typer.Option(False, "--no-plots", help="Write no pictures.")
 
 
 def _config(config, store, ledger, *, seed=None, device=None, recipe=None, **probe):
@@ -343,6 +347,8 @@ def sweep(
     k: Optional[str] = typer.Option(None, "--k", help=_key("--head knn: numbers of neighbours.", "probe.knn_k")),
     views: str = ViewsOpt,
     noise_draws: int = NoiseDrawsOpt,
+    out_dir: Optional[Path] = OutOpt,
+    no_plots: bool = NoPlotsOpt,
     as_json: bool = JsonOpt,
 ):
     """One linear probe (or kNN classifier, --head knn) per (block, t, pool) the train and val splits hold; heatmaps as PNG.
@@ -362,7 +368,9 @@ def sweep(
             "--views": None if views == "1" else views,
             "--noise-draws": None if noise_draws == 1 else noise_draws,
         }
-        return _segment_sweep(blocks, t, pool, store, config, seed, device, ledger, as_json, linear_only)
+        return _segment_sweep(
+            blocks, t, pool, store, config, seed, device, ledger, as_json, linear_only, out_dir, no_plots
+        )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from diffprobe.probe import sweep as sw
@@ -406,6 +414,8 @@ def sweep(
                 scheduler=scheduler,
                 head=head,
                 views=_views(views, noise_draws),
+                plots=not no_plots,
+                out_dir=out_dir,
             )
         finally:
             if bar.live.is_started:  # stopping a bar never shown prints an empty line
@@ -437,9 +447,17 @@ def sweep(
     ]:
         table.add_row(name, escape(value))
     out.print(table)
-    out.print(f"plots: {escape(str(r['plots']['folder']))}/ ({len(r['plots']['files'])} PNG files)", highlight=False)
+    _plots_line(r)
     for f in r["plots"]["files"]:
         out.print(f"  {escape(f)}", highlight=False)
+
+
+def _plots_line(r: dict) -> None:
+    folder = r["plots"]["folder"]
+    if folder is None:
+        out.print("plots: none (--no-plots)", highlight=False)
+    else:
+        out.print(f"plots: {escape(folder)}/ ({len(r['plots']['files'])} PNG files)", highlight=False)
 
 
 def _head_table(r: dict, title: str) -> None:
@@ -568,7 +586,7 @@ def fusion(
 @probe_app.command()
 def feedback(
     target: Optional[int] = typer.Option(
-        None, "--block", min=1, help=_key("The block the head reads (its second-pass output).", "heads.feedback_target")
+        None, "--block", help=_key("The block the head reads (its second-pass output).", "heads.feedback_target")
     ),
     blocks: Optional[str] = typer.Option(
         None, "--feedback-blocks", help=_key("Decoder blocks fed back.", "heads.feedback_blocks")
@@ -646,6 +664,8 @@ def segment(
     seed: Optional[int] = SeedOpt,
     device: Optional[str] = DeviceOpt,
     ledger: Optional[str] = LedgerOpt,
+    out_dir: Optional[Path] = OutOpt,
+    no_plots: bool = NoPlotsOpt,
     as_json: bool = JsonOpt,
 ):
     """Dense linear probe (DINOv2's BatchNorm + 1x1 conv head) on cached block maps of a store with masks;
@@ -658,7 +678,8 @@ def segment(
 
     with user_errors():
         cfg = _config(config, store, ledger, seed=seed, device=device)
-        r = seg.run(cfg, parse_int_list(blocks, "--blocks"), parse_int_list(t, "--t"), pool, eval_size)
+        cells = parse_int_list(blocks, "--blocks"), parse_int_list(t, "--t")
+        r = seg.run(cfg, *cells, pool, eval_size, picture=not no_plots, out_dir=out_dir)
     if as_json:
         print(json.dumps(r.to_json()))
         return
@@ -693,7 +714,7 @@ def segment(
     )
 
 
-def _segment_sweep(blocks, t, pool, store, config, seed, device, ledger, as_json, linear_only):
+def _segment_sweep(blocks, t, pool, store, config, seed, device, ledger, as_json, linear_only, out_dir, no_plots):
     """`probe sweep --head segment`: one dense head per (block, t) held; heatmaps of val mIoU."""
     from diffprobe.probe import segment as seg
     from diffprobe.store.errors import ConfigError
@@ -707,7 +728,7 @@ def _segment_sweep(blocks, t, pool, store, config, seed, device, ledger, as_json
         if pools is not None and len(pools) != 1:
             raise ConfigError(f"--pool: the dense sweep takes one pool (each block at most it), got {pool!r}")
         lists = [None if v is None else parse_int_list(v, flag) for v, flag in ((blocks, "--blocks"), (t, "--t"))]
-        r = seg.sweep_run(cfg, *lists, pools[0] if pools else None)
+        r = seg.sweep_run(cfg, *lists, pools[0] if pools else None, plots=not no_plots, out_dir=out_dir)
     if as_json:
         print(json.dumps(r))
         return
@@ -718,7 +739,7 @@ def _segment_sweep(blocks, t, pool, store, config, seed, device, ledger, as_json
         f"pool {best['pool']}",
         highlight=False,
     )
-    out.print(f"plots: {escape(str(r['plots']['folder']))}/ ({len(r['plots']['files'])} PNG files)", highlight=False)
+    _plots_line(r)
     out.print(f"ledger: {escape(r['ledger'])}", highlight=False)
 
 

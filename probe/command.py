@@ -20,8 +20,9 @@ import torch
 from diffprobe.probe.ledger import check_ledger, ledger_path
 from diffprobe.probe.protocol import Selection, select
 from diffprobe.store.config import Config
-from diffprobe.store.errors import StoreError
+from diffprobe.store.errors import BlockError, StoreError
 from diffprobe.store.feature_store import FeatureStore, open_store
+from diffprobe.store.ranges import format_int_list
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,16 @@ def check_not_written(store: FeatureStore) -> None:
         ) from None
     finally:
         os.close(fd)
+
+
+def check_block(store: FeatureStore, block: int, flag: str = "--block") -> None:
+    """Refuse a block the store's model lacks, in one line naming ``flag`` and the model's blocks
+    (the store's block table), before anything is read."""
+    numbers = [b["number"] for b in store.attrs["blocks"]]
+    if block not in numbers:
+        raise BlockError(
+            f"{flag}: {block} is not a block of this store; its model has blocks {format_int_list(numbers)}"
+        )
 
 
 def prepare(cfg: Config, subset: str = "all", ledger: bool = True, store: bool = True) -> Command:

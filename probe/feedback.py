@@ -418,6 +418,8 @@ def run(
     prepare(cfg, subset, ledger, store=False)  # threads, the ledger checked; the images are the config's
     p = cfg.probe
     job = jobs.prepare(cfg)
+    if target is not None and not 1 <= target <= len(job.table):  # before the checkpoint is loaded
+        raise BlockError(f"--block: {target} is not a block of this model; it has blocks 1-{len(job.table)}")
     device = resolve_device(p.device, "probe.device")
     unet = build_model(job.spec)
     sha = load_checkpoint(unet, job.checkpoint)

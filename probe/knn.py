@@ -267,11 +267,12 @@ def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, sub
 
     Returns the ``--json`` form of the k chosen on the held-out part (`best`: the keys of `probe
     linear`'s, with ``ledger`` and ``subset_file``) plus ``per_k``: every k's."""
-    from diffprobe.probe.command import prepare
+    from diffprobe.probe.command import check_block, prepare
     from diffprobe.probe.ledger import record
 
     p = cfg.probe
     cmd = prepare(cfg, subset, ledger)
+    check_block(cmd.store, block)
     results = knn_probe(cmd.store, block, t, pool, seed=p.seed, settings=p, device=p.device, selection=cmd.sel)
     for r in results:
         record(cfg, r, ledger)
@@ -295,12 +296,13 @@ def _done(ledger, fingerprint: str, seed: int, sel: Selection, settings: str) ->
 
 
 def sweep_run(
-    cfg: Config, blocks=None, ts=None, pools=None, subset: str = "all", plots: bool = True, on_plan=None, on_cell=None
+    cfg: Config, blocks=None, ts=None, pools=None, subset="all", plots=True, on_plan=None, on_cell=None, out_dir=None
 ) -> dict:
     """`probe sweep --head knn`: `knn_probe` on every (block, t, pool) of `probe.sweep.plan`, each k's
     row appended as its cell is done; cells whose rows (same store, seed, subset, settings, k)
     are in the ledger are skipped, so a stopped sweep resumes. Plots per k in ``k<k>/`` of the
-    sweep folder. Returns the keys of `probe.sweep.run`; ``cells`` holds one summary per (cell, k)."""
+    sweep folder (``out_dir``, else beside the ledger; checked writable before any cell runs).
+    Returns the keys of `probe.sweep.run`; ``cells`` holds one summary per (cell, k)."""
     from diffprobe.probe import sweep as sw
     from diffprobe.probe.command import prepare
     from diffprobe.probe.ledger import append_row
@@ -312,6 +314,7 @@ def sweep_run(
     cells, grid = sw.plan(store, blocks, ts, pools)
     ks = check_ks(p.knn_k, len(sel.fit))
     fingerprint, settings = fingerprint_digest(store.fingerprints), settings_hash(p)
+    folder = sw.check_plots(out_dir, plots, ledger, fingerprint, Head.KNN, p.seed, sel.subset_sha, settings)
     done = _done(ledger, fingerprint, p.seed, sel, settings)
     if on_plan:
         on_plan(len(cells), sum(all((c, k) in done for k in ks) for c in cells))
@@ -345,11 +348,10 @@ def sweep_run(
         for key in cells
         for k in ks
     ]
-    folder = sw.plot_folder(ledger, fingerprint, Head.KNN, p.seed, sel.subset_sha, settings)
     files: list[str] = []
-    for k in ks if plots else ():
+    for k in ks if folder is not None else ():
         label = f"{store.path.name} · kNN k {k}" + ("" if subset == "all" else f" · {subset}")
         files += sw.cell_plots([c for c in summaries if c["k"] == k], grid, folder / f"k{k}", label)
     result = {"head": Head.KNN, "cells": summaries, "trained": trained, "skipped": len(cells) - trained}
     result.update(fingerprint=fingerprint, settings=settings)
-    return sw.finish(store, result, Head.KNN, cfg, sel, subset, ledger, folder if plots else None, files, started)
+    return sw.finish(store, result, Head.KNN, cfg, sel, subset, ledger, folder, files, started)

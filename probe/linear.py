@@ -67,7 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffprobe.probe.command import prepare
+from diffprobe.probe.command import check_block, prepare
 from diffprobe.probe.data import FeatureData, Views, train_parts, val_part
 from diffprobe.probe.digest import fingerprint_digest, settings_digest
 from diffprobe.probe.ledger import record
@@ -468,6 +468,7 @@ def run(
     written beside the ledger unless ``subset`` is "all" or ``ledger=False``; else None).
     """
     cmd = prepare(cfg, subset, ledger)
+    check_block(cmd.store, block)
     p = cfg.probe
     result = linear_probe(
         cmd.store,

@@ -117,7 +117,6 @@ def segmentation_picture(examples: dict, class_names: list[str], path: str | Pat
     from matplotlib.patches import Patch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     k = len(class_names)
     base = plt.get_cmap("tab20" if k > 10 else "tab10")
     colours = np.ones((256, 4))
@@ -146,19 +145,18 @@ def segmentation_picture(examples: dict, class_names: list[str], path: str | Pat
     fig.legend(handles=handles, loc="lower center", ncols=min(6, max(1, len(handles))), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, tight=False)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, tight: bool = True) -> Path:
     """Save under a temporary name, then rename: a full disk leaves no short PNG, and one
-    line (`OutputError`) names the file."""
+    line (`OutputError`) names the file. ``tight``: lay the figure out tightly first."""
     import matplotlib.pyplot as plt
 
     from diffprobe.store.files import write_atomically
 
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     try:
         return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:]))
     finally:

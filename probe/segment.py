@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ from diffprobe.store.config import Config, ProbeConfig, SegmentConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import ConfigError, StoreError
 from diffprobe.store.feature_store import FeatureStore, open_store
+from diffprobe.store.files import check_writable
 
 IGNORE = 255
 _EVAL_BYTES = 64 << 20  # float32 logits of every head while scoring: batches of at most this
@@ -440,16 +442,26 @@ def run(
     eval_size: int | None = None,
     ledger: bool = True,
     picture: bool = True,
+    out_dir: str | Path | None = None,
 ) -> ProbeResult:
     """`probe segment`: `segment_probe` with ``cfg``'s settings, one ledger row and a picture
-    (its path in ``--json``'s ``picture``; None without examples or with ``picture=False``)."""
-    from diffprobe.probe.command import check_not_written, prepare
+    (its path in ``--json``'s ``picture``; None without examples or with ``picture=False``)
+    in ``out_dir`` (default: beside the ledger), checked writable before anything trains."""
+    from diffprobe.probe.command import check_block, check_not_written, prepare
     from diffprobe.probe.ledger import record
 
     p, s = cfg.probe, cfg.segment
     cmd = prepare(cfg, ledger=ledger, store=False)  # threads, and a foreign ledger refused before training
     store = open_store(cfg.store.path)
     check_not_written(store)
+    for b in blocks or ():
+        check_block(store, b, "--blocks")
+    folder = (
+        Path(out_dir) if out_dir is not None else cmd.ledger.parent if cmd.ledger is not None else store.path.parent
+    )
+    picture = picture and s.examples > 0
+    if picture:
+        check_writable(folder, "--out DIR (or --no-plots)")
     r, shown = segment_with_examples(
         store,
         _config_cells(blocks, ts),
@@ -465,7 +477,6 @@ def run(
     if shown is not None and len(shown["images"]):
         from diffprobe.probe.plots import segmentation_picture
 
-        folder = cmd.ledger.parent if cmd.ledger is not None else store.path.parent
         cells = "_".join(f"b{b}" for b in r.blocks) + "-" + "_".join(f"t{t}" for t in sorted(set(r.timesteps)))
         name = f"segment-{r.fingerprint}-{cells}-p{r.pool}-{r.settings[:8]}.png"
         title = (
@@ -488,18 +499,21 @@ def sweep_run(
     plots: bool = True,
     on_plan: Callable[[int, int], None] | None = None,
     on_cell: Callable[[tuple[int, int], bool], None] | None = None,
+    out_dir: str | Path | None = None,
 ) -> dict:
     """`probe sweep --head segment`: one dense head per (block, t) held, resumable from the ledger,
-    and block x t heatmaps of val mIoU (probe/plots.py). ``pool`` None: each cell at the largest
-    pool it is held at (``segment.pool`` caps it)."""
-    from diffprobe.probe.ledger import append_row, ledger_path, read_rows
+    and block x t heatmaps of val mIoU (probe/plots.py) in ``out_dir`` (default: beside the
+    ledger; checked writable, as the ledger is, before anything trains). ``pool`` None: each
+    cell at the largest pool it is held at (``segment.pool`` caps it)."""
+    from diffprobe.probe.command import prepare
+    from diffprobe.probe.ledger import append_row, read_rows
     from diffprobe.probe.plots import sweep_plots
     from diffprobe.probe.sweep import held_keys
 
     started = time.perf_counter()
     p, s = cfg.probe, cfg.segment
-    if p.threads:
-        torch.set_num_threads(p.threads)
+    path = prepare(cfg, store=False).ledger  # threads, and a foreign or read-only ledger refused
+    assert path is not None
     store = open_store(cfg.store.path)
     held = held_keys(store)
     cap = pool or s.pool or 1 << 30
@@ -517,8 +531,10 @@ def sweep_run(
             f"{store.path}: no complete maps for blocks {blocks} at t {ts} "
             f"(pool <= {cap}); it holds {store.describe_holdings('train')}"
         )
-    path = ledger_path(cfg.store.path, p.ledger)
     fingerprint, settings = fingerprint_digest(store.fingerprints), settings_hash(s, p, size_eval)
+    folder = Path(out_dir) if out_dir is not None else path.parent / f"sweep-{fingerprint}-segment-{settings[:8]}"
+    if plots:
+        check_writable(folder, "--out DIR (or --no-plots)")
     done = {
         (r["block"], r["t"], r["stored_pool"]): r
         for r in read_rows(path)
@@ -555,7 +571,6 @@ def sweep_run(
         }
         for b, t, q in cells
     ]
-    folder = path.parent / f"sweep-{fingerprint}-segment-{settings[:8]}"
     files: list[str] = []
     if plots:
         shown = pool or s.pool or max(c["pool"] for c in summary)  # each block at its largest pool up to this

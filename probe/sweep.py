@@ -16,9 +16,10 @@ recipe, seed, label subset (``subset`` and ``subset_sha``) and training settings
 (``settings``: `probe.linear.settings_hash`). The held-out and label-subset selection is made
 once per sweep (`probe.protocol.select`) and each feature set is read once per split.
 
-Plots (probe/plots.py) go to ``sweep-<fingerprint>-<recipe>-<run>/`` beside the ledger,
-``<run>`` being 8 hex digits over (seed, subset_sha, settings), so sweeps with other
-settings do not overwrite each other; they show the cells of this sweep, trained or found.
+Plots (probe/plots.py) go to ``--out DIR``, else to ``sweep-<fingerprint>-<recipe>-<run>/`` beside
+the ledger, ``<run>`` being 8 hex digits over (seed, subset_sha, settings), so sweeps with
+other settings do not overwrite each other; they show the cells of this sweep, trained or
+found. The folder is checked writable before anything trains.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from diffprobe.store.choices import Head
 from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.errors import ConfigError, StoreError
 from diffprobe.store.feature_store import FeatureKey, FeatureStore
+from diffprobe.store.files import check_writable
 
 
 def held_keys(store: FeatureStore) -> set[FeatureKey]:
@@ -223,6 +225,16 @@ def plot_folder(ledger: Path, fingerprint: str, recipe: str, seed: int, subset_s
     return ledger.parent / f"sweep-{fingerprint}-{recipe}-{run_id}"
 
 
+def check_plots(out_dir, plots: bool, ledger: Path, *name) -> Path | None:
+    """The sweep's plot folder (``out_dir``, else `plot_folder` of ``ledger`` and ``name``),
+    checked writable before anything trains; None with ``plots=False``."""
+    if not plots:
+        return None
+    folder = Path(out_dir) if out_dir is not None else plot_folder(ledger, *name)
+    check_writable(folder, "--out DIR (or --no-plots)")
+    return folder
+
+
 def run(
     cfg: Config,
     blocks=None,
@@ -236,10 +248,13 @@ def run(
     scheduler: str | None = None,
     head: str = "linear",
     views: Views = Views(),
+    out_dir: str | Path | None = None,
 ) -> dict:
     """`probe sweep`: plan, sweep into ``cfg.probe.ledger``, write the subset's ids and the plots.
 
     ``head`` "knn": the kNN classifier in every cell instead (`probe.knn.sweep_run`).
+    Plots go to ``out_dir`` (default: `plot_folder`, beside the ledger), checked writable before
+    anything trains (`check_plots`); ``plots=False`` writes none.
 
     ``on_plan(cells, already_done)`` is called once the plan is made (a progress bar's total).
     Returns the `sweep` result (``selection`` dropped) plus ``store``, ``recipe``, ``seed``,
@@ -253,7 +268,7 @@ def run(
             raise ConfigError("--head knn: --workers/--scheduler spread linear cells only; a kNN sweep runs here")
         if views != Views():
             raise ConfigError("--head knn: --views/--noise-draws are for trained heads; a kNN sweep reads view 0")
-        return sweep_run(cfg, blocks, ts, pools, subset, plots, on_plan, on_cell)
+        return sweep_run(cfg, blocks, ts, pools, subset, plots, on_plan, on_cell, out_dir)
     if head != Head.LINEAR:
         raise ConfigError(f"--head: {head!r} is not allowed; allowed: 'linear', 'knn', 'segment'")
     started = time.perf_counter()
@@ -265,9 +280,11 @@ def run(
     cmd = prepare(cfg, subset)  # the selection is made once: counted here, reused by the sweep
     store, sel, ledger = cmd.store, cmd.sel, cmd.ledger
     cells, grid = plan(store, blocks, ts, pools)
+    fingerprint = lin.store_fingerprint(store)
+    settings_id = lin.settings_hash(p.recipe, p, views.resolve(store, [(k.block, k.t, k.pool) for k in cells]))
+    folder = check_plots(out_dir, plots, ledger, fingerprint, p.recipe, p.seed, sel.subset_sha, settings_id)
     if on_plan:
-        settings_id = lin.settings_hash(p.recipe, p, views.resolve(store, [(k.block, k.t, k.pool) for k in cells]))
-        done = done_cells(ledger, lin.store_fingerprint(store), p.recipe, p.seed, sel, settings_id)
+        done = done_cells(ledger, fingerprint, p.recipe, p.seed, sel, settings_id)
         on_plan(len(cells), sum(c in done for c in cells))
     result = sweep(
         store,
@@ -285,10 +302,9 @@ def run(
         views=views,
     )
     sel = result.pop("selection")
-    folder = plot_folder(ledger, result["fingerprint"], p.recipe, p.seed, sel.subset_sha, result["settings"])
     label = f"{store.path.name} · {p.recipe}" + ("" if subset == "all" else f" · {subset}")
-    files = cell_plots(result["cells"], grid, folder, label) if plots else []
-    return finish(store, result, p.recipe, cfg, sel, subset, ledger, folder if plots else None, files, started)
+    files = cell_plots(result["cells"], grid, folder, label) if folder is not None else []
+    return finish(store, result, p.recipe, cfg, sel, subset, ledger, folder, files, started)
 
 
 def cell_plots(cells: list[dict], grid: list[dict], folder: Path, label: str) -> list[str]:

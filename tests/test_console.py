@@ -15,7 +15,11 @@ runner = CliRunner()
     "app,args,line",
     [
         (extract_app, ["run", "--workers", "-1"], "error: --workers: -1 is out of range; allowed: 0-4096"),
-        (probe_app, ["linear", "--block", "0", "--t", "90"], "error: --block: 0 is out of range; allowed: 1 or more"),
+        (
+            probe_app,
+            ["linear", "--block", "24", "--t", "90", "--pool", "0"],
+            "error: --pool: 0 is out of range; allowed: 1 or more",
+        ),
         (probe_app, ["linear", "--block", "24", "--t", "-1"], "error: --t: -1 is out of range; allowed: 0 or more"),
         (probe_app, ["linear", "--t", "90"], "error: --block: required; see --help"),
         (analyze_app, ["cka", "--pool", "0"], "error: --pool: 0 is out of range; allowed: 1 or more"),

@@ -196,3 +196,7 @@ def test_cli_feedback_errors_are_one_line(tmp_path):
     res = runner.invoke(probe_app, ["feedback", "--feedback-blocks", "19", "--store", str(tmp_path / "s.zarr")])
     assert res.exit_code == 2 and "takes no skip connection" in res.output
     assert len(res.output.strip().splitlines()) == 1
+    for block in ("0", "38"):  # the config's model (tiny: 37 blocks) bounds --block, before its checkpoint loads
+        res = runner.invoke(probe_app, ["feedback", "--block", block, "--store", str(tmp_path / "s.zarr")])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+        assert f"--block: {block} is not a block of this model; it has blocks 1-37" in res.output

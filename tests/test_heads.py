@@ -225,7 +225,14 @@ def test_cli_attention_json_and_ledger(store, tmp_path):
     "args,message",
     [
         (["fusion", "--blocks", "19,24", "--t", "90,600"], "extract run --store"),
-        (["attention", "--block", "99", "--t", "90"], "block 99 does not exist"),
+        (
+            ["attention", "--block", "99", "--t", "90"],
+            "--block: 99 is not a block of this store; its model has blocks 1-37",
+        ),
+        (
+            ["attention", "--block", "0", "--t", "90"],
+            "--block: 0 is not a block of this store; its model has blocks 1-37",
+        ),
         (["fusion", "--blocks", "19,x"], "--blocks: cannot read"),
     ],
 )

@@ -37,10 +37,7 @@ def test_config_sections_in_brackets_are_shown():
 
 def test_block_is_the_block_the_head_reads_everywhere():
     for command in ("linear", "attention"):
-        assert "--block <int range> The block the head reads" in _help(command)
+        assert "--block <int> The block the head reads" in _help(command)
     text = _help("feedback")
-    assert (
-        "--block <int range> The block the head reads" in text
-        and "(default: heads.feedback_target, built-in 24)" in text
-    )
+    assert "--block <int> The block the head reads" in text and "(default: heads.feedback_target, built-in 24)" in text
     assert "--feedback-blocks <str> Decoder blocks fed back." in text and "--target" not in text

@@ -188,7 +188,7 @@ def test_cli_json_ledger_rows_per_k(store_path, tmp_path):
         (["--weighting", "rank"], "probe.knn_weighting: 'rank' is not allowed; allowed: 'exp', 'uniform'"),
         (["--t", "91"], "no features for block 24, t 91, pool 1 in split 'train'"),
         (["--block", "23"], "no features for block 23, t 90, pool 1 in split 'train'"),
-        (["--block", "40"], "block 40 does not exist"),
+        (["--block", "40"], "--block: 40 is not a block of this store; its model has blocks 1-37"),
     ],
 )
 def test_errors_are_one_line_exit_2_nothing_written(store_path, tmp_path, args, message):
