@@ -371,10 +371,8 @@ def sweep(
         return _segment_sweep(
             blocks, t, pool, store, config, seed, device, ledger, as_json, linear_only, out_dir, no_plots
         )
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from diffprobe.probe import sweep as sw
-    from diffprobe.store.console import err
 
     with user_errors():
         cfg = _config(config, store, ledger, seed=seed, device=device, recipe=recipe, knn_k=k)
@@ -383,26 +381,7 @@ def sweep(
             for v, flag in ((blocks, "--blocks"), (t, "--t"), (pool, "--pool"))
         ]
         spec = _subset(label_fraction, shots, subset)
-        bar = Progress(
-            TextColumn("[bold]sweep"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("cells"),
-            TextColumn("{task.fields[cell]}"),
-            TimeRemainingColumn(),
-            console=err,
-            disable=as_json,
-        )
-        task = bar.add_task("sweep", total=None, cell="")
-
-        def on_plan(total, done):
-            bar.update(task, total=total, completed=done)
-            bar.start()
-
-        def on_cell(key, trained):
-            if trained:
-                bar.update(task, advance=1, cell=f"block {key.block}, t {key.t}, pool {key.pool}")
-
+        bar, on_plan, on_cell = _sweep_bar(as_json, lambda key: f"block {key.block}, t {key.t}, pool {key.pool}")
         try:
             r = sw.run(
                 cfg,
@@ -714,6 +693,37 @@ def segment(
     )
 
 
+def _sweep_bar(as_json: bool, name_cell):
+    """A sweep's progress bar on stderr, cells done of the plan, shown once the plan is made:
+    (bar, on_plan(total, done), on_cell(key, trained)); ``name_cell(key)`` names the cell
+    trained last."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from diffprobe.store.console import err
+
+    bar = Progress(
+        TextColumn("[bold]sweep"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("cells"),
+        TextColumn("{task.fields[cell]}"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=as_json,
+    )
+    task = bar.add_task("sweep", total=None, cell="")
+
+    def on_plan(total, done):
+        bar.update(task, total=total, completed=done)
+        bar.start()
+
+    def on_cell(key, trained):
+        if trained:
+            bar.update(task, advance=1, cell=name_cell(key))
+
+    return bar, on_plan, on_cell
+
+
 def _segment_sweep(blocks, t, pool, store, config, seed, device, ledger, as_json, linear_only, out_dir, no_plots):
     """`probe sweep --head segment`: one dense head per (block, t) held; heatmaps of val mIoU."""
     from diffprobe.probe import segment as seg
@@ -728,7 +738,20 @@ def _segment_sweep(blocks, t, pool, store, config, seed, device, ledger, as_json
         if pools is not None and len(pools) != 1:
             raise ConfigError(f"--pool: the dense sweep takes one pool (each block at most it), got {pool!r}")
         lists = [None if v is None else parse_int_list(v, flag) for v, flag in ((blocks, "--blocks"), (t, "--t"))]
-        r = seg.sweep_run(cfg, *lists, pools[0] if pools else None, plots=not no_plots, out_dir=out_dir)
+        bar, on_plan, on_cell = _sweep_bar(as_json, lambda key: f"block {key[0]}, t {key[1]}")
+        try:
+            r = seg.sweep_run(
+                cfg,
+                *lists,
+                pools[0] if pools else None,
+                plots=not no_plots,
+                on_plan=on_plan,
+                on_cell=on_cell,
+                out_dir=out_dir,
+            )
+        finally:
+            if bar.live.is_started:  # stopping a bar never shown prints an empty line
+                bar.stop()
     if as_json:
         print(json.dumps(r))
         return

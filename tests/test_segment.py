@@ -180,7 +180,9 @@ def test_cli_errors_are_one_line(dense, tmp_path):
 
 def test_dense_sweep_resumes_from_the_ledger(dense, tmp_path):
     cfg = load_config(_dense_toml(tmp_path, dense))
-    first = sweep_run(cfg)
+    plans, cells = [], []
+    first = sweep_run(cfg, on_plan=lambda *a: plans.append(a), on_cell=lambda *a: cells.append(a))
+    assert plans == [(2, 0)] and cells == [((24, 150), True), ((33, 150), True)]  # the progress bar's calls
     assert first["trained"] == 2 and first["skipped"] == 0
     assert [(c["block"], c["t"], c["pool"]) for c in first["cells"]] == [(24, 150, 2), (33, 150, 8)]
     assert len(first["plots"]["files"]) == 3 and all(f.endswith(".png") for f in first["plots"]["files"])
@@ -190,6 +192,8 @@ def test_dense_sweep_resumes_from_the_ledger(dense, tmp_path):
     assert len(rows) == 2 and {r["head"] for r in rows} == {"segment"}
     r = runner.invoke(probe_app, ["sweep", "--config", str(tmp_path / "dense.toml"), "--head", "segment", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["skipped"] == 2
+    r = runner.invoke(probe_app, ["sweep", "--config", str(tmp_path / "dense.toml"), "--head", "segment"])
+    assert r.exit_code == 0 and "dense sweep: 2 cells (0 trained, 2 already in the ledger)" in r.stdout
 
 
 def test_pipeline_dense_toml_is_the_embedded_dense_default():
