@@ -427,8 +427,9 @@ class FeatureStore:
         return total, chunks
 
     def contents(self) -> dict[str, str]:
-        """sha256 of every array's bytes (features, done records, skipped, labels, ids) and of
-        the record columns' names, per split: equal for two bit-identical stores."""
+        """sha256 of every array's bytes (features, done records, skipped, labels, ids, and a
+        dense store's masks and previews) and of the record columns' names, per split: equal for
+        two bit-identical stores."""
         out = {}
         for split in self.splits:
             g = self._split(split)
@@ -440,6 +441,9 @@ class FeatureStore:
             features = self._features_group(split)
             for name in sorted(self._feature_names(split)):
                 out[f"{split}/{name}"] = _sha(features[name][:].tobytes())
+            for name in (MASKS, "previews"):
+                if name in g:
+                    out[f"{split}/{name}"] = _sha(np.asarray(g[name][:]).tobytes())
         return out
 
 

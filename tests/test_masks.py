@@ -247,3 +247,23 @@ def test_masks_change_the_fingerprint_and_resume_rewrites_the_same_bytes(tmp_pat
     plain = write_synthetic_store(tmp_path / "plain.zarr", x, {"train": np.arange(4) % 2, "val": np.arange(4) % 2})
     with pytest.raises(StoreError, match=r"no masks in split 'train'; extract a dense store \(data.masks = true"):
         open_store(plain).masks("train")
+
+
+@pytest.mark.slow
+def test_a_dense_store_from_two_dask_workers_equals_one_process(tmp_path):
+    pytest.importorskip("distributed")
+    over = {
+        "data.masks": True,
+        "data.max_per_class": 2,
+        "store.chunk_images": 4,
+        "extract.blocks": "8",
+        "extract.threads": 1,
+        "extract.threads_per_worker": 1,
+    }
+    one = small_config(tmp_path, "one.zarr", **over)
+    two = small_config(tmp_path, "two.zarr", **over, **{"extract.workers": 2})
+    extract_run(one)
+    assert extract_run(two)["workers"] == 2
+    a, b = open_store(one.store.path), open_store(two.store.path)
+    assert "train/masks" in a.contents() and a.contents() == b.contents()  # masks and previews included
+    assert (a.masks("train") != IGNORE).any()
