@@ -51,10 +51,17 @@ from diffprobe.extract.unet import capture
 from diffprobe.store.errors import ImageError
 from diffprobe.store.feature_store import FeatureKey, StoreWriter
 
-# Testing hook: the path of a file naming one chunk ("train/3"). The process that writes that
-# chunk's completion record deletes the file and SIGKILLs itself: a kill at a moment a test
+# Testing hooks: each variable holds the path of a file naming one chunk ("train/3"); the writer
+# of that chunk (this process or a dask worker) acts right after its completion records. Unset,
+# each costs one environment lookup per chunk.
+# SIGKILL_FILE: the writer deletes the file and SIGKILLs itself: a kill at a moment a test
 # controls (a run's first kill, on whichever process or dask worker gets there first).
 SIGKILL_FILE = "DIFFPROBE_SIGKILL_FILE"
+# PAUSE_FILE: the writer creates ``<file>.reached``, then waits until the test removes the file
+# (at most PAUSE_LIMIT_S, then goes on): while it waits, exactly the chunks written so far are
+# complete, and the test acts (kills a scheduler) at that moment.
+PAUSE_FILE = "DIFFPROBE_PAUSE_FILE"
+PAUSE_LIMIT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -275,20 +282,31 @@ class Loader:
 # ------------------------------------------------------------------ writer
 
 
-def _sigkill_hook(split: str, chunk: int) -> None:
-    path = os.environ.get(SIGKILL_FILE)
+def _hook_file(variable: str, split: str, chunk: int) -> Path | None:
+    """The file the testing hook ``variable`` names, if it names this chunk."""
+    path = os.environ.get(variable)
     if not path:
-        return
+        return None
     try:
         target = Path(path).read_text().strip()
     except OSError:
-        return
-    if target == f"{split}/{chunk}":
+        return None
+    return Path(path) if target == f"{split}/{chunk}" else None
+
+
+def _testing_hooks(split: str, chunk: int) -> None:
+    """SIGKILL_FILE and PAUSE_FILE (see there), after a chunk's completion records."""
+    if (kill := _hook_file(SIGKILL_FILE, split, chunk)) is not None:
         try:
-            os.unlink(path)  # one kill: the first process to get here
+            kill.unlink()  # one kill: the first process to get here
         except FileNotFoundError:
             return
         os.kill(os.getpid(), signal.SIGKILL)
+    if (pause := _hook_file(PAUSE_FILE, split, chunk)) is not None:
+        Path(f"{pause}.reached").touch()
+        deadline = time.monotonic() + PAUSE_LIMIT_S
+        while pause.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 class ChunkWriter:
@@ -316,7 +334,7 @@ class ChunkWriter:
         except BaseException:
             self.failed.set()
             raise
-        _sigkill_hook(work.split, work.chunk)
+        _testing_hooks(work.split, work.chunk)
 
     def _landed(self) -> None:
         self.done += 1

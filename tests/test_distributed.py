@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from diffprobe.extract import job as jobs
 from diffprobe.extract.cli import app
-from diffprobe.extract.extraction import SIGKILL_FILE, ChunkWork, extract_chunks
+from diffprobe.extract.extraction import PAUSE_FILE, SIGKILL_FILE, ChunkWork, extract_chunks
 from diffprobe.extract.report import Recorder, Totals
 from diffprobe.extract.run import run as extract_run
 
@@ -242,8 +242,9 @@ def test_cluster_errors_are_one_line_exit_2(tmp_path, args, message):
     assert not (tmp_path / "e.zarr").exists()  # nothing written
 
 
-def test_scheduler_lost_mid_run_is_one_line_and_a_rerun_resumes(reference, tmp_path):
-    """A scheduler process SIGKILLed mid-run; the worker runs in this process (cheap to start)."""
+def test_scheduler_lost_mid_run_is_one_line_and_a_rerun_resumes(reference, tmp_path, monkeypatch):
+    """A scheduler process SIGKILLed mid-run, while the worker (in this process: cheap to start)
+    holds train chunk 3 just after its completion records (extract.extraction.PAUSE_FILE)."""
     import asyncio
     import subprocess
     import sys
@@ -276,11 +277,23 @@ def test_scheduler_lost_mid_run_is_one_line_and_a_rerun_resumes(reference, tmp_p
 
         asyncio.run(main())
 
+    pause = tmp_path / "pause-at"
+    pause.write_text("train/3")
+    reached = tmp_path / "pause-at.reached"
+    monkeypatch.setenv(PAUSE_FILE, str(pause))
     before = torch.get_num_threads()
     worker_thread = threading.Thread(target=worker, daemon=True)
     cfg = _cfg(tmp_path, "lost.zarr", **{"extract.scheduler": address, "store.chunk_images": 2})
+    report = Recorder()
     failure = []
-    run_thread = threading.Thread(target=lambda: _catch(failure, extract_run, cfg))
+    run_thread = threading.Thread(target=lambda: _catch(failure, extract_run, cfg, report))
+
+    def wait_for(event, what: str, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while not event():
+            assert time.monotonic() < deadline and run_thread.is_alive(), (what, failure)
+            time.sleep(0.01)
+
     try:
         deadline = time.time() + 30
         while time.time() < deadline:  # the scheduler is up once it accepts connections
@@ -291,30 +304,48 @@ def test_scheduler_lost_mid_run_is_one_line_and_a_rerun_resumes(reference, tmp_p
                 time.sleep(0.1)
         worker_thread.start()
         run_thread.start()
-        records = os.path.join(cfg.store.path, "train", "done", "c")
-        while run_thread.is_alive() and not (os.path.isdir(records) and len(os.listdir(records)) >= 2):
-            time.sleep(0.005)
+        # one worker thread runs one chunk at a time, its task returning after the chunk's records:
+        # while it holds train/3, the chunks complete are train/3 and those whose tasks returned
+        wait_for(reached.exists, "the worker to hold train/3")
+        complete = _complete_chunks(cfg.store.path)
+        n = len(complete["train"]) + len(complete["val"])
+        assert 3 in complete["train"] and n < 20, complete
+        wait_for(lambda: report.chunk_counts == [(i, 20) for i in range(1, n)], "the run to see the others")
         scheduler.send_signal(signal.SIGKILL)
-        run_thread.join(60)
+        scheduler.wait(30)
+        run_thread.join(60)  # the run ends (and lets go of the store) before the worker goes on
+        assert not run_thread.is_alive()
     finally:
         scheduler.kill()
+        pause.unlink(missing_ok=True)  # the worker goes on: its writes now find the store not held
         stop.set()
         worker_thread.join(30)
         torch.set_num_threads(before)
-    assert not run_thread.is_alive() and len(failure) == 1 and isinstance(failure[0], ClusterError), failure
+    assert len(failure) == 1 and isinstance(failure[0], ClusterError), failure
     message = str(failure[0])
     assert "\n" not in message and message.startswith(f"lost the dask scheduler (scheduler {address}) mid-run")
-    assert message.endswith("`extract run` again resumes from the completion records")
-    done = int(message.split("; ")[1].split("/")[0])
-    assert 2 <= done < 20
+    assert message.endswith(f"; {n - 1}/20 chunks complete; `extract run` again resumes from the completion records")
+    assert _complete_chunks(cfg.store.path) == complete  # nothing written after the kill
     # again, without a cluster: the complete chunks are kept, the rest computed
+    monkeypatch.delenv(PAUSE_FILE)
     try:
         again = extract_run(_cfg(tmp_path, "lost.zarr", **{"store.chunk_images": 2}))
     finally:
         torch.set_num_threads(before)
-    assert again["chunks_already_done"] >= done and again["chunks_written"] == 20 - again["chunks_already_done"]
+    assert again["chunks_already_done"] == n and again["chunks_written"] == 20 - n
     ca, cb = _store_contents(reference.store.path), _store_contents(cfg.store.path)
-    assert all(ca[k] == cb[k] for k in ca if k[1].startswith("t"))  # chunking differs (2 vs 4), features do not
+    same = [k for k in ca if not k.endswith("/done")]  # chunking differs (2 vs 4): the records' shape
+    assert ca.keys() == cb.keys() and len(same) == 2 * 4 + 2 * 4 * 2 - 2  # 4 per split + the features
+    assert {k: ca[k] for k in same} == {k: cb[k] for k in same}
+    assert _complete_chunks(cfg.store.path) == {"train": list(range(10)), "val": list(range(10))}
+
+
+def _complete_chunks(path) -> dict[str, list[int]]:
+    """Per split, the chunks whose every completion record is set, read from the Zarr arrays."""
+    group = zarr.open_group(str(path), mode="r")
+    return {
+        split: np.flatnonzero(np.asarray(group[f"{split}/done"][:]).all(axis=1)).tolist() for split in ("train", "val")
+    }
 
 
 def _catch(failure, fn, *args):
