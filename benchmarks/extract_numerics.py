@@ -2,6 +2,7 @@
 
     python benchmarks/extract_numerics.py                 # ~5-10 min on 2 cores
     python benchmarks/extract_numerics.py --images 64 --seeds 3
+    python benchmarks/extract_numerics.py --images 0 --seeds 5   # the probe's top-1 alone
 
 1. Per block, the relative error ||x_autocast - x_fp32|| / ||x_fp32|| of the full-resolution
    block output, on the same x_t (``--images`` val digits at t 90 and 300, forward_batch rows).
@@ -59,7 +60,7 @@ def block_errors(images: int) -> dict:
 def probe_top1(seeds: int, tmp: Path) -> dict:
     from typer.testing import CliRunner
 
-    from diffprobe.probe.cli import app
+    from diffprobe.probe.cli import probe_app as app
 
     result = {}
     for mode in ("none", "bf16"):
@@ -89,12 +90,12 @@ def probe_top1(seeds: int, tmp: Path) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--images", type=int, default=64, help="val digits for the per-block errors (0 = skip them)")
     ap.add_argument("--seeds", type=int, default=5, help="probe seeds per store (0 = skip the probe)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="diffprobe-numerics-"))
     try:
-        errors = block_errors(args.images)
+        errors = block_errors(args.images) if args.images else {}  # 0: the probe alone
         for k, v in errors.items():
             print(k, "median", statistics.median(v.values()), "max", max(v.values()), flush=True)
         result = {"images": args.images, "relative_error": errors}

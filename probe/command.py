@@ -21,7 +21,7 @@ from diffprobe.probe.ledger import check_ledger, ledger_path
 from diffprobe.probe.protocol import Selection, select
 from diffprobe.store.config import Config
 from diffprobe.store.errors import BlockError, StoreError
-from diffprobe.store.feature_store import FeatureStore, open_store
+from diffprobe.store.feature_store import FeatureStore, lock_path, open_store
 from diffprobe.store.ranges import format_int_list
 
 
@@ -36,7 +36,7 @@ class Command:
 def check_not_written(store: FeatureStore) -> None:
     """Refuse a store whose writer lock (`extract run`'s, see store/feature_store.py) is held:
     its arrays may still change under a probe."""
-    lock = store.path / ".lock"
+    lock = lock_path(store.path)
     if not lock.is_file():
         return
     fd = os.open(lock, os.O_RDONLY)

@@ -505,7 +505,7 @@ def sweep_run(
     and block x t heatmaps of val mIoU (probe/plots.py) in ``out_dir`` (default: beside the
     ledger; checked writable, as the ledger is, before anything trains). ``pool`` None: each
     cell at the largest pool it is held at (``segment.pool`` caps it)."""
-    from diffprobe.probe.command import prepare
+    from diffprobe.probe.command import check_not_written, prepare
     from diffprobe.probe.ledger import append_row, read_rows
     from diffprobe.probe.plots import sweep_plots
     from diffprobe.probe.sweep import held_keys
@@ -515,6 +515,7 @@ def sweep_run(
     path = prepare(cfg, store=False).ledger  # threads, and a foreign or read-only ledger refused
     assert path is not None
     store = open_store(cfg.store.path)
+    check_not_written(store)
     held = held_keys(store)
     cap = pool or s.pool or 1 << 30
     size_eval = eval_size or s.eval_size or int(store.mask_array("train").shape[-1])

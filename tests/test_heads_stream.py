@@ -162,7 +162,9 @@ def test_a_store_still_being_written_is_refused_in_one_line(store, tmp_path):
     import fcntl
     import os
 
-    fd = os.open(store.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    from diffprobe.store.feature_store import lock_path
+
+    fd = os.open(lock_path(store.path), os.O_RDWR | os.O_CREAT, 0o644)  # where `extract run` takes it
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as `extract run` holds it while writing
         os.pwrite(fd, b"pid 1 on host, run abcd", 0)

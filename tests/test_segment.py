@@ -196,6 +196,27 @@ def test_dense_sweep_resumes_from_the_ledger(dense, tmp_path):
     assert r.exit_code == 0 and "dense sweep: 2 cells (0 trained, 2 already in the ledger)" in r.stdout
 
 
+def test_dense_sweep_refuses_a_store_still_being_written(dense, tmp_path):
+    import fcntl
+    import os
+
+    from diffprobe.store.errors import StoreError
+    from diffprobe.store.feature_store import lock_path
+
+    cfg = load_config(_dense_toml(tmp_path, dense))
+    fd = os.open(lock_path(cfg.store.path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as `extract run` holds it while writing
+        os.pwrite(fd, b"pid 1 on host, run abcd", 0)
+        with pytest.raises(StoreError, match=r"an `extract run` is still writing this store \(pid 1 on host"):
+            sweep_run(cfg)
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert not (tmp_path / "ledger.csv").exists()
+
+
 def test_pipeline_dense_toml_is_the_embedded_dense_default():
     cfg = load_config(REPO / "pipeline-dense.toml")
     assert cfg.data.masks and cfg.data.source == "digits" and cfg.store.path == "runs/digits-dense.zarr"
