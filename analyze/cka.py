@@ -333,6 +333,7 @@ def run_matrix(
     t = (t,) if isinstance(t, int) else t
     store = open_store(cfg.store.path)
     other = open_store(against) if against is not None else None
+    pool = pool if pool is not None else (a.pool or None)  # analyze.pool; 0: the smallest held
     p = plan(store, a.split, t=t, block=block, blocks=blocks, against=other, pool=pool)
     fp = fingerprint(store)
     folder = Path(out_dir) if out_dir is not None else store.path.parent / f"{folder_prefix}-{fp}"

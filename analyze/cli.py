@@ -51,7 +51,9 @@ BlocksOpt = typer.Option(
     None, "--blocks", help="Blocks of a block x block matrix, e.g. '1-37' or '19,24,30' (default: all held)."
 )
 AgainstOpt = typer.Option(None, "--against", help="Another store: this store's blocks x its blocks on the same images.")
-PoolOpt = typer.Option(None, "--pool", min=1, help="Stored pool size (default: the smallest held).")
+PoolOpt = typer.Option(
+    None, "--pool", min=1, help="Stored pool size (default: analyze.pool, built-in 0 = the smallest held)."
+)
 SplitOpt = typer.Option(None, "--split", help="Split to read (analyze.split).")
 BootstrapOpt = typer.Option(
     None,

@@ -169,6 +169,11 @@ def _views(views: str, noise_draws: int):
     return Views(int(views), noise_draws)
 
 
+ProbePoolOpt = typer.Option(
+    None, "--pool", min=1, help=_key("Pool size p, capped at the block's map as stored.", "probe.pool")
+)
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -177,9 +182,7 @@ def _pct(x: float | None) -> str:
 def linear(
     block: int = BlockOpt,
     t: int = TOpt,
-    pool: int = typer.Option(
-        2, "--pool", min=1, help="Pool size p (capped at the block's map, as stored); the paper's 2."
-    ),
+    pool: Optional[int] = ProbePoolOpt,
     store: Optional[Path] = StoreOpt,
     config: Optional[Path] = ConfigOpt,
     recipe: Optional[str] = RecipeOpt,
@@ -200,9 +203,14 @@ def linear(
     from diffprobe.probe import linear as lin
 
     with user_errors():
-        cfg = _config(config, store, ledger, seed=seed, device=device, recipe=recipe)
+        cfg = _config(config, store, ledger, seed=seed, device=device, recipe=recipe, pool=pool)
         r = lin.run(
-            cfg, block, t, pool, subset=_subset(label_fraction, shots, subset), views=_views(views, noise_draws)
+            cfg,
+            block,
+            t,
+            cfg.probe.pool,
+            subset=_subset(label_fraction, shots, subset),
+            views=_views(views, noise_draws),
         )
     if as_json:
         print(json.dumps(r.to_json()))
@@ -241,7 +249,7 @@ def linear(
 def knn(
     block: int = BlockOpt,
     t: int = TOpt,
-    pool: int = typer.Option(2, "--pool", min=1, help="Pool size p (capped at the block's map, as stored)."),
+    pool: Optional[int] = ProbePoolOpt,
     k: Optional[str] = typer.Option(
         None, "--k", help=_key("Numbers of neighbours, e.g. '10,20,100,200'.", "probe.knn_k")
     ),
@@ -277,8 +285,9 @@ def knn(
             knn_temperature=temperature,
             knn_weighting=weighting,
             knn_metric=metric,
+            pool=pool,
         )
-        r = kn.run(cfg, block, t, pool, subset=_subset(label_fraction, shots, subset))
+        r = kn.run(cfg, block, t, cfg.probe.pool, subset=_subset(label_fraction, shots, subset))
     if as_json:
         print(json.dumps(r))
         return

@@ -273,6 +273,7 @@ class ProbeConfig:
     device: str = _key("auto", _device, "torch device of the probe")
     threads: int = _key(0, _int(0, 1024), "torch CPU threads of the probe (0 = torch's default)")
     ledger: str = _key("probe-results.csv", _str, "results ledger (CSV), relative to the store's folder")
+    pool: int = _key(2, _int(1, 1024), "pool p that probe linear and probe knn read (capped at the block's map)")
     sgd_lr: tuple[float, ...] = _key((0.01, 0.1, 1.0), _float_list(1e-8, 100.0), "sgd: learning-rate grid")
     sgd_weight_decay: tuple[float, ...] = _key((0.0,), _float_list(0.0, 1.0), "sgd: weight-decay grid")
     sgd_epochs: int = _key(28, _int(1, 10000), "sgd: epochs")
@@ -335,6 +336,7 @@ class HeadsConfig:
 @dataclass(frozen=True)
 class AnalyzeConfig:
     split: str = _key("val", _str, "split the analyses read")
+    pool: int = _key(0, _int(0, 1024), "stored pool the analyses read (0 = the smallest the store holds)")
     estimator: str = _key(
         "linear",
         _choice(Estimator),
