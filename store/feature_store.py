@@ -816,10 +816,10 @@ class StoreWriter(FeatureStore):
                     dimension_names=["image", *yx] if named else None,
                 )
                 p = min(n, previews)
-                g.create_array(
+                g.create_array(  # chunked like the images: each chunk's writer writes its own file
                     "previews",
                     shape=(p, 3, size, size),
-                    chunks=(p, 3, size, size),
+                    chunks=(max(1, min(chunk, p)), 3, size, size),
                     dtype="uint8",
                     fill_value=0,
                     dimension_names=["preview", "rgb", *yx] if named else None,

@@ -126,6 +126,10 @@ def test_segfolder_extracts_masks_chunked_like_features(tmp_path):
     masks = s.mask_array("train")
     assert masks.shape == (10, 32, 32) and masks.dtype == np.uint8
     assert masks.chunks == (8, 32, 32) == (s.chunk_images("train"), 32, 32)
+    import zarr
+
+    previews = zarr.open_group(str(cfg.store.path), mode="r")["train/previews"]
+    assert previews.chunks == (8, 3, 32, 32)  # chunked like the images: one writer per chunk file (dask)
     assert s.mask_classes == ["class0", "class1", "class2"] and s.class_names == []
     src = SegFolderSource(root, 32)
     for split in ("train", "val"):
