@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
-import signal
 import threading
 import time
 from collections import deque
@@ -36,7 +34,6 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,18 +47,15 @@ from diffprobe.extract.report import Reporter, Totals
 from diffprobe.extract.unet import capture
 from diffprobe.store.errors import ImageError
 from diffprobe.store.feature_store import FeatureKey, StoreWriter
+from diffprobe.store.hooks import PAUSE_FILE as PAUSE_FILE  # the hooks' variables, as tests name them
+from diffprobe.store.hooks import PAUSE_LIMIT_S as PAUSE_LIMIT_S
+from diffprobe.store.hooks import SIGKILL_FILE as SIGKILL_FILE
+from diffprobe.store.hooks import pause_hook, sigkill_hook
 
-# Testing hooks: each variable holds the path of a file naming one chunk ("train/3"); the writer
-# of that chunk (this process or a dask worker) acts right after its completion records. Unset,
-# each costs one environment lookup per chunk.
-# SIGKILL_FILE: the writer deletes the file and SIGKILLs itself: a kill at a moment a test
-# controls (a run's first kill, on whichever process or dask worker gets there first).
-SIGKILL_FILE = "DIFFPROBE_SIGKILL_FILE"
-# PAUSE_FILE: the writer creates ``<file>.reached``, then waits until the test removes the file
-# (at most PAUSE_LIMIT_S, then goes on): while it waits, exactly the chunks written so far are
-# complete, and the test acts (kills a scheduler) at that moment.
-PAUSE_FILE = "DIFFPROBE_PAUSE_FILE"
-PAUSE_LIMIT_S = 120.0
+# Testing hooks (store/hooks.py): each variable holds the path of a file naming one chunk
+# ("train/3"); the writer of that chunk (this process or a dask worker) acts right after its
+# completion records. SIGKILL_FILE: a kill at a moment a test controls (a run's first kill);
+# PAUSE_FILE: while the writer waits, exactly the chunks written so far are complete.
 
 
 @dataclass(frozen=True)
@@ -282,31 +276,10 @@ class Loader:
 # ------------------------------------------------------------------ writer
 
 
-def _hook_file(variable: str, split: str, chunk: int) -> Path | None:
-    """The file the testing hook ``variable`` names, if it names this chunk."""
-    path = os.environ.get(variable)
-    if not path:
-        return None
-    try:
-        target = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return Path(path) if target == f"{split}/{chunk}" else None
-
-
 def _testing_hooks(split: str, chunk: int) -> None:
-    """SIGKILL_FILE and PAUSE_FILE (see there), after a chunk's completion records."""
-    if (kill := _hook_file(SIGKILL_FILE, split, chunk)) is not None:
-        try:
-            kill.unlink()  # one kill: the first process to get here
-        except FileNotFoundError:
-            return
-        os.kill(os.getpid(), signal.SIGKILL)
-    if (pause := _hook_file(PAUSE_FILE, split, chunk)) is not None:
-        Path(f"{pause}.reached").touch()
-        deadline = time.monotonic() + PAUSE_LIMIT_S
-        while pause.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+    """SIGKILL_FILE and PAUSE_FILE (store/hooks.py), after a chunk's completion records."""
+    sigkill_hook(f"{split}/{chunk}")
+    pause_hook(f"{split}/{chunk}")
 
 
 class ChunkWriter:

@@ -15,7 +15,9 @@ How the work is split, and why the results equal a single-process sweep:
   writes every ledger row (`probe.ledger.append_row`, under the ledger's lock) as each task
   comes back, so there are never two rows for one cell.
 - A worker killed mid-task: dask reruns its task on another worker (``retries``). A client
-  killed mid-sweep: `probe sweep` again skips the cells whose rows are in the ledger.
+  killed mid-sweep: `probe sweep` again skips the cells whose rows are in the ledger. Tests
+  kill both at a cell they name (store/hooks.py's SIGKILL_FILE: "24/90/2" kills the worker
+  starting that cell, "ledger/24/90/2" the client once it has written that cell's row).
 - One GPU per worker: a worker whose device resolves to CUDA uses GPU (worker index mod the
   GPUs it sees).
 """
@@ -34,6 +36,7 @@ from diffprobe.store.config import ProbeConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import DiffprobeError
 from diffprobe.store.feature_store import FeatureKey, FeatureStore, open_store
+from diffprobe.store.hooks import sigkill_hook
 
 RETRIES = 2  # reruns of a task whose worker died
 CONNECT_TIMEOUT_S = 20
@@ -90,6 +93,8 @@ def probe_pass(
     """One task: `linear_probes` of ``cells`` (one pass) on this worker; returns the results."""
     from diffprobe.probe import linear as lin
 
+    for b, t, pool in cells:
+        sigkill_hook(f"{b}/{t}/{pool}")  # testing: a worker killed as it starts this cell (store/hooks.py)
     torch.set_num_threads(threads)
     store = open_store(store_path)
     return lin.linear_probes(

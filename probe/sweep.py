@@ -42,6 +42,7 @@ from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.errors import ConfigError, StoreError
 from diffprobe.store.feature_store import FeatureKey, FeatureStore
 from diffprobe.store.files import check_writable
+from diffprobe.store.hooks import sigkill_hook
 
 
 def held_keys(store: FeatureStore) -> set[FeatureKey]:
@@ -185,6 +186,7 @@ def sweep(
     def record(r):  # each cell's row is written as soon as its pass is done
         if ledger is not None:
             append_row(ledger, r)
+            sigkill_hook(f"ledger/{r['block']}/{r['t']}/{r['stored_pool']}")  # testing: a killed client
         if on_cell:
             on_cell(FeatureKey(r["t"], r["block"], r["stored_pool"]), True)
 
