@@ -488,7 +488,7 @@ def read_rows(arr, lo: int, hi: int) -> np.ndarray:
     if path is None:
         return np.asarray(arr[lo:hi])
     out = np.empty(tuple(arr.chunks), dtype=arr.dtype)
-    view = memoryview(out.reshape(-1).view(np.uint8))
+    view = out.reshape(-1).view(np.uint8).data
     try:
         with open(path, "rb", buffering=0) as f:
             got = 0
