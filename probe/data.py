@@ -79,7 +79,7 @@ import torch
 
 from diffprobe.probe.protocol import Selection
 from diffprobe.store.errors import StoreError
-from diffprobe.store.feature_store import FeatureStore
+from diffprobe.store.feature_store import FeatureStore, read_rows
 from diffprobe.store.finite import all_finite
 from diffprobe.store.seeds import derive_seed
 
@@ -313,7 +313,7 @@ class FeatureData:
         for j, cell in enumerate(self.cells):
             per_view = []
             for v, arrays in enumerate(self.view_arrays):
-                x = np.asarray(arrays[j][piece.lo : piece.hi])
+                x = read_rows(arrays[j], piece.lo, piece.hi)
                 if i not in self._checked:
                     flat = x.reshape(len(x), -1)
                     if not all_finite(flat if usable.all() else flat[usable]):

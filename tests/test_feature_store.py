@@ -368,3 +368,35 @@ def test_a_thread_count_refusal_names_the_workers_the_store_was_made_with(tmp_pa
         w.record_run({"workers": [{"torch_threads": 1}, {"torch_threads": 1}]})
     with pytest.raises(FingerprintMismatch, match=r"set extract.threads = 1 \(or --workers 2, as the store was made\)"):
         _writer(path, cpu_threads=2)
+
+
+def _synthetic(tmp_path, codec: str):
+    from diffprobe.store.synthetic import write_synthetic_store
+
+    key = FeatureKey(90, 24, 2)
+    x = np.random.default_rng(0).normal(size=(100, 3, 2, 2)).astype(np.float16)  # chunks of 16: the last 4 rows
+    path = write_synthetic_store(
+        tmp_path / f"{codec}.zarr", {"train": {key: x}}, {"train": np.zeros(100, int)}, chunk_images=16, codec=codec
+    )
+    return open_store(path).feature_array("train", 24, 90, 2)
+
+
+def test_read_rows_reads_chunk_files_as_zarr_does(tmp_path):
+    arr = _synthetic(tmp_path, "none")
+    for lo in range(0, 100, 16):
+        hi = min(lo + 16, 100)
+        assert fs._chunk_file(arr, lo, hi) is not None  # the fast path, not Zarr
+        assert fs.read_rows(arr, lo, hi).tobytes() == np.asarray(arr[lo:hi]).tobytes()
+    assert fs.read_rows(arr, 96, 100).shape == (4, 3, 2, 2)
+    assert fs._chunk_file(arr, 8, 24) is None and fs._chunk_file(arr, 16, 31) is None  # not one chunk
+    assert fs.read_rows(arr, 8, 24).tobytes() == np.asarray(arr[8:24]).tobytes()
+    fs._chunk_file(arr, 32, 48).unlink()  # a missing chunk: the fill value (NaN), as Zarr reads it
+    got = fs.read_rows(arr, 32, 48)
+    assert np.isnan(got).all() and got.tobytes() == np.asarray(arr[32:48]).tobytes()
+
+
+def test_read_rows_goes_through_zarr_for_compressed_arrays(tmp_path):
+    arr = _synthetic(tmp_path, "zstd")
+    assert fs._chunk_file(arr, 0, 16) is None
+    for lo in range(0, 100, 16):
+        assert fs.read_rows(arr, lo, min(lo + 16, 100)).tobytes() == np.asarray(arr[lo : lo + 16]).tobytes()
