@@ -138,7 +138,7 @@ def _with_bar(name: str, quiet: bool, work):
     """``work(on_progress)`` under a progress bar on stderr (none with ``quiet``), started at the first report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from diffprobe.store.console import err
+    from diffprobe.store.console import err, stopping
 
     bar = Progress(
         TextColumn(f"[bold]{name}"),
@@ -156,11 +156,8 @@ def _with_bar(name: str, quiet: bool, work):
             bar.start()
         bar.update(task, completed=done, total=total)
 
-    try:
+    with stopping(bar):
         return work(on_progress)
-    finally:
-        if bar.live.is_started:  # stopping a bar never shown prints an empty line
-            bar.stop()
 
 
 def _report(r: dict, what_name: str, how: str, as_json: bool) -> None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.probe.command import check_block, prepare
-from diffprobe.probe.data import FeatureData, Views, train_parts, val_part
+from diffprobe.probe.data import FeatureData, Views, train_parts, val_logits
 from diffprobe.probe.heads import AttentionHead, FusionHead, auto_dim
 from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import choose, val_scores
@@ -89,18 +89,6 @@ def default_pool(store: FeatureStore, cells: list[tuple[int, int]], h: HeadsConf
             return p
     check_held(store, cells, pools[0] if pools else h.pool)
     raise AssertionError("unreachable: check_held found every cell")
-
-
-def _val_logits(model, store, cells, sel, p, device, stream, inputs, views: Views) -> tuple[torch.Tensor, bool]:
-    """The model's val logits, averaged over ``views.noise_draws`` noise draws; and whether any was streamed."""
-    total, streamed = None, False
-    for draw in range(views.noise_draws):
-        val = val_part(store, cells, sel, memory_mb=p.memory_mb, device=device, stream=stream, draw=draw)
-        (logits,), _ = _predict([model], val, inputs)
-        total = logits if total is None else total + logits
-        streamed = streamed or not val.in_memory
-    assert total is not None
-    return (total / views.noise_draws if views.noise_draws > 1 else total), streamed
 
 
 def _grid_train(build, fit: FeatureData, held: FeatureData, lrs, h: HeadsConfig, seed: int, device, inputs, on_step):
@@ -199,7 +187,16 @@ def attention_probe(
     model = models[best]
     streamed = not fit.in_memory
     del fit, held, models
-    logits, val_streamed = _val_logits(model, store, cells, sel, p, device, stream, inputs, views)
+    logits, val_streamed = val_logits(
+        store,
+        cells,
+        sel,
+        views,
+        lambda val: _predict([model], val, inputs)[0][0],
+        memory_mb=p.memory_mb,
+        device=device,
+        stream=stream,
+    )
     streamed = streamed or val_streamed
     point = {"lr": h.attention_lr[best], "weight_decay": h.weight_decay, **views.record}
     arch = _architecture(model, h, dim, sp * sp)
@@ -281,7 +278,16 @@ def fusion_probe(
     model = models[best]
     streamed = not fit.in_memory
     del fit, held, models
-    logits, val_streamed = _val_logits(model, store, arrays, sel, p, device, stream, to_inputs, views)
+    logits, val_streamed = val_logits(
+        store,
+        arrays,
+        sel,
+        views,
+        lambda val: _predict([model], val, to_inputs)[0][0],
+        memory_mb=p.memory_mb,
+        device=device,
+        stream=stream,
+    )
     streamed = streamed or val_streamed
     tokens = sum(sp * sp for _, sp in inputs)
     point = {"lr": h.fusion_lr[best], "weight_decay": h.weight_decay, **views.record}

@@ -36,7 +36,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from diffprobe.store.config import Config, load_config
-from diffprobe.store.console import OneLineErrors, user_errors
+from diffprobe.store.console import OneLineErrors, stopping, user_errors
 from diffprobe.store.errors import ConfigError
 from diffprobe.store.ranges import parse_int_list
 
@@ -391,7 +391,7 @@ def sweep(
         ]
         spec = _subset(label_fraction, shots, subset)
         bar, on_plan, on_cell = _sweep_bar(as_json, lambda key: f"block {key.block}, t {key.t}, pool {key.pool}")
-        try:
+        with stopping(bar):
             r = sw.run(
                 cfg,
                 *lists,
@@ -405,9 +405,6 @@ def sweep(
                 plots=not no_plots,
                 out_dir=out_dir,
             )
-        finally:
-            if bar.live.is_started:  # stopping a bar never shown prints an empty line
-                bar.stop()
     if as_json:
         print(json.dumps(r))
         return
@@ -512,12 +509,10 @@ def attention(
         cfg = _config(config, store, ledger, seed=seed, device=device)
         protocol = _views(views, noise_draws)
         bar, on_step = _train_bar("attention", as_json)
-        try:
+        with stopping(bar):
             r = att.run_attention(
                 cfg, block, t, pool, subset=_subset(label_fraction, shots, subset), on_step=on_step, views=protocol
             )
-        finally:
-            bar.stop()
     if as_json:
         print(json.dumps(r.to_json()))
         return
@@ -555,12 +550,10 @@ def fusion(
         lists = [None if v is None else parse_int_list(v, flag) for v, flag in ((blocks, "--blocks"), (t, "--t"))]
         protocol = _views(views, noise_draws)
         bar, on_step = _train_bar("DifFormer", as_json)
-        try:
+        with stopping(bar):
             r = att.run_fusion(
                 cfg, *lists, pool, subset=_subset(label_fraction, shots, subset), on_step=on_step, views=protocol
             )
-        finally:
-            bar.stop()
     if as_json:
         print(json.dumps(r.to_json()))
         return
@@ -626,10 +619,8 @@ def feedback(
                 bar.start()  # not before: an error in the setup prints one line only
             bar.update(task, completed=n)
 
-        try:
+        with stopping(bar):
             r = fb.run(cfg, decoder, target, t, pool, subset=spec, on_step=on_step)
-        finally:
-            bar.stop()
     if as_json:
         print(json.dumps(r.to_json()))
         return
@@ -748,7 +739,7 @@ def _segment_sweep(blocks, t, pool, store, config, seed, device, ledger, as_json
             raise ConfigError(f"--pool: the dense sweep takes one pool (each block at most it), got {pool!r}")
         lists = [None if v is None else parse_int_list(v, flag) for v, flag in ((blocks, "--blocks"), (t, "--t"))]
         bar, on_plan, on_cell = _sweep_bar(as_json, lambda key: f"block {key[0]}, t {key[1]}")
-        try:
+        with stopping(bar):
             r = seg.sweep_run(
                 cfg,
                 *lists,
@@ -758,9 +749,6 @@ def _segment_sweep(blocks, t, pool, store, config, seed, device, ledger, as_json
                 on_cell=on_cell,
                 out_dir=out_dir,
             )
-        finally:
-            if bar.live.is_started:  # stopping a bar never shown prints an empty line
-                bar.stop()
     if as_json:
         print(json.dumps(r))
         return

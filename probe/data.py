@@ -32,7 +32,7 @@ Public interface (kept stable: other probes build on it):
   ``budget_rows``, ``pieces``, ``device``, `__len__`.
 - `train_parts(store, cells, sel, ...)` and `val_part(store, cells, sel, ...)`: the fitted and
   held-out parts of train and the usable val rows of a `probe.protocol.Selection`, as every
-  head reads them.
+  head reads them; `val_logits` averages a head's val logits over the stored noise draws.
 
 Where the rows live:
 
@@ -551,6 +551,30 @@ def train_parts(
         views=[int(views.views), 1],
         view_seed=seed,
     )
+
+
+def val_logits(
+    store: FeatureStore,
+    cells: Sequence[Cell],
+    sel: Selection,
+    views: Views,
+    logits_of,
+    *,
+    memory_mb: float,
+    device: str | torch.device = "cpu",
+    stream: bool | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """``logits_of(val)`` over `val_part` at each of ``views.noise_draws`` noise draws, averaged
+    (one draw: its logits as they are); and whether any draw was streamed. Every head scores
+    val through this."""
+    total, streamed = None, False
+    for draw in range(views.noise_draws):
+        val = val_part(store, cells, sel, memory_mb=memory_mb, device=device, stream=stream, draw=draw)
+        logits = logits_of(val)
+        total = logits if total is None else total + logits
+        streamed = streamed or not val.in_memory
+    assert total is not None
+    return (total / views.noise_draws if views.noise_draws > 1 else total), streamed
 
 
 def val_part(

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.probe.command import check_block, prepare
-from diffprobe.probe.data import FeatureData, Views, train_parts, val_part
+from diffprobe.probe.data import FeatureData, Views, train_parts, val_logits
 from diffprobe.probe.digest import fingerprint_digest, settings_digest
 from diffprobe.probe.ledger import record
 from diffprobe.probe.metrics import per_class_accuracy, topk_accuracy
@@ -418,17 +418,15 @@ def _probe_pass(
     w_best, b_best = w[torch.arange(len(keys)), idx][:, None], b[torch.arange(len(keys)), idx][:, None]
 
     y_val = sel.y_val
-    val_logits = 0
-    for draw in range(views.noise_draws):  # the logits averaged over M noise draws (1: view 0 alone)
-        val = val_part(store, arrays, sel, memory_mb=p.memory_mb, device=device, draw=draw)
-        val_logits = val_logits + _logits(val, std, w_best, b_best)
-        streamed = streamed or not val.in_memory
-    val_logits = val_logits / views.noise_draws if views.noise_draws > 1 else val_logits
+    logits_val, val_streamed = val_logits(
+        store, arrays, sel, views, lambda val: _logits(val, std, w_best, b_best), memory_mb=p.memory_mb, device=device
+    )
+    streamed = streamed or val_streamed
     y_val_t = torch.from_numpy(y_val).to(device)
 
     results = []
     for f, (key, (block, t, pool)) in enumerate(zip(keys, cells)):
-        vl = val_logits[f, 0]
+        vl = logits_val[f, 0]
         results.append(
             ProbeResult.of(
                 store,

@@ -34,6 +34,17 @@ def user_errors():
         raise typer.Exit(2) from None
 
 
+@contextlib.contextmanager
+def stopping(bar):
+    """``with stopping(bar):`` stops a rich progress ``bar`` on leaving, if it was ever shown:
+    stopping a bar that never started prints an empty line (e.g. after a one-line error)."""
+    try:
+        yield bar
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+
+
 def error_line(message: str) -> None:
     err.print("[red]error:[/red]", escape(message), highlight=False, soft_wrap=True)
 

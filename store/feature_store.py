@@ -480,7 +480,7 @@ def _chunk_file(arr, lo: int, hi: int) -> Path | None:
 
 def read_rows(arr, lo: int, hi: int) -> np.ndarray:
     """``arr[lo:hi]`` of a Zarr array, as numpy. When [lo, hi) is one uncompressed chunk of a
-    local store (see ``_chunk_file``), the chunk file is read straight into the result (about 2x
+    local store (see ``_chunk_file``), the chunk file is read straight into the result (3-4x
     Zarr's rate on one thread, BENCHMARKS.md); a missing chunk file reads as the fill value, and
     an edge chunk (stored at full chunk shape) is cut to its rows. Anything else, a chunk file
     of the wrong size included, goes through Zarr unchanged, with Zarr's errors."""

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffprobe.probe.attention import _predict, _val_logits, attention_probe
-from diffprobe.probe.data import FeatureData, Views, val_part
+from diffprobe.probe.attention import _predict, attention_probe
+from diffprobe.probe.data import FeatureData, Views, val_logits, val_part
 from diffprobe.probe.linear import linear_probe
 from diffprobe.probe.protocol import select
 from diffprobe.store.config import HeadsConfig, ProbeConfig
@@ -159,7 +159,7 @@ def test_attention_noise_draw_averaging_equals_the_average_of_m_evaluations(draw
     torch.manual_seed(0)
     model = AttentionHead(C, P, 4, 8, 1, 2, 4.0)
     inputs = lambda xs: xs[0].float()  # noqa: E731
-    avg, _ = _val_logits(model, a, [CELL], sel, PROBE, torch.device("cpu"), None, inputs, Views(1, M))
+    avg, _ = val_logits(a, [CELL], sel, Views(1, M), lambda val: _predict([model], val, inputs)[0][0], memory_mb=64)
     separate = [_predict([model], val_part(a, [CELL], sel, memory_mb=64, draw=m), inputs)[0][0] for m in range(M)]
     torch.testing.assert_close(avg, sum(separate) / M)
     assert not torch.equal(separate[0], separate[1])
