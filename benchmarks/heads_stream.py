@@ -73,6 +73,18 @@ if a["cold"]:
             os.close(fd)
 n = store.n_images("train")
 base = rss_mb()
+if a.get("raw"):  # the disk's own rate: every chunk file of the train maps, plain reads, one thread
+    start = time.perf_counter()
+    folder = os.path.join(a["store"], store.feature_array("train", 24, 90, 16).path)
+    buf = memoryview(bytearray(64 << 20))
+    for root, _, files in os.walk(folder):
+        for f in sorted(files):
+            if f != "zarr.json":
+                with open(os.path.join(root, f), "rb", buffering=0) as fh:
+                    while fh.readinto(buf):
+                        pass
+    print(json.dumps({"images": n, "seconds": time.perf_counter() - start, "peak_above_base_mb": 0, "base_mb": base}))
+    sys.exit(0)
 data = FeatureData(store, "train", [(24, 90, 16)], np.arange(n), store.labels("train"), np.ones(n, bool),
                    memory_mb=a["budget"], stream=True, prefetch=a["prefetch"])
 start = time.perf_counter()
@@ -112,8 +124,8 @@ def _store(path: Path, n: int, chunk: int, channels: int = C, pool: int = P) -> 
     )
 
 
-def _child(store: Path, budget: float, prefetch: int, cold: bool) -> dict:
-    arg = json.dumps({"store": str(store), "budget": budget, "prefetch": prefetch, "cold": cold})
+def _child(store: Path, budget: float, prefetch: int, cold: bool, raw: bool = False) -> dict:
+    arg = json.dumps({"store": str(store), "budget": budget, "prefetch": prefetch, "cold": cold, "raw": raw})
     out = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -128,6 +140,19 @@ def read(args) -> None:
             store = _store(Path(tmp) / f"n{n}.zarr", n, args.chunk)
             gb = n * C * P * P * 2 / 1e9
             print(f"N {n}: {gb:.2f} GB written in {time.perf_counter() - started:.0f} s", flush=True)
+            for cold in (True, False):  # the disk's and the page cache's own rate, beside the reader's
+                runs = [_child(store, 0, 0, cold, raw=True) for _ in range(args.repeats)]
+                secs = statistics.median(r["seconds"] for r in runs)
+                row = {
+                    "images": n,
+                    "GB": round(gb, 3),
+                    "reader": "plain read() of the chunk files",
+                    "cache": "cold" if cold else "warm",
+                    "seconds": round(secs, 2),
+                    "GBps": round(gb / secs, 2),
+                }
+                out["runs"].append(row)
+                print(row, flush=True)
             for budget in [float(v) for v in args.budgets.split(",")]:
                 for prefetch in (PREFETCH, 0):
                     for cold in (True, False):  # the cold run reads the files into the page cache
@@ -231,7 +256,7 @@ def grid(args) -> None:
 
 def project(args) -> None:
     runs = json.loads((RESULTS / "heads_stream_read.json").read_text())["runs"]
-    on = [r for r in runs if r["prefetch"] > 0]
+    on = [r for r in runs if r.get("prefetch", 0) > 0]
     gbps = {cache: statistics.median(r["GBps"] for r in on if r["cache"] == cache) for cache in ("warm", "cold")}
     per_image = {"attention": C * P * P * 2, "difformer": 3 * (1024 * 8 * 8 + 1024 * 16 * 16 + 512 * 16 * 16) * 2}
     tflop = {"attention": 0.64, "difformer": 3 * 2.24}  # DifFormer: the full U-Net at 3 timesteps

@@ -501,6 +501,36 @@ def read_rows(arr, lo: int, hi: int) -> np.ndarray:
     return out if hi - lo == len(out) else out[: hi - lo]
 
 
+def write_rows(arr, lo: int, data: np.ndarray) -> None:
+    """``arr[lo:lo + len(data)] = data``. When those rows are one uncompressed chunk of a local
+    store (see ``_chunk_file``) and ``data`` has the array's dtype and row shape, the chunk file
+    is written straight from ``data`` (an edge chunk padded with the fill value to the full
+    chunk shape, as Zarr stores it), the way Zarr's LocalStore writes one: to a temporary
+    ``.<hex>.partial`` file beside it, then renamed over it. Anything else goes through Zarr."""
+    hi = lo + len(data)
+    path = _chunk_file(arr, lo, hi)
+    if path is None or data.dtype != arr.dtype or data.shape[1:] != tuple(arr.shape[1:]):
+        arr[lo:hi] = data
+        return
+    if len(data) < arr.chunks[0]:
+        full = np.full(tuple(arr.chunks), arr.metadata.fill_value, dtype=arr.dtype)
+        full[: len(data)] = data
+        data = full
+    data = np.ascontiguousarray(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{secrets.token_hex(16)}.partial")
+    try:
+        with open(tmp, "wb", buffering=0) as f:
+            view = data.reshape(-1).view(np.uint8).data
+            done = 0
+            while done < len(view):
+                done += f.write(view[done:])
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def describe_keys(keys) -> str:
     """Feature keys as text, blocks grouped by the (timesteps, pools) they hold, per block."""
     keys = list(keys)
@@ -910,7 +940,7 @@ class StoreWriter(FeatureStore):
         lo = chunk * self.chunk_images(split)
         try:
             arrays = {k: self._open(split, k) for k in data}
-            _parallel(lambda kx: arrays[kx[0]].__setitem__(slice(lo, lo + len(kx[1])), kx[1]), data.items())
+            _parallel(lambda kx: write_rows(arrays[kx[0]], lo, kx[1]), data.items())
             columns = self.__dict__.setdefault("_columns", {})
             if split not in columns:
                 columns[split] = {name: j for j, name in enumerate(self._split(split).attrs["done_columns"])}

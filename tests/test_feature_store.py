@@ -400,3 +400,59 @@ def test_read_rows_goes_through_zarr_for_compressed_arrays(tmp_path):
     assert fs._chunk_file(arr, 0, 16) is None
     for lo in range(0, 100, 16):
         assert fs.read_rows(arr, lo, min(lo + 16, 100)).tobytes() == np.asarray(arr[lo : lo + 16]).tobytes()
+
+
+def _empty_pair(tmp_path, codec: str):
+    """Two empty float16 arrays of 100 rows in chunks of 16, Zarr's `create_array` defaults else."""
+    import zarr
+
+    g = zarr.open_group(tmp_path / f"{codec}.zarr", mode="w")
+    kw = {"compressors": None} if codec == "none" else {}
+    return [
+        g.create_array(name, shape=(100, 3, 2, 2), chunks=(16, 3, 2, 2), dtype="float16", fill_value=float("nan"), **kw)
+        for name in ("zarr", "fast")
+    ]
+
+
+def test_write_rows_writes_the_chunk_files_zarr_writes(tmp_path):
+    by_zarr, fast = _empty_pair(tmp_path, "none")
+    x = np.random.default_rng(1).normal(size=(100, 3, 2, 2)).astype(np.float16)
+    for lo in range(0, 100, 16):  # the last chunk is an edge chunk of 4 rows
+        by_zarr[lo : lo + 16] = x[lo : lo + 16]
+        assert fs._chunk_file(fast, lo, min(lo + 16, 100)) is not None  # the fast path, not Zarr
+        fs.write_rows(fast, lo, x[lo : lo + 16])
+        assert fs._chunk_file(fast, lo, min(lo + 16, 100)).read_bytes() == (
+            fs._chunk_file(by_zarr, lo, min(lo + 16, 100)).read_bytes()
+        )
+    assert np.asarray(fast[:]).tobytes() == x.tobytes()
+    assert not list(Path(fast.store.root).rglob("*.partial"))
+
+
+def test_write_rows_goes_through_zarr_for_compressed_arrays_and_partial_rows(tmp_path):
+    by_zarr, fast = _empty_pair(tmp_path, "zstd")
+    x = np.ones((16, 3, 2, 2), np.float16)
+    fs.write_rows(fast, 16, x)
+    assert np.asarray(fast[16:32]).tobytes() == x.tobytes()
+    plain, _ = _empty_pair(tmp_path / "p", "none")
+    fs.write_rows(plain, 8, x[:8])  # rows 8-15: not a whole chunk, so Zarr keeps rows 0-7 as they are
+    got = np.asarray(plain[:16])
+    assert np.isnan(got[:8]).all() and (got[8:] == 1).all()
+
+
+def test_write_rows_cut_off_leaves_no_chunk_and_only_a_partial_file_the_store_drops(tmp_path, monkeypatch):
+    _, fast = _empty_pair(tmp_path, "none")
+    temporary: list[Path] = []
+
+    def full_disk(src, dst):
+        temporary.append(Path(src))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fs.os, "replace", full_disk)
+    with pytest.raises(OSError):
+        fs.write_rows(fast, 0, np.ones((16, 3, 2, 2), np.float16))
+    monkeypatch.undo()
+    assert not fs._chunk_file(fast, 0, 16).exists()
+    assert not list(Path(fast.store.root).rglob("*.partial"))  # removed on the way out
+    (tmp,) = temporary
+    assert tmp.parent == fs._chunk_file(fast, 0, 16).parent
+    assert fs._PARTIAL.search(tmp.name)  # a kill before the rename leaves a name the store's clean-up removes
