@@ -44,6 +44,7 @@ from diffprobe.extract.report import Reporter
 from diffprobe.store.config import Config
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import ConfigError, DiffprobeError
+from diffprobe.store.feature_store import check_unlocked
 
 WORKER_WAIT_S = 120  # how long a run waits for the first worker of an external cluster
 CONNECT_TIMEOUT_S = 20  # how long it waits for a scheduler that does not refuse the connection
@@ -291,6 +292,7 @@ def run_distributed(job: Job, report: Reporter | None = None) -> dict:
 
     report = report or Reporter()
     cfg = job.cfg
+    check_unlocked(cfg.store.path)  # before the workers start and load the U-Net
     token = secrets.token_hex(4)
     name = f"diffprobe-extract-{token}"
     with _quiet_distributed(), connect(cfg) as (client, where, threads):

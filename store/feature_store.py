@@ -1138,14 +1138,36 @@ def _acquire_lock(path: Path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+        err = _held(path, fd)
         os.close(fd)
-        raise StoreLocked(
-            f"{path}: another `extract run` is writing this store ({holder}); wait for it to finish or stop it"
-        ) from None
+        raise err from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, run {secrets.token_hex(4)}".encode(), 0)
     return fd
+
+
+def check_unlocked(path: str | Path) -> None:
+    """Raise `StoreLocked` (naming the holder) if another run holds the lock of the store at
+    ``path`` now; take nothing. An early, cheap check for work that comes before the lock is
+    taken (a distributed run loads the U-Net on every worker first)."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _held(path, fd) from None
+    finally:
+        os.close(fd)
+
+
+def _held(path: Path | str, fd: int) -> StoreLocked:
+    """The error for a store whose lock (open as ``fd``) another run holds, naming the holder."""
+    holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+    return StoreLocked(
+        f"{path}: another `extract run` is writing this store ({holder}); wait for it to finish or stop it"
+    )
 
 
 def _release_lock(fd) -> None:

@@ -389,3 +389,21 @@ def test_threads_and_gpus_per_local_worker(monkeypatch):
     assert _gpu_ids(2) == ["0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # a subset chosen by the user: worker i gets the i-th
     assert _gpu_ids(2) == ["3", "5"]
+
+
+def test_a_locked_store_is_refused_before_any_worker_starts(reference, tmp_path, monkeypatch):
+    from diffprobe.extract import dask_client
+    from diffprobe.store.errors import StoreLocked
+    from diffprobe.store.feature_store import StoreWriter, check_unlocked
+
+    path = tmp_path / "held.zarr"
+    shutil.copytree(reference.store.path, path)
+    check_unlocked(path)  # nobody holds it: nothing to say
+    cfg = _cfg(tmp_path, "held", **{"store.path": str(path), "extract.workers": 2})
+    started = []
+    monkeypatch.setattr(dask_client, "connect", lambda cfg: started.append(cfg))  # a cluster: workers load the U-Net
+    with StoreWriter.create(path, **writer_kwargs(path, 4)) as other:
+        with pytest.raises(StoreLocked, match=rf"another `extract run` is writing this store \({other.owner}\)"):
+            dask_client.run_distributed(jobs.prepare(cfg))
+    assert not started
+    check_unlocked(path)  # released
