@@ -117,7 +117,10 @@ def _blocks_at(store, split, t, pool, blocks, flag="--blocks") -> list[int]:
             )
         return have
     for b in blocks:
-        store.stored_key(b, t, pool)  # a block the model lacks: names the model's blocks
+        try:
+            store.stored_key(b, t, pool)  # a block the model lacks: names the model's blocks
+        except StoreError as e:
+            raise StoreError(f"{flag}: {e}") from None
         if b not in have:
             raise BlockError(
                 f"{flag}: block {b} at t {t}, pool {pool} is not in {store.path} split {split!r}; "

@@ -12,9 +12,12 @@ Measured with 1 and 2 loader threads (and processes), plus one loader's batch wo
 device; here it runs on the CPU, so these figures are a floor.
 
 ``overlap``: the embedded default (tiny U-Net, all 37 blocks, 6 t, pools 1 and 2) end to end
-with the pipeline on (loaders 2, write_behind 1) and off (loaders 0, write_behind 0: read,
-noise and write in line, as before the pipeline), and a bare forward of the same calls
-(`model(x_t, t)` on x_t made beforehand), alternating; medians and per-repeat ratios.
+with the pipeline on (loaders 2, write_behind 1), off (loaders 0, write_behind 0: read,
+noise and write in line, as before the pipeline) and with the writer thread only (loaders 0,
+write_behind 1), and a bare forward of the same calls (`model(x_t, t)` on x_t made
+beforehand), in rotated order; medians and per-repeat ratios. Each run also times its own
+U-Net calls (`extraction.capture`), so its loop over its U-Net time is a ratio free of the
+drift between runs (on a shared machine a bare forward alone varies by 10-20% run to run).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import nn
 
 warnings.simplefilter("ignore", FutureWarning)
 
+from diffprobe.extract import extraction  # noqa: E402
 from diffprobe.extract import job as jobs  # noqa: E402
 from diffprobe.extract.extraction import extract_features, load_batch  # noqa: E402
 from diffprobe.extract.report import Recorder  # noqa: E402
@@ -189,12 +193,27 @@ def overlap(args) -> dict:
     variants = {
         "pipeline on": {"extract.loaders": 2, "extract.write_behind": 1},
         "pipeline off": {"extract.loaders": 0, "extract.write_behind": 0},
+        "write behind only": {"extract.loaders": 0, "extract.write_behind": 1},
     }
     res: dict[str, list[float]] = {k: [] for k in [*variants, "bare forward"]}
+    # seconds inside the U-Net's calls of each run (extraction.capture), measured in the run
+    # itself: loop / in-U-Net - 1 is the pipeline's cost free of the drift between runs
+    unet: dict[str, list[float]] = {k: [] for k in variants}
+    in_unet = [0.0]
+    real_capture = extraction.capture
+
+    def timed_capture(*a, **k):
+        start = time.perf_counter()
+        try:
+            return real_capture(*a, **k)
+        finally:
+            in_unet[0] += time.perf_counter() - start
+
+    extraction.capture = timed_capture
     try:
         for r in range(args.repeats):
             order = [*variants, "bare forward"]
-            order = order[r % 3 :] + order[: r % 3]  # rotate which goes first
+            order = order[r % len(order) :] + order[: r % len(order)]  # rotate which goes first
             for name in order:
                 over = {
                     "data.max_per_class": args.per_class,
@@ -216,9 +235,13 @@ def overlap(args) -> dict:
                     res[name].append(bare_forward_seconds(job, calls))
                 else:
                     rec = Recorder()
+                    in_unet[0] = 0.0
                     extract_run(cfg, rec)
                     res[name].append(time.perf_counter() - rec.started_at)  # the loop: model loaded, store open
-            print({k: round(v[-1], 2) for k, v in res.items()}, flush=True)
+                    unet[name].append(in_unet[0])
+            print(
+                {k: round(v[-1], 2) for k, v in res.items()}, {k: round(v[-1], 2) for k, v in unet.items()}, flush=True
+            )
         bare = res["bare forward"]
         return {
             "per_class": args.per_class,
@@ -228,8 +251,16 @@ def overlap(args) -> dict:
             "overhead_median_of_ratios": {
                 k: statistics.median(a / b for a, b in zip(res[k], bare)) - 1 for k in variants
             },
+            "seconds_in_unet_calls": unet,
+            "loop_over_its_unet_calls_median": {
+                k: statistics.median(a / b for a, b in zip(res[k], unet[k])) - 1 for k in variants
+            },
+            "unet_calls_over_bare_forward_median": {
+                k: statistics.median(a / b for a, b in zip(unet[k], bare)) - 1 for k in variants
+            },
         }
     finally:
+        extraction.capture = real_capture
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -10,8 +10,6 @@ selection made once.
 
 from __future__ import annotations
 
-import fcntl
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from diffprobe.probe.ledger import check_ledger, ledger_path
 from diffprobe.probe.protocol import Selection, select
 from diffprobe.store.config import Config
 from diffprobe.store.errors import BlockError, StoreError
-from diffprobe.store.feature_store import FeatureStore, lock_path, open_store
+from diffprobe.store.feature_store import FeatureStore, lock_holder, open_store
 from diffprobe.store.ranges import format_int_list
 
 
@@ -36,20 +34,11 @@ class Command:
 def check_not_written(store: FeatureStore) -> None:
     """Refuse a store whose writer lock (`extract run`'s, see store/feature_store.py) is held:
     its arrays may still change under a probe."""
-    lock = lock_path(store.path)
-    if not lock.is_file():
-        return
-    fd = os.open(lock, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    except BlockingIOError:
-        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+    holder = lock_holder(store.path)
+    if holder is not None:
         raise StoreError(
             f"{store.path}: an `extract run` is still writing this store ({holder}); probe it when that run has finished"
-        ) from None
-    finally:
-        os.close(fd)
+        )
 
 
 def check_block(store: FeatureStore, block: int, flag: str = "--block") -> None:

@@ -326,11 +326,18 @@ class FeatureData:
         self._checked.add(i)
         return out
 
-    def _fill(self, order: Sequence[int], reuse: bool = False) -> tuple[list[torch.Tensor], np.ndarray]:
+    def _fill_order(self, pieces: Sequence[int]) -> list[int]:
+        """The order `_fill` reads ``pieces`` in: ascending in the store."""
+        return sorted(pieces, key=lambda i: self.pieces[i].lo)
+
+    def _fill(
+        self, order: Sequence[int], reuse: bool = False, parts: Iterator[list[np.ndarray]] | None = None
+    ) -> tuple[list[torch.Tensor], np.ndarray]:
         """The used rows of pieces ``order`` (prefetched), ascending, as device tensors per cell,
         and their positions in ``rows``. ``reuse``: into the one window buffer (its batches are
-        copies, so the next window may overwrite it)."""
-        order = sorted(order, key=lambda i: self.pieces[i].lo)
+        copies, so the next window may overwrite it). ``parts``: the pieces already being read,
+        in `_fill_order` (a read-ahead that runs across windows); else they are read here."""
+        order = self._fill_order(order)
         pos = np.concatenate([self.pieces[i].pos for i in order]) if order else np.zeros(0, np.int64)
         lead = (len(pos),) if self.views == 1 else (len(pos), self.views)
         if reuse:  # a streamed window: one buffer of budget rows, allocated (and paged in) once
@@ -340,7 +347,8 @@ class FeatureData:
         else:
             bufs = [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
         at = 0
-        for part in _ahead(self._read, order, self.prefetch):
+        reading = _ahead(self._read, order, self.prefetch) if parts is None else itertools.islice(parts, len(order))
+        for part in reading:
             k = len(part[0])
             for buf, x in zip(bufs, part):
                 buf[at : at + k] = x
@@ -409,12 +417,24 @@ class FeatureData:
         return self._batches(batch_size, self.windows(gen), self.view_schedule(epoch) if self.views > 1 else None)
 
     def _batches(self, batch: int, windows, view_of: np.ndarray | None = None):
+        # streamed: one read-ahead over every window's pieces, so the next window's first pieces
+        # come off the disk while this window's batches are taken (same data, same order)
+        stream = None
+        if not self.in_memory:
+            stream = _ahead(self._read, [i for pieces, _ in windows for i in self._fill_order(pieces)], self.prefetch)
+        try:
+            yield from self._window_batches(batch, windows, view_of, stream)
+        finally:
+            if stream is not None:
+                stream.close()
+
+    def _window_batches(self, batch: int, windows, view_of: np.ndarray | None, stream):
         carry: tuple[list[torch.Tensor], torch.Tensor] | None = None
         for pieces, seq in windows:
             if self.in_memory:
                 bufs, at = self._memory(), seq
             else:
-                bufs, pos = self._fill(pieces, reuse=True)
+                bufs, pos = self._fill(pieces, reuse=True, parts=stream)
                 at = np.searchsorted(pos, seq)
             take = _taker(bufs, self.device)
             views = None if view_of is None else view_of[seq]  # one view per row: (row, its view)

@@ -80,7 +80,10 @@ def plan(store: FeatureStore, blocks=None, ts=None, pools=None) -> tuple[list[Fe
     pools = sorted(pools) if pools is not None else sorted({k.pool for k in held})
     grid, cells = [], {}
     for b, t, p in itertools.product(blocks, ts, pools):
-        key = store.stored_key(b, t, p)  # an unknown block: names the model's blocks
+        try:
+            key = store.stored_key(b, t, p)  # an unknown block: names the model's blocks
+        except StoreError as e:  # only an asked block can be unknown
+            raise StoreError(f"--blocks: {e}") from None
         if key not in held:
             if every:  # exactly this cell was asked for
                 _missing(store, key, f"block {b}, t {t}, pool {p}")

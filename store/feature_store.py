@@ -1138,7 +1138,7 @@ def _acquire_lock(path: Path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        err = _held(path, fd)
+        err = _locked(path, _holder(fd))
         os.close(fd)
         raise err from None
     os.ftruncate(fd, 0)
@@ -1146,25 +1146,36 @@ def _acquire_lock(path: Path):
     return fd
 
 
-def check_unlocked(path: str | Path) -> None:
-    """Raise `StoreLocked` (naming the holder) if another run holds the lock of the store at
-    ``path`` now; take nothing. An early, cheap check for work that comes before the lock is
-    taken (a distributed run loads the U-Net on every worker first)."""
+def lock_holder(path: str | Path) -> str | None:
+    """Who holds the writers' lock of the store at ``path`` now (its "pid .. on .., run .."
+    line), or None if nobody does; takes nothing."""
     try:
         fd = os.open(lock_path(path), os.O_RDONLY)
     except FileNotFoundError:
-        return
+        return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released by the close below
+        return None
     except BlockingIOError:
-        raise _held(path, fd) from None
+        return _holder(fd)
     finally:
         os.close(fd)
 
 
-def _held(path: Path | str, fd: int) -> StoreLocked:
-    """The error for a store whose lock (open as ``fd``) another run holds, naming the holder."""
-    holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+def check_unlocked(path: str | Path) -> None:
+    """Raise `StoreLocked` (naming the holder) if another run holds the store at ``path`` now;
+    take nothing. An early check for work that comes before the lock is taken (a distributed
+    run loads the U-Net on every worker first)."""
+    holder = lock_holder(path)
+    if holder is not None:
+        raise _locked(path, holder)
+
+
+def _holder(fd: int) -> str:
+    return os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+
+
+def _locked(path: Path | str, holder: str) -> StoreLocked:
     return StoreLocked(
         f"{path}: another `extract run` is writing this store ({holder}); wait for it to finish or stop it"
     )

@@ -62,8 +62,8 @@ def test_attention_streams_a_split_8x_over_the_budget_bit_identical_to_in_memory
     largest = []
     real = FeatureData._fill
 
-    def spy(self, order, reuse=False):
-        out = real(self, order, reuse)
+    def spy(self, order, reuse=False, parts=None):
+        out = real(self, order, reuse, parts)
         largest.append(len(out[1]))
         return out
 

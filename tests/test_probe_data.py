@@ -4,6 +4,7 @@ changing nothing, only pieces holding used rows read, and the bad inputs (a budg
 batch, arrays read together with different chunking)."""
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -167,3 +168,38 @@ def test_arrays_with_different_chunking_are_an_error(tmp_path):
         FeatureData(
             open_store(path), "train", [(19, 90, P), (24, 90, P)], np.arange(64), y, np.ones(64, bool), memory_mb=1
         )
+
+
+def test_the_read_ahead_runs_across_windows(store, monkeypatch):
+    """While a window's last batch is in use, the next window's first pieces are already read
+    (one read-ahead for the epoch, not one per window); the batches are those of no read-ahead."""
+    data = _data(store, 64, stream=True, prefetch=2)
+    windows = data.windows(torch.Generator().manual_seed(0))
+    assert len(windows) > 2
+    first_of_next = data._fill_order(windows[1][0])[0]
+    reads: list[int] = []
+    real = FeatureData._read
+    monkeypatch.setattr(FeatureData, "_read", lambda self, i: (reads.append(i), real(self, i))[1])
+    rows_in_first = len(windows[0][1])
+    seen = 0
+    batches = data.batches(16, torch.Generator().manual_seed(0))
+    for _, y in batches:
+        seen += len(y)
+        if seen >= rows_in_first // 16 * 16:  # the first window's last whole batch is out (no carry)
+            break
+    for _ in range(50):  # the read-ahead threads: give them a moment
+        if first_of_next in reads:
+            break
+        time.sleep(0.01)
+    assert first_of_next in reads
+    batches.close()  # stops the read-ahead (its threads are joined)
+    monkeypatch.undo()
+    again = [
+        (xs, y) for xs, y in _data(store, 64, stream=True, prefetch=0).batches(16, torch.Generator().manual_seed(0))
+    ]
+    ahead = [
+        (xs, y) for xs, y in _data(store, 64, stream=True, prefetch=2).batches(16, torch.Generator().manual_seed(0))
+    ]
+    assert len(again) == len(ahead)
+    for (xa, ya), (xb, yb) in zip(again, ahead):
+        assert torch.equal(ya, yb) and all(torch.equal(a, b) for a, b in zip(xa, xb))
