@@ -32,7 +32,7 @@ from diffprobe.analyze.engine import (  # noqa: F401  (the engine's public names
     cka_matrix,
 )
 from diffprobe.store.errors import BlockError, DiffprobeError, StoreError  # noqa: F401
-from diffprobe.store.feature_store import fingerprint_digest
+from diffprobe.store.feature_store import check_block, fingerprint_digest
 from diffprobe.store.files import check_writable, write_atomically
 from diffprobe.store.finite import all_finite
 
@@ -117,10 +117,7 @@ def _blocks_at(store, split, t, pool, blocks, flag="--blocks") -> list[int]:
             )
         return have
     for b in blocks:
-        try:
-            store.stored_key(b, t, pool)  # a block the model lacks: names the model's blocks
-        except StoreError as e:
-            raise StoreError(f"{flag}: {e}") from None
+        check_block(store, b, flag)  # a block the model lacks: names the model's blocks
         if b not in have:
             raise BlockError(
                 f"{flag}: block {b} at t {t}, pool {pool} is not in {store.path} split {split!r}; "

@@ -33,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diffprobe.probe.command import check_block, prepare
+from diffprobe.probe.command import prepare
 from diffprobe.probe.data import FeatureData, Views, train_parts, val_logits
 from diffprobe.probe.heads import AttentionHead, FusionHead, auto_dim
 from diffprobe.probe.ledger import record
@@ -45,7 +45,7 @@ from diffprobe.store.choices import Head
 from diffprobe.store.config import Config, HeadsConfig, ProbeConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import StoreError
-from diffprobe.store.feature_store import FeatureStore
+from diffprobe.store.feature_store import FeatureStore, check_block
 
 _ROWS = 512  # images per forward when scoring
 

@@ -18,9 +18,8 @@ import torch
 from diffprobe.probe.ledger import check_ledger, ledger_path
 from diffprobe.probe.protocol import Selection, select
 from diffprobe.store.config import Config
-from diffprobe.store.errors import BlockError, StoreError
+from diffprobe.store.errors import StoreError
 from diffprobe.store.feature_store import FeatureStore, lock_holder, open_store
-from diffprobe.store.ranges import format_int_list
 
 
 @dataclass(frozen=True)
@@ -38,16 +37,6 @@ def check_not_written(store: FeatureStore) -> None:
     if holder is not None:
         raise StoreError(
             f"{store.path}: an `extract run` is still writing this store ({holder}); probe it when that run has finished"
-        )
-
-
-def check_block(store: FeatureStore, block: int, flag: str = "--block") -> None:
-    """Refuse a block the store's model lacks, in one line naming ``flag`` and the model's blocks
-    (the store's block table), before anything is read."""
-    numbers = [b["number"] for b in store.attrs["blocks"]]
-    if block not in numbers:
-        raise BlockError(
-            f"{flag}: {block} is not a block of this store; its model has blocks {format_int_list(numbers)}"
         )
 
 

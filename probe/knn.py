@@ -267,8 +267,9 @@ def run(cfg: Config, block: int, t: int, pool: int = 2, ledger: bool = True, sub
 
     Returns the ``--json`` form of the k chosen on the held-out part (`best`: the keys of `probe
     linear`'s, with ``ledger`` and ``subset_file``) plus ``per_k``: every k's."""
-    from diffprobe.probe.command import check_block, prepare
+    from diffprobe.probe.command import prepare
     from diffprobe.probe.ledger import record
+    from diffprobe.store.feature_store import check_block
 
     p = cfg.probe
     cmd = prepare(cfg, subset, ledger)

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffprobe.probe.command import check_block, prepare
+from diffprobe.probe.command import prepare
 from diffprobe.probe.data import FeatureData, Views, train_parts, val_logits
 from diffprobe.probe.digest import fingerprint_digest, settings_digest
 from diffprobe.probe.ledger import record
@@ -78,7 +78,7 @@ from diffprobe.store.choices import Head, Recipe, allowed
 from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.device import resolve_device
 from diffprobe.store.errors import ConfigError, StoreError
-from diffprobe.store.feature_store import FeatureKey, FeatureStore
+from diffprobe.store.feature_store import FeatureKey, FeatureStore, check_block
 
 _TEMP_BYTES = 32 << 20  # float32/float64 temporaries of statistics and scoring: chunks of at most this
 

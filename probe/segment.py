@@ -447,8 +447,9 @@ def run(
     """`probe segment`: `segment_probe` with ``cfg``'s settings, one ledger row and a picture
     (its path in ``--json``'s ``picture``; None without examples or with ``picture=False``)
     in ``out_dir`` (default: beside the ledger), checked writable before anything trains."""
-    from diffprobe.probe.command import check_block, check_not_written, prepare
+    from diffprobe.probe.command import check_not_written, prepare
     from diffprobe.probe.ledger import record
+    from diffprobe.store.feature_store import check_block
 
     p, s = cfg.probe, cfg.segment
     cmd = prepare(cfg, ledger=ledger, store=False)  # threads, and a foreign ledger refused before training

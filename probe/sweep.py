@@ -40,7 +40,7 @@ from diffprobe.probe.protocol import Selection, select
 from diffprobe.store.choices import Head
 from diffprobe.store.config import Config, ProbeConfig
 from diffprobe.store.errors import ConfigError, StoreError
-from diffprobe.store.feature_store import FeatureKey, FeatureStore
+from diffprobe.store.feature_store import FeatureKey, FeatureStore, check_block
 from diffprobe.store.files import check_writable
 from diffprobe.store.hooks import sigkill_hook
 
@@ -72,6 +72,8 @@ def plan(store: FeatureStore, blocks=None, ts=None, pools=None) -> tuple[list[Fe
     a cell asked for in all three, or a value asked for that gives no cell at all, that the
     store does not hold is an error naming what it holds.
     """
+    for b in blocks or ():
+        check_block(store, b, "--blocks")  # a block the model lacks: names the model's blocks
     held = held_keys(store)
     asked = {"block": blocks, "t": ts, "pool": pools}
     every = all(v is not None for v in asked.values())
@@ -80,10 +82,7 @@ def plan(store: FeatureStore, blocks=None, ts=None, pools=None) -> tuple[list[Fe
     pools = sorted(pools) if pools is not None else sorted({k.pool for k in held})
     grid, cells = [], {}
     for b, t, p in itertools.product(blocks, ts, pools):
-        try:
-            key = store.stored_key(b, t, p)  # an unknown block: names the model's blocks
-        except StoreError as e:  # only an asked block can be unknown
-            raise StoreError(f"--blocks: {e}") from None
+        key = store.stored_key(b, t, p)
         if key not in held:
             if every:  # exactly this cell was asked for
                 _missing(store, key, f"block {b}, t {t}, pool {p}")

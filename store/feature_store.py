@@ -68,7 +68,7 @@ import zarr
 import zarr.codecs
 
 from .choices import Codec
-from .errors import FingerprintMismatch, StoreError, StoreLocked
+from .errors import BlockError, FingerprintMismatch, StoreError, StoreLocked
 from .files import human_bytes
 from .ranges import format_int_list
 
@@ -529,6 +529,16 @@ def write_rows(arr, lo: int, data: np.ndarray) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_block(store: FeatureStore, block: int, flag: str = "--block") -> None:
+    """Refuse a block the store's model lacks, in one line naming ``flag`` and the model's blocks
+    (the store's block table), before anything is read."""
+    numbers = [b["number"] for b in store.attrs["blocks"]]
+    if block not in numbers:
+        raise BlockError(
+            f"{flag}: {block} is not a block of this store; its model has blocks {format_int_list(numbers)}"
+        )
 
 
 def describe_keys(keys) -> str:

@@ -378,7 +378,7 @@ def test_cli_json(stores):
     [
         (["--t", "91"], r"--t 91: .* holds t 30,90 in split 'val'"),
         (["--t", "90", "--blocks", "24,25"], r"--blocks: block 25 at t 90, pool 2 is not in .*holds blocks 3,19,24,30"),
-        (["--t", "90", "--blocks", "40"], r"--blocks: block 40 does not exist: this model has blocks 1-37"),
+        (["--t", "90", "--blocks", "40"], r"--blocks: 40 is not a block of this store; its model has blocks 1-37"),
         (["--t", "90", "--pool", "4"], r"--pool 4: .* holds pools 2 in split 'val'"),
         (["--block", "20"], r"--block 20: .* holds blocks 3,19,24,30"),
         (["--t", "30,90"], r"--t: give one timestep"),

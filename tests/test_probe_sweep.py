@@ -178,7 +178,7 @@ def test_plan_capped_pools_and_ragged_stores(tmp_path):
             "no complete features for block 24, t 91, pool 2 in train and val",
         ),
         (["--t", "91"], "no complete features for t 91 in train and val"),
-        (["--blocks", "40"], "--blocks: block 40 does not exist: this model has blocks 1-37"),
+        (["--blocks", "40"], "--blocks: 40 is not a block of this store; its model has blocks 1-37"),
         (["--blocks", "x"], "--blocks: cannot read 'x'"),
         (["--shots", "100"], "--shots 100: class 'c0' has only 27 train images to fit on"),
         (["--label-fraction", "1.5"], "--label-fraction: 1.5 is out of range"),
