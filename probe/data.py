@@ -46,8 +46,9 @@ Where the rows live:
   next is filled on a background thread, its pieces read ahead (``prefetch`` of them, on
   threads, so reading and decoding overlap training; with ``prefetch`` 0 the next window is
   read when needed). A smaller budget holds one window of ``budget_rows`` (pieces still read
-  ahead across windows): halving it would split chunks. Memory is the budget plus the pieces
-  in flight, a fixed overhead, flat in N.
+  ahead across windows): halving it would split chunks. A split forced to stream although it
+  fits the budget is one window of every row. Memory is the budget plus the pieces in flight,
+  a fixed overhead, flat in N. One streamed epoch of an object runs at a time.
 
 The order of an epoch (seeded by ``gen``; a function of the rows, the store's chunking, the
 budget and the generator alone, so it does not depend on where the data lives):
@@ -224,7 +225,7 @@ class FeatureData:
         self.budget_rows = max(1, int(memory_mb * 2**20 // self.row_bytes))
         self.prefetch = prefetch
         chunk = int(first.chunks[0])
-        self.two_windows = self.budget_rows >= 2 * chunk  # streamed: one window filling while one is taken
+        self.two_windows = self.budget_rows >= 2 * chunk  # streamed: two windows of half the budget
         self.window_rows = self.budget_rows // 2 if self.two_windows else self.budget_rows
         step = chunk if self.window_rows >= chunk else self.window_rows
         self.pieces: list[Piece] = []
@@ -238,6 +239,7 @@ class FeatureData:
         self._checked: set[int] = set()
         self._held: list[torch.Tensor] | None = None
         self._windows: list[list[np.ndarray] | None] = [None, None]  # the two window buffers, reused
+        self._streaming = False  # a streamed epoch is under way (`_filled`)
         self._y = None if self.labels is None else torch.from_numpy(self.labels).to(self.device)
         self._ids: np.ndarray | None = None
 
@@ -437,7 +439,13 @@ class FeatureData:
         """Each streamed window's (buffers, rows in batch order as buffer positions), in turn. One
         read-ahead runs over every window's pieces, and (two windows, prefetch > 0) window k + 1
         is filled on a thread, into the other buffer, while window k's batches are taken: same
-        data, same order."""
+        data, same order. One streamed epoch of an object at a time: they share the buffers."""
+        if self._streaming:
+            raise RuntimeError(
+                "FeatureData streams one epoch at a time (the epochs share its window buffers): "
+                "finish or close the previous batches() iterator first"
+            )
+        self._streaming = True
         stream = _ahead(self._read, [i for pieces, _ in windows for i in self._fill_order(pieces)], self.prefetch)
         two = self.two_windows and self.prefetch > 0
         filler = ThreadPoolExecutor(1, thread_name_prefix="diffprobe-fill") if two else None
@@ -457,6 +465,7 @@ class FeatureData:
             if filler is not None:
                 filler.shutdown(wait=True)
             stream.close()
+            self._streaming = False
 
     def _window_batches(self, batch: int, windows, view_of: np.ndarray | None, filled):
         carry: tuple[list[torch.Tensor], torch.Tensor] | None = None

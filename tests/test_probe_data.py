@@ -4,6 +4,7 @@ changing nothing, only pieces holding used rows read, and the bad inputs (a budg
 batch, arrays read together with different chunking)."""
 
 import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -58,6 +59,10 @@ def _data(store, budget_rows, stream, prefetch=2, rows=None):
 def _epoch(data, batch, seed):
     gen = torch.Generator().manual_seed(seed)
     return [(xs, y) for _ in range(2) for xs, y in data.batches(batch, gen)]  # two epochs: the generator carries
+
+
+def _our_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith(("diffprobe-fill", "diffprobe-read"))]
 
 
 def _same(a, b):
@@ -173,11 +178,12 @@ def test_arrays_with_different_chunking_are_an_error(tmp_path):
 
 
 def test_the_read_ahead_runs_across_windows(store, monkeypatch):
-    """While a window's last batch is in use, the next window's first pieces are already read
-    (one read-ahead for the epoch, not one per window); the batches are those of no read-ahead."""
-    data = _data(store, 64, stream=True, prefetch=2)
+    """One window (a budget under two chunks): while a window's last batch is in use, the next
+    window's first pieces are already read (one read-ahead for the epoch, not one per window);
+    the batches are those of no read-ahead, and closing the epoch ends its threads."""
+    data = _data(store, 50, stream=True, prefetch=2)
     windows = data.windows(torch.Generator().manual_seed(0))
-    assert len(windows) > 2
+    assert not data.two_windows and len(windows) > 2
     first_of_next = data._fill_order(windows[1][0])[0]
     reads: list[int] = []
     real = FeatureData._read
@@ -195,12 +201,13 @@ def test_the_read_ahead_runs_across_windows(store, monkeypatch):
         time.sleep(0.01)
     assert first_of_next in reads
     batches.close()  # stops the read-ahead (its threads are joined)
+    assert not _our_threads()
     monkeypatch.undo()
     again = [
-        (xs, y) for xs, y in _data(store, 64, stream=True, prefetch=0).batches(16, torch.Generator().manual_seed(0))
+        (xs, y) for xs, y in _data(store, 50, stream=True, prefetch=0).batches(16, torch.Generator().manual_seed(0))
     ]
     ahead = [
-        (xs, y) for xs, y in _data(store, 64, stream=True, prefetch=2).batches(16, torch.Generator().manual_seed(0))
+        (xs, y) for xs, y in _data(store, 50, stream=True, prefetch=2).batches(16, torch.Generator().manual_seed(0))
     ]
     assert len(again) == len(ahead)
     for (xa, ya), (xb, yb) in zip(again, ahead):
@@ -226,6 +233,8 @@ def test_the_next_window_is_filled_while_this_one_is_taken(store, monkeypatch):
             break
         time.sleep(0.01)
     assert set(windows[1][0]) <= set(reads)
+    with pytest.raises(RuntimeError, match="one epoch at a time"):  # the epochs share the two buffers
+        next(data.batches(8, torch.Generator().manual_seed(1)))
     ahead = [first, *batches]
     monkeypatch.undo()
     _same(ahead, [b for b in _data(store, 224, stream=True, prefetch=0).batches(8, torch.Generator().manual_seed(0))])
@@ -246,6 +255,7 @@ def test_a_window_that_fails_to_fill_stops_the_epoch_with_its_error(store, monke
     with pytest.raises(StoreError, match=f"piece {bad} is unreadable"):
         for _ in data.batches(8, torch.Generator().manual_seed(0)):
             pass
+    assert not _our_threads()  # the fill and read-ahead threads are joined
     monkeypatch.undo()
     assert len(list(data.batches(8, torch.Generator().manual_seed(0)))) == data.steps(8)  # usable again
 
