@@ -15,9 +15,14 @@ device; here it runs on the CPU, so these figures are a floor.
 with the pipeline on (loaders 2, write_behind 1), off (loaders 0, write_behind 0: read,
 noise and write in line, as before the pipeline) and with the writer thread only (loaders 0,
 write_behind 1), and a bare forward of the same calls (`model(x_t, t)` on x_t made
-beforehand), in rotated order; medians and per-repeat ratios. Each run also times its own
-U-Net calls (`extraction.capture`), so its loop over its U-Net time is a ratio free of the
+beforehand), in rotated order; medians and per-repeat ratios. Each run is a fresh process:
+run in one long process, the bare forward inherited the heap the extraction runs before it
+had grown, and so paid fewer page faults than a process of its own. Each run also times its
+own U-Net calls (`extraction.capture`), so its loop over its U-Net time is a ratio free of the
 drift between runs (on a shared machine a bare forward alone varies by 10-20% run to run).
+``--keep-freed`` runs every process with glibc keeping freed memory for reuse
+(MALLOC_MMAP_THRESHOLD_ 1 GiB, MALLOC_TRIM_THRESHOLD_ 1 TiB): the allocator's page faults
+then no longer differ between a loop that frees each activation and one that holds them.
 """
 
 from __future__ import annotations
@@ -188,18 +193,31 @@ def bare_forward_seconds(job, calls: int) -> float:
     return time.perf_counter() - start
 
 
-def overlap(args) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="diffprobe-overlap-"))
-    variants = {
-        "pipeline on": {"extract.loaders": 2, "extract.write_behind": 1},
-        "pipeline off": {"extract.loaders": 0, "extract.write_behind": 0},
-        "write behind only": {"extract.loaders": 0, "extract.write_behind": 1},
-    }
-    res: dict[str, list[float]] = {k: [] for k in [*variants, "bare forward"]}
-    # seconds inside the U-Net's calls of each run (extraction.capture), measured in the run
-    # itself: loop / in-U-Net - 1 is the pipeline's cost free of the drift between runs
-    unet: dict[str, list[float]] = {k: [] for k in variants}
-    in_unet = [0.0]
+VARIANTS = {
+    "pipeline on": {"extract.loaders": 2, "extract.write_behind": 1},
+    "pipeline off": {"extract.loaders": 0, "extract.write_behind": 0},
+    "write behind only": {"extract.loaders": 0, "extract.write_behind": 1},
+}
+
+
+def one_run(name: str, per_class: int, store: Path) -> dict:
+    """One measurement, in this (fresh) process: a variant's loop seconds and the seconds inside
+    its U-Net calls, or the bare forward of the same number of calls."""
+    over = {"data.max_per_class": per_class, "extract.device": "cpu", "store.path": str(store)}
+    cfg = load_config(REPO / "pipeline.toml", {**over, **VARIANTS.get(name, {})})
+    if name == "bare forward":
+        from diffprobe.extract.cost import calls_and_padding
+
+        job = jobs.prepare(cfg)  # forward_batch 0 (auto) resolved: the runs' own call shape
+        calls, _ = calls_and_padding(
+            job.plan.split_sizes,
+            cfg.store.chunk_images,
+            cfg.extract.batch_size,
+            job.cfg.extract.forward_batch,
+            len(cfg.extract.timesteps),
+        )
+        return {"seconds": bare_forward_seconds(job, calls), "calls": calls}
+    in_unet = [0.0, 0]
     real_capture = extraction.capture
 
     def timed_capture(*a, **k):
@@ -208,72 +226,82 @@ def overlap(args) -> dict:
             return real_capture(*a, **k)
         finally:
             in_unet[0] += time.perf_counter() - start
+            in_unet[1] += 1
 
     extraction.capture = timed_capture
+    rec = Recorder()
+    extract_run(cfg, rec)
+    loop = time.perf_counter() - rec.started_at  # the loop: model loaded, store open
+    return {"seconds": loop, "unet_seconds": in_unet[0], "calls": in_unet[1]}
+
+
+def overlap(args) -> dict:
+    """Each measurement in a fresh process (no allocator, thread-pool or cache state carried from
+    one variant to the next), in rotated order; medians of the per-repeat ratios."""
+    import os
+    import subprocess
+    import sys
+
+    tmp = Path(tempfile.mkdtemp(prefix="diffprobe-overlap-"))
+    names = [*VARIANTS, "bare forward"]
+    env = dict(os.environ)
+    if args.keep_freed:  # glibc: large blocks from the heap, never trimmed (freed memory is reused, not re-faulted)
+        env |= {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+    runs: dict[str, list[dict]] = {k: [] for k in names}
     try:
         for r in range(args.repeats):
-            order = [*variants, "bare forward"]
-            order = order[r % len(order) :] + order[: r % len(order)]  # rotate which goes first
-            for name in order:
-                over = {
-                    "data.max_per_class": args.per_class,
-                    "extract.device": "cpu",
-                    "store.path": str(tmp / f"{r}-{name}.zarr"),
-                }
-                cfg = load_config(REPO / "pipeline.toml", {**over, **variants.get(name, {})})
-                if name == "bare forward":
-                    job = jobs.prepare(cfg)  # forward_batch 0 (auto) resolved: the runs' own call shape
-                    from diffprobe.extract.cost import calls_and_padding
-
-                    calls, _ = calls_and_padding(
-                        job.plan.split_sizes,
-                        cfg.store.chunk_images,
-                        cfg.extract.batch_size,
-                        job.cfg.extract.forward_batch,
-                        len(cfg.extract.timesteps),
-                    )
-                    res[name].append(bare_forward_seconds(job, calls))
-                else:
-                    rec = Recorder()
-                    in_unet[0] = 0.0
-                    extract_run(cfg, rec)
-                    res[name].append(time.perf_counter() - rec.started_at)  # the loop: model loaded, store open
-                    unet[name].append(in_unet[0])
-            print(
-                {k: round(v[-1], 2) for k, v in res.items()}, {k: round(v[-1], 2) for k, v in unet.items()}, flush=True
-            )
-        bare = res["bare forward"]
-        return {
-            "per_class": args.per_class,
-            "threads": torch.get_num_threads(),
-            "seconds": res,
-            "medians": {k: statistics.median(v) for k, v in res.items()},
-            "overhead_median_of_ratios": {
-                k: statistics.median(a / b for a, b in zip(res[k], bare)) - 1 for k in variants
-            },
-            "seconds_in_unet_calls": unet,
-            "loop_over_its_unet_calls_median": {
-                k: statistics.median(a / b for a, b in zip(res[k], unet[k])) - 1 for k in variants
-            },
-            "unet_calls_over_bare_forward_median": {
-                k: statistics.median(a / b for a, b in zip(unet[k], bare)) - 1 for k in variants
-            },
-        }
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate which goes first
+                cmd = [sys.executable, __file__, "_one", "--variant", name, "--per-class", str(args.per_class)]
+                cmd += ["--store", str(tmp / f"{r}-{name.replace(' ', '-')}.zarr")]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print({k: round(v[-1]["seconds"], 2) for k, v in runs.items() if v}, flush=True)
     finally:
-        extraction.capture = real_capture
         shutil.rmtree(tmp, ignore_errors=True)
+    bare = [b["seconds"] for b in runs["bare forward"]]
+
+    def median_ratio(num, den) -> float:
+        return statistics.median(a / b for a, b in zip(num, den)) - 1
+
+    return {
+        "per_class": args.per_class,
+        "threads": torch.get_num_threads(),
+        "fresh_process_per_run": True,
+        "keep_freed": args.keep_freed,
+        "runs": runs,
+        "medians": {k: statistics.median(x["seconds"] for x in v) for k, v in runs.items()},
+        "overhead_median_of_ratios": {k: median_ratio([x["seconds"] for x in runs[k]], bare) for k in VARIANTS},
+        "loop_over_its_unet_calls_median": {
+            k: median_ratio([x["seconds"] for x in runs[k]], [x["unet_seconds"] for x in runs[k]]) for k in VARIANTS
+        },
+        "unet_calls_over_bare_forward_median": {
+            k: median_ratio([x["unet_seconds"] for x in runs[k]], bare) for k in VARIANTS
+        },
+    }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["ceiling", "overlap"])
+    ap.add_argument("what", choices=["ceiling", "overlap", "_one"])
     ap.add_argument("--images", type=int, default=192, help="ceiling: synthetic JPEGs")
     ap.add_argument("--per-class", type=int, default=0, help="overlap: digits per class per split (0 = all)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--keep-freed",
+        action="store_true",
+        help="overlap: every run with glibc's allocator keeping freed memory (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_)",
+    )
+    ap.add_argument("--variant", choices=[*VARIANTS, "bare forward"], help="_one: what one fresh process measures")
+    ap.add_argument("--store", type=Path, help="_one: the store to write")
     args = ap.parse_args()
+    if args.what == "_one":
+        print(json.dumps(one_run(args.variant, args.per_class, args.store)))
+        return
     result = ceiling(args) if args.what == "ceiling" else overlap(args)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"extract_pipeline_{args.what}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (OUT / f"extract_pipeline_{args.what}{'_keep_freed' if args.keep_freed else ''}.json").write_text(
+        json.dumps(result, indent=1) + "\n"
+    )
     print(json.dumps(result, indent=1))
 
 

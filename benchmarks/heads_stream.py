@@ -2,6 +2,7 @@
 projection (issue 16's benchmarks).
 
     python benchmarks/heads_stream.py read --images 4096,16384      # images/s, GB/s, peak RSS
+    python benchmarks/heads_stream.py wait --images 4096             # a GPU-speed head's data-wait fraction
     python benchmarks/heads_stream.py grid --images 2048             # 3-lr grid: one pass vs three
     python benchmarks/heads_stream.py project                        # hours per ImageNet epoch
 
@@ -14,6 +15,18 @@ off (0), page cache warm (read once before) and cold (every file of the store ev
 posix_fadvise(DONTNEED) first: the reads then come from the disk). Reported: images/s, GB/s
 of decoded float16 delivered, and peak RSS above the RSS after imports (ru_maxrss). Writes
 benchmarks/results/heads_stream_read.json.
+
+``wait``: the data-wait fraction of a head that keeps a GPU busy, emulated on CPU: one epoch of
+the same stream (prefetch on) into a head whose every step (batch 128) sleeps ``--step-ms``
+(its compute runs off the CPU, as on a GPU, so the reading threads have the cores). 12.1 ms is
+the attention head's training step at the paper's shape on one H100 at 45% of its bf16 peak:
+42.0 GFLOP an image forward and backward (`AttentionHead(1024, 16, 1000)`, counted with
+torch.utils.flop_counter), 128 images, 445 TFLOP/s. DifFormer's step (294 GFLOP an image, 2.75
+MB read) needs about as many bytes per second. 100 ms: a head 8x slower. Reported: the
+fraction of the epoch the head waited for its batches (``waiting_fraction``: reading, and on
+the CPU the batch gather, 64 MB a batch, which on a GPU runs on the device) and the part of it
+spent waiting for a window's rows to come off the disk (``window_wait_fraction``: what a GPU
+would still wait for), cold and warm. Writes benchmarks/results/heads_stream_wait.json.
 
 ``grid``: the attention head's 3-point lr grid (heads.attention_lr = 0.05, 0.01, 0.002) on a
 streamed synthetic store, trained in one pass (`probe.attention._grid_train`: one read feeds
@@ -87,13 +100,47 @@ if a.get("raw"):  # the disk's own rate: every chunk file of the train maps, pla
     sys.exit(0)
 data = FeatureData(store, "train", [(24, 90, 16)], np.arange(n), store.labels("train"), np.ones(n, bool),
                    memory_mb=a["budget"], stream=True, prefetch=a["prefetch"])
+step = a.get("step_ms", 0) / 1000
+filling = [0.0]  # seconds the consumer waited for a window's rows to come off the disk
+name = "_filled" if hasattr(FeatureData, "_filled") else "_fill"  # before stop 22 the fill ran in line
+real = getattr(FeatureData, name)
+if name == "_filled":
+    def timed(self, windows):
+        it = real(self, windows)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                got = next(it, None)
+                filling[0] += time.perf_counter() - t0
+                if got is None:
+                    return
+                yield got
+        finally:
+            it.close()
+else:
+    def timed(self, *args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return real(self, *args, **kw)
+        finally:
+            filling[0] += time.perf_counter() - t0
+setattr(FeatureData, name, timed)
 start = time.perf_counter()
-images = 0
-for xs, y in data.batches(128, torch.Generator().manual_seed(0)):
-    images += len(y)  # a head that does nothing
+images, waited = 0, 0.0
+batches = data.batches(128, torch.Generator().manual_seed(0))
+while True:
+    t0 = time.perf_counter()
+    got = next(batches, None)
+    waited += time.perf_counter() - t0
+    if got is None:
+        break
+    images += len(got[1])
+    if step:  # a head whose step runs off the CPU (as on a GPU): the CPU is free while it runs
+        time.sleep(step)
 secs = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"images": images, "seconds": secs, "peak_above_base_mb": peak - base, "base_mb": base}))
+print(json.dumps({"images": images, "seconds": secs, "waiting_fraction": waited / secs, "window_wait_fraction": filling[0] / secs,
+                  "peak_above_base_mb": peak - base, "base_mb": base}))
 """
 
 
@@ -124,8 +171,10 @@ def _store(path: Path, n: int, chunk: int, channels: int = C, pool: int = P) -> 
     )
 
 
-def _child(store: Path, budget: float, prefetch: int, cold: bool, raw: bool = False) -> dict:
-    arg = json.dumps({"store": str(store), "budget": budget, "prefetch": prefetch, "cold": cold, "raw": raw})
+def _child(store: Path, budget: float, prefetch: int, cold: bool, raw: bool = False, step_ms: float = 0) -> dict:
+    arg = json.dumps(
+        {"store": str(store), "budget": budget, "prefetch": prefetch, "cold": cold, "raw": raw, "step_ms": step_ms}
+    )
     out = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -173,6 +222,37 @@ def read(args) -> None:
                         print(row, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "heads_stream_read.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def wait(args) -> None:
+    """The fraction of an epoch a head whose steps run off the CPU waits for its batches."""
+    from diffprobe.probe.data import PREFETCH
+
+    out: dict = {"shape": [C, P, P], "chunk_images": args.chunk, "repeats": args.repeats, "runs": []}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        n = args.images
+        store = _store(Path(tmp) / f"n{n}.zarr", n, args.chunk)
+        gb = n * C * P * P * 2 / 1e9
+        for budget in [float(v) for v in args.budgets.split(",")]:
+            for step_ms in [float(v) for v in args.step_ms.split(",")]:
+                for cold in (True, False):
+                    runs = [_child(store, budget, PREFETCH, cold, step_ms=step_ms) for _ in range(args.repeats)]
+                    secs = statistics.median(r["seconds"] for r in runs)
+                    row = {
+                        "images": n,
+                        "budget_mb": budget,
+                        "step_ms": step_ms,
+                        "cache": "cold" if cold else "warm",
+                        "seconds": round(secs, 2),
+                        "head_seconds": round(-(-n // 128) * step_ms / 1000, 2),
+                        "waiting_fraction": round(statistics.median(r["waiting_fraction"] for r in runs), 3),
+                        "window_wait_fraction": round(statistics.median(r["window_wait_fraction"] for r in runs), 3),
+                        "GBps": round(gb / secs, 2),
+                    }
+                    out["runs"].append(row)
+                    print(row, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "heads_stream_wait.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 def grid(args) -> None:
@@ -288,6 +368,13 @@ def main() -> None:
     r.add_argument("--chunk", type=int, default=64)
     r.add_argument("--repeats", type=int, default=1)
     r.add_argument("--tmp", default=None, help="folder for the temporary stores (default: the system temp folder)")
+    w = sub.add_parser("wait")
+    w.add_argument("--images", type=int, default=4096)
+    w.add_argument("--budgets", default="256,1024")
+    w.add_argument("--step-ms", default="12.1,100", help="the head's step (batch 128), run off the CPU")
+    w.add_argument("--chunk", type=int, default=64)
+    w.add_argument("--repeats", type=int, default=2)
+    w.add_argument("--tmp", default=None)
     g = sub.add_parser("grid")
     g.add_argument("--images", type=int, default=2048)
     g.add_argument("--channels", type=int, default=128)
@@ -300,7 +387,7 @@ def main() -> None:
     pr.add_argument("--peak-tflops", type=float, default=989.0)
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    {"read": read, "grid": grid, "project": project}[args.what](args)
+    {"read": read, "wait": wait, "grid": grid, "project": project}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ Public interface (kept stable: other probes build on it):
 - `sequential(step)`: (xs, y) of exactly ``step`` rows (the last fewer) in ``rows`` order:
   statistics and scoring.
 - ``in_memory``, ``shapes`` (per-row shape of each cell), ``dims``, ``row_bytes``,
-  ``budget_rows``, ``pieces``, ``device``, `__len__`.
+  ``budget_rows``, ``window_rows``, ``pieces``, ``device``, `__len__`.
 - `train_parts(store, cells, sel, ...)` and `val_part(store, cells, sel, ...)`: the fitted and
   held-out parts of train and the usable val rows of a `probe.protocol.Selection`, as every
   head reads them; `val_logits` averages a head's val logits over the stored noise draws.
@@ -38,19 +38,24 @@ Where the rows live:
 
 - A *piece* is one store chunk (``store.chunk_images`` rows, read as one chunk-aligned slice of
   the Zarr array `FeatureStore.feature_array`, every cell's chunk together), or, when one chunk
-  does not fit the budget, ``budget_rows`` rows of it. Pieces without a row of ``rows`` are
+  does not fit a window, ``window_rows`` rows of it. Pieces without a row of ``rows`` are
   never read; of a piece read, only the rows of ``rows`` are kept.
 - In memory: every row is read once (pieces in store order) into one buffer per cell.
-- Streamed: at most one *window* of rows (at most ``budget_rows``) is held, plus the pieces
-  being prefetched (``prefetch`` of them, on background threads, so reading and decoding
-  overlap training): memory is the budget plus that fixed overhead, flat in N.
+- Streamed, when the budget holds at least two store chunks: two *windows* of rows are held
+  (each at most ``window_rows`` = half the budget). While one window's batches are taken, the
+  next is filled on a background thread, its pieces read ahead (``prefetch`` of them, on
+  threads, so reading and decoding overlap training; with ``prefetch`` 0 the next window is
+  read when needed). A smaller budget holds one window of ``budget_rows`` (pieces still read
+  ahead across windows): halving it would split chunks. A split forced to stream although it
+  fits the budget is one window of every row. Memory is the budget plus the pieces in flight,
+  a fixed overhead, flat in N. One streamed epoch of an object runs at a time.
 
 The order of an epoch (seeded by ``gen``; a function of the rows, the store's chunking, the
 budget and the generator alone, so it does not depend on where the data lives):
 
 1. If all rows fit the budget: one permutation of all of them, ``torch.randperm(n, gen)``.
 2. Else: the pieces in a seeded order (``torch.randperm(pieces, gen)``), cut greedily into
-   windows of consecutive pieces holding at most ``budget_rows`` rows (at least one piece);
+   windows of consecutive pieces holding at most ``window_rows`` rows (at least one piece);
    each window's rows, in ascending order, permuted (``torch.randperm(window rows, gen)``).
 3. The epoch is the concatenation, cut every ``batch_size`` rows: a batch may span two
    windows; the last batch holds the rest.
@@ -70,7 +75,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -220,7 +225,9 @@ class FeatureData:
         self.budget_rows = max(1, int(memory_mb * 2**20 // self.row_bytes))
         self.prefetch = prefetch
         chunk = int(first.chunks[0])
-        step = chunk if self.budget_rows >= chunk else self.budget_rows
+        self.two_windows = self.budget_rows >= 2 * chunk  # streamed: two windows of half the budget
+        self.window_rows = self.budget_rows // 2 if self.two_windows else self.budget_rows
+        step = chunk if self.window_rows >= chunk else self.window_rows
         self.pieces: list[Piece] = []
         n = int(first.shape[0])
         for lo in range(0, n, step):
@@ -231,7 +238,8 @@ class FeatureData:
         self.in_memory = len(self.rows) <= self.budget_rows if stream is None else not stream
         self._checked: set[int] = set()
         self._held: list[torch.Tensor] | None = None
-        self._window: list[np.ndarray] | None = None
+        self._windows: list[list[np.ndarray] | None] = [None, None]  # the two window buffers, reused
+        self._streaming = False  # a streamed epoch is under way (`_filled`)
         self._y = None if self.labels is None else torch.from_numpy(self.labels).to(self.device)
         self._ids: np.ndarray | None = None
 
@@ -331,19 +339,20 @@ class FeatureData:
         return sorted(pieces, key=lambda i: self.pieces[i].lo)
 
     def _fill(
-        self, order: Sequence[int], reuse: bool = False, parts: Iterator[list[np.ndarray]] | None = None
+        self, order: Sequence[int], slot: int | None = None, parts: Iterator[list[np.ndarray]] | None = None
     ) -> tuple[list[torch.Tensor], np.ndarray]:
         """The used rows of pieces ``order`` (prefetched), ascending, as device tensors per cell,
-        and their positions in ``rows``. ``reuse``: into the one window buffer (its batches are
-        copies, so the next window may overwrite it). ``parts``: the pieces already being read,
-        in `_fill_order` (a read-ahead that runs across windows); else they are read here."""
+        and their positions in ``rows``. ``slot`` 0/1: into that window buffer (a window's
+        batches are copies, so a later window may overwrite it). ``parts``: the pieces already
+        being read, in `_fill_order` (a read-ahead that runs across windows); else read here."""
         order = self._fill_order(order)
         pos = np.concatenate([self.pieces[i].pos for i in order]) if order else np.zeros(0, np.int64)
         lead = (len(pos),) if self.views == 1 else (len(pos), self.views)
-        if reuse:  # a streamed window: one buffer of budget rows, allocated (and paged in) once
-            if self._window is None or len(self._window[0]) < len(pos):
-                self._window = [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
-            bufs = [w[: len(pos)] for w in self._window]
+        if slot is not None:  # a streamed window: buffers of window rows, allocated (and paged in) once
+            held = self._windows[slot]
+            if held is None or len(held[0]) < len(pos):
+                held = self._windows[slot] = [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
+            bufs = [w[: len(pos)] for w in held]
         else:
             bufs = [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
         at = 0
@@ -373,7 +382,7 @@ class FeatureData:
         out, window, used = [], [], 0
         for i in torch.randperm(len(self.pieces), generator=gen).tolist():
             k = len(self.pieces[i].pos)
-            if window and used + k > self.budget_rows:
+            if window and used + k > self.window_rows:
                 out.append(window)
                 window, used = [], 0
             window.append(i)
@@ -417,25 +426,50 @@ class FeatureData:
         return self._batches(batch_size, self.windows(gen), self.view_schedule(epoch) if self.views > 1 else None)
 
     def _batches(self, batch: int, windows, view_of: np.ndarray | None = None):
-        # streamed: one read-ahead over every window's pieces, so the next window's first pieces
-        # come off the disk while this window's batches are taken (same data, same order)
-        stream = None
-        if not self.in_memory:
-            stream = _ahead(self._read, [i for pieces, _ in windows for i in self._fill_order(pieces)], self.prefetch)
+        if self.in_memory:
+            filled = ((self._memory(), seq) for _, seq in windows)
+        else:
+            filled = self._filled(windows)
         try:
-            yield from self._window_batches(batch, windows, view_of, stream)
+            yield from self._window_batches(batch, windows, view_of, filled)
         finally:
-            if stream is not None:
-                stream.close()
+            filled.close()  # a streamed epoch stopped early: its fill and read-ahead threads end
 
-    def _window_batches(self, batch: int, windows, view_of: np.ndarray | None, stream):
+    def _filled(self, windows) -> Generator[tuple[list[torch.Tensor], np.ndarray], None, None]:
+        """Each streamed window's (buffers, rows in batch order as buffer positions), in turn. One
+        read-ahead runs over every window's pieces, and (two windows, prefetch > 0) window k + 1
+        is filled on a thread, into the other buffer, while window k's batches are taken: same
+        data, same order. One streamed epoch of an object at a time: they share the buffers."""
+        if self._streaming:
+            raise RuntimeError(
+                "FeatureData streams one epoch at a time (the epochs share its window buffers): "
+                "finish or close the previous batches() iterator first"
+            )
+        self._streaming = True
+        stream = _ahead(self._read, [i for pieces, _ in windows for i in self._fill_order(pieces)], self.prefetch)
+        two = self.two_windows and self.prefetch > 0
+        filler = ThreadPoolExecutor(1, thread_name_prefix="diffprobe-fill") if two else None
+
+        def fill(k):
+            return self._fill(windows[k][0], k % 2 if two else 0, stream)
+
+        nxt = filler.submit(fill, 0) if filler else None
+        try:
+            for k, (_, seq) in enumerate(windows):
+                bufs, pos = nxt.result() if nxt else fill(k)  # window k - 1's batches are all taken
+                nxt = filler.submit(fill, k + 1) if filler and k + 1 < len(windows) else None
+                yield bufs, np.searchsorted(pos, seq)
+        finally:
+            if nxt is not None:  # stopped early: let the fill in flight end before closing its stream
+                nxt.cancel() or nxt.exception()
+            if filler is not None:
+                filler.shutdown(wait=True)
+            stream.close()
+            self._streaming = False
+
+    def _window_batches(self, batch: int, windows, view_of: np.ndarray | None, filled):
         carry: tuple[list[torch.Tensor], torch.Tensor] | None = None
-        for pieces, seq in windows:
-            if self.in_memory:
-                bufs, at = self._memory(), seq
-            else:
-                bufs, pos = self._fill(pieces, reuse=True, parts=stream)
-                at = np.searchsorted(pos, seq)
+        for (_, seq), (bufs, at) in zip(windows, filled):
             take = _taker(bufs, self.device)
             views = None if view_of is None else view_of[seq]  # one view per row: (row, its view)
             lab = torch.from_numpy(np.ascontiguousarray(seq)).to(self.device)

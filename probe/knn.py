@@ -84,7 +84,7 @@ def check_ks(ks, n_fit: int) -> tuple[int, ...]:
 
 def budget(memory_mb: float, dim: int, kmax: int, n_queries: int, n_db: int) -> tuple[int, int]:
     """How ``memory_mb`` is shared: (query rows per block, database rows per product). An
-    eighth holds train's stored rows (`FeatureData`: whole, or, streamed, one window for the
+    eighth holds train's stored rows (`FeatureData`: whole, or, streamed, the windows for the
     database and one for the held-out queries), an eighth val's; a quarter a query block in
     float32 with its top-k; a quarter one product's float32 similarities and the top-k's
     scratch (about twice their size). Whatever the database size."""

@@ -23,7 +23,7 @@ Protocol (deterministic given the seed, on one device and thread count):
    Memory: the features are read through the data layer (`probe.data.FeatureData`): the
    fitted and held-out rows are held in memory iff together they fit ``probe.memory_mb``
    (counted in the bytes of the stored dtype), else each part is streamed from the store
-   (ImageNet: 1.28M x 4096 fp16 ~ 10 GB) in windows of at most memory_mb, with prefetch;
+   (ImageNet: 1.28M x 4096 fp16 ~ 10 GB) in two windows of half memory_mb, with prefetch;
    val likewise. The statistics, held-out and val scoring take one pass; ``sgd`` batches
    follow the data layer's seeded order (one permutation when everything fits; else a
    shuffle of store chunks and a permutation inside windows of them), the same whether the

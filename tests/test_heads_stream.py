@@ -62,14 +62,14 @@ def test_attention_streams_a_split_8x_over_the_budget_bit_identical_to_in_memory
     largest = []
     real = FeatureData._fill
 
-    def spy(self, order, reuse=False, parts=None):
-        out = real(self, order, reuse, parts)
+    def spy(self, order, slot=None, parts=None):
+        out = real(self, order, slot, parts)
         largest.append(len(out[1]))
         return out
 
     monkeypatch.setattr(FeatureData, "_fill", spy)
     streamed = attention_probe(store, 24, 90, P, heads=H, settings=p)
-    assert streamed.streamed and max(largest) <= N // 8  # never more rows held than the budget
+    assert streamed.streamed and 2 * max(largest) <= N // 8  # two windows: never more rows held than the budget
     assert whole.top1 > 0.4 and streamed.top1 > 0.4, (whole.top1, streamed.top1)  # both learn (chance 0.25)
     # forced to stream with a budget that holds everything: the very same head as in memory
     _same(attention_probe(store, 24, 90, P, heads=H, stream=True), whole)

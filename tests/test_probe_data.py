@@ -4,6 +4,7 @@ changing nothing, only pieces holding used rows read, and the bad inputs (a budg
 batch, arrays read together with different chunking)."""
 
 import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -60,6 +61,10 @@ def _epoch(data, batch, seed):
     return [(xs, y) for _ in range(2) for xs, y in data.batches(batch, gen)]  # two epochs: the generator carries
 
 
+def _our_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith(("diffprobe-fill", "diffprobe-read"))]
+
+
 def _same(a, b):
     assert len(a) == len(b)
     for (xa, ya), (xb, yb) in zip(a, b):
@@ -73,8 +78,10 @@ def test_the_order_is_the_documented_one(store):
     gen = torch.Generator().manual_seed(5)
     want = torch.randperm(len(rows), generator=torch.Generator().manual_seed(5)).numpy()
     np.testing.assert_array_equal(whole.order(gen), want)  # fits: one permutation of every row
-    # streamed at 100 rows: pieces (whole 32-row chunks) shuffled, cut greedily, each window permuted
+    # streamed at 100 rows: pieces (whole 32-row chunks) shuffled, cut greedily into windows of
+    # half the budget (it holds two chunks, so two windows are held: one filling), each permuted
     small = _data(store, 100, None)
+    assert small.two_windows and small.window_rows == 50
     assert not small.in_memory
     ref = torch.Generator().manual_seed(5)
     chunk_of = rows // CHUNK
@@ -84,7 +91,7 @@ def test_the_order_is_the_documented_one(store):
     windows = []
     for i in torch.randperm(len(chunks), generator=ref).tolist():
         k = len(pos_of[chunks[i]])
-        if window and used + k > 100:
+        if window and used + k > 50:
             windows.append(window)
             window, used = [], 0
         window.append(chunks[i])
@@ -171,11 +178,12 @@ def test_arrays_with_different_chunking_are_an_error(tmp_path):
 
 
 def test_the_read_ahead_runs_across_windows(store, monkeypatch):
-    """While a window's last batch is in use, the next window's first pieces are already read
-    (one read-ahead for the epoch, not one per window); the batches are those of no read-ahead."""
-    data = _data(store, 64, stream=True, prefetch=2)
+    """One window (a budget under two chunks): while a window's last batch is in use, the next
+    window's first pieces are already read (one read-ahead for the epoch, not one per window);
+    the batches are those of no read-ahead, and closing the epoch ends its threads."""
+    data = _data(store, 50, stream=True, prefetch=2)
     windows = data.windows(torch.Generator().manual_seed(0))
-    assert len(windows) > 2
+    assert not data.two_windows and len(windows) > 2
     first_of_next = data._fill_order(windows[1][0])[0]
     reads: list[int] = []
     real = FeatureData._read
@@ -193,13 +201,67 @@ def test_the_read_ahead_runs_across_windows(store, monkeypatch):
         time.sleep(0.01)
     assert first_of_next in reads
     batches.close()  # stops the read-ahead (its threads are joined)
+    assert not _our_threads()
     monkeypatch.undo()
     again = [
-        (xs, y) for xs, y in _data(store, 64, stream=True, prefetch=0).batches(16, torch.Generator().manual_seed(0))
+        (xs, y) for xs, y in _data(store, 50, stream=True, prefetch=0).batches(16, torch.Generator().manual_seed(0))
     ]
     ahead = [
-        (xs, y) for xs, y in _data(store, 64, stream=True, prefetch=2).batches(16, torch.Generator().manual_seed(0))
+        (xs, y) for xs, y in _data(store, 50, stream=True, prefetch=2).batches(16, torch.Generator().manual_seed(0))
     ]
     assert len(again) == len(ahead)
     for (xa, ya), (xb, yb) in zip(again, ahead):
         assert torch.equal(ya, yb) and all(torch.equal(a, b) for a, b in zip(xa, xb))
+
+
+def test_the_next_window_is_filled_while_this_one_is_taken(store, monkeypatch):
+    """Two windows of half the budget: while the first batch of window 0 is in use, every piece
+    of window 1 is read (not just the first few of a read-ahead), and never more rows are held
+    than the budget; the batches are those read with no prefetch."""
+    data = _data(store, 224, stream=True, prefetch=2)
+    windows = data.windows(torch.Generator().manual_seed(0))
+    assert len(windows) >= 2 and len(windows[1][0]) > data.prefetch + 1  # more than a read-ahead holds
+    assert data.two_windows and 2 * data.window_rows <= data.budget_rows
+    assert all(len(seq) <= data.window_rows for _, seq in windows)
+    reads: list[int] = []
+    real = FeatureData._read
+    monkeypatch.setattr(FeatureData, "_read", lambda self, i: (reads.append(i), real(self, i))[1])
+    batches = data.batches(8, torch.Generator().manual_seed(0))
+    first = next(batches)
+    for _ in range(200):  # the filler thread: give it a moment
+        if set(windows[1][0]) <= set(reads):
+            break
+        time.sleep(0.01)
+    assert set(windows[1][0]) <= set(reads)
+    with pytest.raises(RuntimeError, match="one epoch at a time"):  # the epochs share the two buffers
+        next(data.batches(8, torch.Generator().manual_seed(1)))
+    ahead = [first, *batches]
+    monkeypatch.undo()
+    _same(ahead, [b for b in _data(store, 224, stream=True, prefetch=0).batches(8, torch.Generator().manual_seed(0))])
+
+
+def test_a_window_that_fails_to_fill_stops_the_epoch_with_its_error(store, monkeypatch):
+    data = _data(store, 224, stream=True, prefetch=2)
+    windows = data.windows(torch.Generator().manual_seed(0))
+    bad = windows[1][0][0]
+    real = FeatureData._read
+
+    def read(self, i):
+        if i == bad:
+            raise StoreError(f"piece {i} is unreadable")
+        return real(self, i)
+
+    monkeypatch.setattr(FeatureData, "_read", read)
+    with pytest.raises(StoreError, match=f"piece {bad} is unreadable"):
+        for _ in data.batches(8, torch.Generator().manual_seed(0)):
+            pass
+    assert not _our_threads()  # the fill and read-ahead threads are joined
+    monkeypatch.undo()
+    assert len(list(data.batches(8, torch.Generator().manual_seed(0)))) == data.steps(8)  # usable again
+
+
+def test_a_budget_under_two_chunks_keeps_one_window_of_whole_chunks(store):
+    data = _data(store, 50, stream=True)  # 50 rows: more than one 32-row chunk, less than two
+    assert not data.two_windows and data.window_rows == 50
+    assert {p.hi - p.lo for p in data.pieces} <= {CHUNK, N % CHUNK}  # chunks are not split
+    _same(_epoch(data, 16, 3), _epoch(_data(store, 50, stream=True, prefetch=0), 16, 3))
