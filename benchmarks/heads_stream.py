@@ -26,7 +26,7 @@ MB read) needs about as many bytes per second. 100 ms: a head 8x slower. Reporte
 fraction of the epoch the head waited for its batches (``waiting_fraction``: reading, and on
 the CPU the batch gather, 64 MB a batch, which on a GPU runs on the device) and the part of it
 spent waiting for a window's rows to come off the disk (``window_wait_fraction``: what a GPU
-would still wait for), cold and warm. ``--grid`` G (default 3, the lr grid): also one pass
+would still wait for), cold and warm (``--caches``). ``--grid`` G (default 3, the lr grid): also one pass
 feeding G such heads (each batch's G steps one after another), against G passes of one head
 each (G x the one-head epoch at that cache state: on an ImageNet store, larger than any page
 cache, every pass reads from the disk). Writes benchmarks/results/heads_stream_wait.json.
@@ -239,7 +239,7 @@ def wait(args) -> None:
         gb = n * C * P * P * 2 / 1e9
         for budget in [float(v) for v in args.budgets.split(",")]:
             for step_ms in [float(v) for v in args.step_ms.split(",")]:
-                for cold in (True, False):
+                for cold in [c == "cold" for c in args.caches.split(",")]:
                     runs = [_child(store, budget, PREFETCH, cold, step_ms=step_ms) for _ in range(args.repeats)]
                     secs = statistics.median(r["seconds"] for r in runs)
                     row = {
@@ -387,6 +387,7 @@ def main() -> None:
     w.add_argument("--budgets", default="256,1024")
     w.add_argument("--step-ms", default="12.1,100", help="the head's step (batch 128), run off the CPU")
     w.add_argument("--grid", type=int, default=3, help="also G heads fed by one read (0: not measured)")
+    w.add_argument("--caches", default="cold,warm", choices=["cold,warm", "cold", "warm"])
     w.add_argument("--chunk", type=int, default=64)
     w.add_argument("--repeats", type=int, default=2)
     w.add_argument("--tmp", default=None)
