@@ -26,7 +26,10 @@ MB read) needs about as many bytes per second. 100 ms: a head 8x slower. Reporte
 fraction of the epoch the head waited for its batches (``waiting_fraction``: reading, and on
 the CPU the batch gather, 64 MB a batch, which on a GPU runs on the device) and the part of it
 spent waiting for a window's rows to come off the disk (``window_wait_fraction``: what a GPU
-would still wait for), cold and warm. Writes benchmarks/results/heads_stream_wait.json.
+would still wait for), cold and warm (``--caches``). ``--grid`` G (default 3, the lr grid): also one pass
+feeding G such heads (each batch's G steps one after another), against G passes of one head
+each (G x the one-head epoch at that cache state: on an ImageNet store, larger than any page
+cache, every pass reads from the disk). Writes benchmarks/results/heads_stream_wait.json.
 
 ``grid``: the attention head's 3-point lr grid (heads.attention_lr = 0.05, 0.01, 0.002) on a
 streamed synthetic store, trained in one pass (`probe.attention._grid_train`: one read feeds
@@ -225,7 +228,8 @@ def read(args) -> None:
 
 
 def wait(args) -> None:
-    """The fraction of an epoch a head whose steps run off the CPU waits for its batches."""
+    """The fraction of an epoch a head whose steps run off the CPU waits for its batches; with
+    ``--grid`` G > 1, also G such heads fed by one read (one pass, each batch's G steps in turn)."""
     from diffprobe.probe.data import PREFETCH
 
     out: dict = {"shape": [C, P, P], "chunk_images": args.chunk, "repeats": args.repeats, "runs": []}
@@ -235,7 +239,7 @@ def wait(args) -> None:
         gb = n * C * P * P * 2 / 1e9
         for budget in [float(v) for v in args.budgets.split(",")]:
             for step_ms in [float(v) for v in args.step_ms.split(",")]:
-                for cold in (True, False):
+                for cold in [c == "cold" for c in args.caches.split(",")]:
                     runs = [_child(store, budget, PREFETCH, cold, step_ms=step_ms) for _ in range(args.repeats)]
                     secs = statistics.median(r["seconds"] for r in runs)
                     row = {
@@ -249,6 +253,15 @@ def wait(args) -> None:
                         "window_wait_fraction": round(statistics.median(r["window_wait_fraction"] for r in runs), 3),
                         "GBps": round(gb / secs, 2),
                     }
+                    if args.grid > 1:  # G heads, one read: each batch feeds G steps, one after another
+                        grid = [
+                            _child(store, budget, PREFETCH, cold, step_ms=args.grid * step_ms)
+                            for _ in range(args.repeats)
+                        ]
+                        one = statistics.median(r["seconds"] for r in grid)
+                        row[f"grid{args.grid}_one_pass_seconds"] = round(one, 2)
+                        row[f"grid{args.grid}_passes_seconds"] = round(args.grid * secs, 2)  # G epochs at this cache
+                        row[f"grid{args.grid}_ratio_passes_over_one"] = round(args.grid * secs / one, 2)
                     out["runs"].append(row)
                     print(row, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -281,8 +294,8 @@ def grid(args) -> None:
         waited = [0.0]
         real = data_mod.FeatureData._batches
 
-        def timed_batches(self, batch, windows):  # time spent waiting for each batch
-            it = real(self, batch, windows)
+        def timed_batches(self, *args):  # time spent waiting for each batch
+            it = real(self, *args)
             while True:
                 t0 = time.perf_counter()
                 try:
@@ -319,6 +332,7 @@ def grid(args) -> None:
                 secs = time.perf_counter() - t0
                 times[name].append((secs, waited[0] / secs))
                 print(name, round(secs, 1), flush=True)
+        data_mod.FeatureData._batches = real
         results = {
             name: {
                 "seconds": round(statistics.median(s for s, _ in runs), 1),
@@ -372,6 +386,8 @@ def main() -> None:
     w.add_argument("--images", type=int, default=4096)
     w.add_argument("--budgets", default="256,1024")
     w.add_argument("--step-ms", default="12.1,100", help="the head's step (batch 128), run off the CPU")
+    w.add_argument("--grid", type=int, default=3, help="also G heads fed by one read (0: not measured)")
+    w.add_argument("--caches", default="cold,warm", choices=["cold,warm", "cold", "warm"])
     w.add_argument("--chunk", type=int, default=64)
     w.add_argument("--repeats", type=int, default=2)
     w.add_argument("--tmp", default=None)
