@@ -35,15 +35,12 @@ def test_the_grid_benchmark_streams_and_times_its_waits(heads_stream, tmp_path, 
     assert out["ratio_three_over_one"] > 0
 
 
-def test_the_wait_benchmark_reports_the_window_wait(heads_stream, tmp_path):
+def test_the_wait_benchmark_reports_the_window_wait(heads_stream, tmp_path):  # one child process: ~5 s
     args = argparse.Namespace(
-        images=256, budgets="80", step_ms="1", grid=2, caches="cold", chunk=32, repeats=1, tmp=str(tmp_path)
+        images=256, budgets="80", step_ms="1", grid=0, caches="cold", chunk=32, repeats=1, tmp=str(tmp_path)
     )
     heads_stream.wait(args)
     rows = json.loads((tmp_path / "results" / "heads_stream_wait.json").read_text())["runs"]
     assert [r["cache"] for r in rows] == ["cold"]
     for r in rows:
         assert 0 <= r["window_wait_fraction"] <= r["waiting_fraction"] <= 1 and r["GBps"] > 0
-        assert (
-            r["grid2_passes_seconds"] == pytest.approx(2 * r["seconds"], abs=0.02) and r["grid2_one_pass_seconds"] > 0
-        )
