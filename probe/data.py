@@ -460,8 +460,8 @@ class FeatureData:
                 nxt = filler.submit(fill, k + 1) if filler and k + 1 < len(windows) else None
                 yield bufs, np.searchsorted(pos, seq)
         finally:
-            if nxt is not None:  # stopped early: let the fill in flight end before closing its stream
-                nxt.cancel() or nxt.exception()
+            if nxt is not None and not nxt.cancel():  # stopped early, a fill in flight: it ends first
+                nxt.exception()  # waits (its error, if any, is moot: nobody asked for that window)
             if filler is not None:
                 filler.shutdown(wait=True)
             stream.close()
