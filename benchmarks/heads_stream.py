@@ -51,6 +51,7 @@ dense; default 989, an H100 SXM). From benchmarks/results/heads_stream_read.json
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -74,6 +75,10 @@ torch.set_num_threads(2)
 from diffprobe.probe.data import FeatureData
 from diffprobe.store.feature_store import open_store
 
+def cpu_s():  # this process's CPU seconds, user and system, all threads
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
@@ -89,17 +94,21 @@ if a["cold"]:
             os.close(fd)
 n = store.n_images("train")
 base = rss_mb()
-if a.get("raw"):  # the disk's own rate: every chunk file of the train maps, plain reads, one thread
-    start = time.perf_counter()
+if a.get("raw"):  # the disk's own rate: every chunk file of the train maps, plain reads, ``raw`` files at once
+    from concurrent.futures import ThreadPoolExecutor
     folder = os.path.join(a["store"], store.feature_array("train", 24, 90, 16).path)
-    buf = memoryview(bytearray(64 << 20))
-    for root, _, files in os.walk(folder):
-        for f in sorted(files):
-            if f != "zarr.json":
-                with open(os.path.join(root, f), "rb", buffering=0) as fh:
-                    while fh.readinto(buf):
-                        pass
-    print(json.dumps({"images": n, "seconds": time.perf_counter() - start, "peak_above_base_mb": 0, "base_mb": base}))
+    paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f != "zarr.json")
+    bufs = [memoryview(bytearray(64 << 20)) for _ in range(a["raw"])]
+    def plain(k):
+        with open(paths[k], "rb", buffering=0) as fh:
+            while fh.readinto(bufs[k % len(bufs)]):
+                pass
+    start, cpu = time.perf_counter(), cpu_s()
+    with ThreadPoolExecutor(a["raw"]) as pool:  # file k on buffer k mod raw: at most raw files at once
+        for k in range(0, len(paths), a["raw"]):
+            list(pool.map(plain, range(k, min(k + a["raw"], len(paths)))))
+    print(json.dumps({"images": n, "seconds": time.perf_counter() - start, "cpu_seconds": cpu_s() - cpu,
+                      "peak_above_base_mb": 0, "base_mb": base}))
     sys.exit(0)
 data = FeatureData(store, "train", [(24, 90, 16)], np.arange(n), store.labels("train"), np.ones(n, bool),
                    memory_mb=a["budget"], stream=True, prefetch=a["prefetch"])
@@ -128,7 +137,7 @@ else:
         finally:
             filling[0] += time.perf_counter() - t0
 setattr(FeatureData, name, timed)
-start = time.perf_counter()
+start, cpu = time.perf_counter(), cpu_s()
 images, waited = 0, 0.0
 batches = data.batches(128, torch.Generator().manual_seed(0))
 while True:
@@ -142,7 +151,7 @@ while True:
         time.sleep(step)
 secs = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"images": images, "seconds": secs, "waiting_fraction": waited / secs, "window_wait_fraction": filling[0] / secs,
+print(json.dumps({"images": images, "seconds": secs, "cpu_seconds": cpu_s() - cpu, "waiting_fraction": waited / secs, "window_wait_fraction": filling[0] / secs,
                   "peak_above_base_mb": peak - base, "base_mb": base}))
 """
 
@@ -174,7 +183,7 @@ def _store(path: Path, n: int, chunk: int, channels: int = C, pool: int = P) -> 
     )
 
 
-def _child(store: Path, budget: float, prefetch: int, cold: bool, raw: bool = False, step_ms: float = 0) -> dict:
+def _child(store: Path, budget: float, prefetch: int, cold: bool, raw: int = 0, step_ms: float = 0) -> dict:
     arg = json.dumps(
         {"store": str(store), "budget": budget, "prefetch": prefetch, "cold": cold, "raw": raw, "step_ms": step_ms}
     )
@@ -183,7 +192,7 @@ def _child(store: Path, budget: float, prefetch: int, cold: bool, raw: bool = Fa
 
 
 def read(args) -> None:
-    from diffprobe.probe.data import PREFETCH
+    from diffprobe.probe.data import PREFETCH, READ_THREADS
 
     out: dict = {"shape": [C, P, P], "chunk_images": args.chunk, "repeats": args.repeats, "runs": []}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -192,13 +201,13 @@ def read(args) -> None:
             store = _store(Path(tmp) / f"n{n}.zarr", n, args.chunk)
             gb = n * C * P * P * 2 / 1e9
             print(f"N {n}: {gb:.2f} GB written in {time.perf_counter() - started:.0f} s", flush=True)
-            for cold in (True, False):  # the disk's and the page cache's own rate, beside the reader's
-                runs = [_child(store, 0, 0, cold, raw=True) for _ in range(args.repeats)]
+            for cold, files in itertools.product((True, False), (1, READ_THREADS)):  # the disk's and cache's own rates
+                runs = [_child(store, 0, 0, cold, raw=files) for _ in range(args.repeats)]
                 secs = statistics.median(r["seconds"] for r in runs)
                 row = {
                     "images": n,
                     "GB": round(gb, 3),
-                    "reader": "plain read() of the chunk files",
+                    "reader": f"plain read() of the chunk files, {files} at once",
                     "cache": "cold" if cold else "warm",
                     "seconds": round(secs, 2),
                     "GBps": round(gb / secs, 2),
