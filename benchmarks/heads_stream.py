@@ -2,6 +2,7 @@
 projection (issue 16's benchmarks).
 
     python benchmarks/heads_stream.py read --images 4096,16384      # images/s, GB/s, peak RSS
+    python benchmarks/heads_stream.py versus --old ../previous       # this reader vs another checkout's
     python benchmarks/heads_stream.py wait --images 4096             # a GPU-speed head's data-wait fraction
     python benchmarks/heads_stream.py grid --images 2048             # 3-lr grid: one pass vs three
     python benchmarks/heads_stream.py project                        # hours per ImageNet epoch
@@ -13,8 +14,17 @@ epoch of `probe.data.FeatureData.batches` (batch 128, every train row) into a he
 nothing, streamed at a budget (``--budgets``, MB), with prefetch on (`probe.data.PREFETCH`) and
 off (0), page cache warm (read once before) and cold (every file of the store evicted with
 posix_fadvise(DONTNEED) first: the reads then come from the disk). Reported: images/s, GB/s
-of decoded float16 delivered, and peak RSS above the RSS after imports (ru_maxrss). Writes
+of decoded float16 delivered, and peak RSS above the RSS after imports (ru_maxrss); beside
+them, plain read() of the same chunk files, 1 and READ_THREADS files at once, cold and warm:
+what the disk and page cache give with nothing on top. Writes
 benchmarks/results/heads_stream_read.json.
+
+``versus``: this checkout's reader against another checkout's (``--old``: its repository root,
+imported as the package diffprobe through PYTHONPATH) on one synthetic store of ``--images``
+at ``--budget`` MB, prefetch on, interleaved with plain reads of the store's chunk files (1 and
+READ_THREADS files at once), cold and warm: per repeat, each of the four once, in turn, so they
+see the same disk. Reported: median GB/s, every run's, and the cores kept busy (CPU seconds of
+the process over wall seconds). Writes benchmarks/results/heads_stream_versus.json.
 
 ``wait``: the data-wait fraction of a head that keeps a GPU busy, emulated on CPU: one epoch of
 the same stream (prefetch on) into a head whose every step (batch 128) sleeps ``--step-ms``
@@ -183,11 +193,13 @@ def _store(path: Path, n: int, chunk: int, channels: int = C, pool: int = P) -> 
     )
 
 
-def _child(store: Path, budget: float, prefetch: int, cold: bool, raw: int = 0, step_ms: float = 0) -> dict:
+def _child(
+    store: Path, budget: float, prefetch: int, cold: bool, raw: int = 0, step_ms: float = 0, env: dict | None = None
+) -> dict:
     arg = json.dumps(
         {"store": str(store), "budget": budget, "prefetch": prefetch, "cold": cold, "raw": raw, "step_ms": step_ms}
     )
-    out = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -234,6 +246,47 @@ def read(args) -> None:
                         print(row, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "heads_stream_read.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def versus(args) -> None:
+    """This checkout's reader against another's (``--old``, e.g. a `git worktree` of the previous
+    main) on one store, interleaved with plain reads of its files (1 and READ_THREADS at once),
+    so all four see the same disk: per repeat and cache state, each once, in turn."""
+    from diffprobe.probe.data import PREFETCH, READ_THREADS
+
+    out: dict = {"images": args.images, "budget_mb": args.budget, "old": args.old, "repeats": args.repeats, "runs": []}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        (Path(tmp) / "old").mkdir()
+        (Path(tmp) / "old" / "diffprobe").symlink_to(Path(args.old).resolve())  # the package diffprobe, from --old
+        old_env = dict(os.environ, PYTHONPATH=str(Path(tmp) / "old"))
+        store = _store(Path(tmp) / "s.zarr", args.images, args.chunk)
+        gb = args.images * C * P * P * 2 / 1e9
+        kinds = {
+            f"plain read, {READ_THREADS} files at once": dict(raw=READ_THREADS),
+            "reader, this checkout": {},
+            "reader, --old": dict(env=old_env),
+            "plain read, 1 file at once": dict(raw=1),
+        }
+        for cache in args.caches.split(","):
+            rates: dict[str, list[float]] = {k: [] for k in kinds}
+            cpus: dict[str, list[float]] = {k: [] for k in kinds}
+            for _ in range(args.repeats):
+                for name, kw in kinds.items():
+                    r = _child(store, args.budget, PREFETCH, cache == "cold", **kw)
+                    rates[name].append(gb / r["seconds"])
+                    cpus[name].append(r["cpu_seconds"] / r["seconds"])
+            for name in kinds:
+                row = {
+                    "cache": cache,
+                    "what": name,
+                    "GBps_median": round(statistics.median(rates[name]), 2),
+                    "GBps_runs": [round(v, 2) for v in rates[name]],
+                    "cores_busy_median": round(statistics.median(cpus[name]), 2),
+                }
+                out["runs"].append(row)
+                print(row, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "heads_stream_versus.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 def wait(args) -> None:
@@ -408,11 +461,19 @@ def main() -> None:
     g.add_argument("--chunk", type=int, default=64)
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--tmp", default=None)
+    v = sub.add_parser("versus")
+    v.add_argument("--old", required=True, help="a checkout of diffprobe to compare with (its repository root)")
+    v.add_argument("--images", type=int, default=4096)
+    v.add_argument("--budget", type=float, default=256)
+    v.add_argument("--caches", default="cold,warm", choices=["cold,warm", "cold", "warm"])
+    v.add_argument("--chunk", type=int, default=64)
+    v.add_argument("--repeats", type=int, default=4)
+    v.add_argument("--tmp", default=None)
     pr = sub.add_parser("project")
     pr.add_argument("--peak-tflops", type=float, default=989.0)
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    {"read": read, "wait": wait, "grid": grid, "project": project}[args.what](args)
+    {"read": read, "versus": versus, "wait": wait, "grid": grid, "project": project}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,9 @@ class FeatureData:
         self.labels = None if labels is None else np.asarray(labels)
         self.usable = np.asarray(usable, dtype=bool)
         self.device = torch.device(device) if isinstance(device, str) else device
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+            # the caller's current device, named: windows move to it on the filler thread
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.shapes = [tuple(int(s) for s in a.shape[1:]) for a in self.arrays]
         self.dims = [int(np.prod(s)) for s in self.shapes]
         self.row_bytes = views * sum(d * a.dtype.itemsize for d, a in zip(self.dims, self.arrays))

@@ -321,3 +321,13 @@ def test_rows_are_checked_finite_as_they_arrive_sparing_skipped_ones(tmp_path, m
         with pytest.raises(StoreError, match="block 24, t 90, pool 2 .* holds non-finite values"):
             epoch(open_store(path))
         arr[row] = 1
+
+
+def test_a_bare_cuda_device_is_the_callers_current_one(store, monkeypatch):
+    """Windows move to the device on the filler thread, where torch.cuda.set_device of the
+    caller does not hold: a bare "cuda" is resolved to the caller's current device up front."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    usable = np.ones(N, bool)
+    d = FeatureData(store, "train", CELLS, _rows(), None, usable, memory_mb=1, device="cuda", stream=True)
+    assert d.device == torch.device("cuda", 3)
