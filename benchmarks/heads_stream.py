@@ -188,9 +188,11 @@ def _store(path: Path, n: int, chunk: int, channels: int = C, pool: int = P) -> 
 
     key = FeatureKey(90, 24, pool)
     blocks = [{"number": b, "module": f"m{b}", "channels": channels, "spatial": pool} for b in range(1, 38)]
-    return write_synthetic_store(
+    made = write_synthetic_store(
         path, {"train": {key: rows}, "val": {key: rows_val}}, {"train": y, "val": yv}, chunk_images=chunk, blocks=blocks
     )
+    os.sync()  # written back: a cold run's eviction then drops every page (dirty ones it would keep)
+    return made
 
 
 def _child(
