@@ -49,8 +49,11 @@ Where the rows live:
   needed, one piece at a time. A smaller budget holds one window of ``budget_rows``, and
   ``prefetch`` pieces are read ahead across windows into buffers of their own: halving it
   would split chunks. A split forced to stream although it fits the budget is one window of
-  every row. Memory is the budget plus at most ``prefetch`` + 1 pieces in flight, a fixed
-  overhead, flat in N. One streamed epoch of an object runs at a time.
+  every row. Memory is the budget and the batches in use, plus a fixed overhead, flat in N:
+  with two windows, a buffer per piece being read only for pieces read in part or at several
+  views (at most ``READ_THREADS``); with one window, up to ``prefetch`` + 2 pieces read ahead.
+  On a GPU the windows are also held on the device. One streamed epoch of an object runs at a
+  time.
 
 The order of an epoch (seeded by ``gen``; a function of the rows, the store's chunking, the
 budget and the generator alone, so it does not depend on where the data lives):
@@ -90,7 +93,7 @@ from diffprobe.store.feature_store import FeatureStore, read_rows
 from diffprobe.store.finite import all_finite
 from diffprobe.store.seeds import derive_seed
 
-PREFETCH = 2  # pieces read ahead of the one in use with one window (background threads); 0: read when needed
+PREFETCH = 2  # pieces read ahead (one window; `sequential`); with two windows only > 0 matters; 0: read when needed
 READ_THREADS = 4  # pieces read at once (a window's, or those read ahead)
 
 Cell = tuple[int, int, int]  # (block, t, pool)
@@ -326,8 +329,7 @@ class FeatureData:
         whole = len(keep) == piece.hi - piece.lo
         usable = self.usable[piece.lo : piece.hi]
         if out is None:
-            lead = (len(keep),) if self.views == 1 else (len(keep), self.views)
-            out = [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
+            out = self._buffers(len(keep))
         for j, cell in enumerate(self.cells):
             for v, arrays in enumerate(self.view_arrays):
                 dst = out[j] if self.views == 1 else out[j][:, v]
@@ -364,16 +366,20 @@ class FeatureData:
         piece's place in the buffers."""
         order = self._fill_order(order)
         pos = np.concatenate([self.pieces[i].pos for i in order]) if order else np.zeros(0, np.int64)
-        lead = (len(pos),) if self.views == 1 else (len(pos), self.views)
         if slot is not None:
             held = self._windows[slot]
             if held is None or len(held[0]) < len(pos):
-                held = self._windows[slot] = [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
+                held = self._windows[slot] = self._buffers(len(pos))
             bufs = [w[: len(pos)] for w in held]
         else:
-            bufs = [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
+            bufs = self._buffers(len(pos))
         ends = np.cumsum([0] + [len(self.pieces[i].pos) for i in order])
         return order, bufs, pos, [[b[ends[k] : ends[k + 1]] for b in bufs] for k in range(len(order))]
+
+    def _buffers(self, n: int) -> list[np.ndarray]:
+        """Empty buffers of ``n`` rows, one per cell (with views: (n, K, *shape))."""
+        lead = (n,) if self.views == 1 else (n, self.views)
+        return [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
 
     def _on_device(self, bufs: list[np.ndarray]) -> list[torch.Tensor]:
         return [torch.from_numpy(b).to(self.device) for b in bufs]
@@ -486,19 +492,30 @@ class FeatureData:
                 "finish or close the previous batches() iterator first"
             )
         self._streaming = True
-        if not self.two_windows or self.prefetch <= 0:
-            stream = None
-            if not self.two_windows and self.prefetch > 0:
-                stream = _ahead(self._read, [i for w, _ in windows for i in self._fill_order(w)], self.prefetch)
-            try:
-                for pieces, seq in windows:
-                    bufs, pos = self._fill(pieces, 0, stream)
-                    yield bufs, np.searchsorted(pos, seq)
-            finally:
-                if stream is not None:
-                    stream.close()
-                self._streaming = False
-            return
+        try:
+            if self.two_windows and self.prefetch > 0:
+                yield from self._filled_ahead(windows)
+            else:
+                yield from self._filled_in_turn(windows)
+        finally:
+            self._streaming = False
+
+    def _filled_in_turn(self, windows):
+        """`_filled` with one window buffer: each window filled when asked for (one window and
+        prefetch > 0: its pieces read ahead across windows, into buffers of their own)."""
+        stream = None
+        if not self.two_windows and self.prefetch > 0:
+            stream = _ahead(self._read, [i for w, _ in windows for i in self._fill_order(w)], self.prefetch)
+        try:
+            for pieces, seq in windows:
+                bufs, pos = self._fill(pieces, 0, stream)
+                yield bufs, np.searchsorted(pos, seq)
+        finally:
+            if stream is not None:
+                stream.close()
+
+    def _filled_ahead(self, windows):
+        """`_filled` with two window buffers and a shared pool of readers (its docstring)."""
         readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="diffprobe-read")
         filler = ThreadPoolExecutor(1, thread_name_prefix="diffprobe-fill")  # a window's tensors, once read
 
@@ -511,8 +528,8 @@ class FeatureData:
             order, bufs, pos, places = self._place(windows[k][0], k % 2)
             return filler.submit(ready, [readers.submit(self._read, i, p) for i, p in zip(order, places)], bufs, pos)
 
-        pending = deque(start(k) for k in range(min(2, len(windows))))
         try:
+            pending = deque([start(k) for k in range(min(2, len(windows)))])
             for k, (_, seq) in enumerate(windows):
                 bufs, pos = pending.popleft().result()
                 yield bufs, np.searchsorted(pos, seq)
@@ -520,8 +537,7 @@ class FeatureData:
                     pending.append(start(k + 2))
         finally:  # stopped early or failed: reads not started are dropped, those in flight end first
             readers.shutdown(wait=True, cancel_futures=True)
-            filler.shutdown(wait=True)
-            self._streaming = False
+            filler.shutdown(wait=True, cancel_futures=True)
 
     def _window_batches(self, batch: int, windows, view_of: np.ndarray | None, filled):
         carry: tuple[list[torch.Tensor], torch.Tensor] | None = None

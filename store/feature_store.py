@@ -491,40 +491,43 @@ def read_rows(arr, lo: int, hi: int, out: np.ndarray | None = None, each=None) -
     gives only its rows. Anything else, a chunk file of the wrong size included, goes through
     Zarr unchanged, with Zarr's errors.
 
-    ``each(x, at)``, if given, sees every row of the result once, in order: ``x`` holds rows
-    [at, at + len(x)). Read straight from a chunk file, it is called about every ``SEGMENT``
-    bytes, while those rows are still in the CPU's cache (a check over them then costs about
-    half as much as over the whole result afterwards); else once, on the whole result."""
+    ``each(x, at)``, if given, sees every row of the result, in order: ``x`` holds rows [at,
+    at + len(x)). Read straight from a chunk file, it is called about every ``SEGMENT`` bytes,
+    while those rows are still in the CPU's cache (a check over them then costs about half as
+    much as over the whole result afterwards); else once, on the whole result. A chunk file
+    found short part way through falls back to Zarr, and ``each`` then sees every row again."""
     if out is None:
         out = np.empty((hi - lo, *arr.shape[1:]), dtype=arr.dtype)
     path = _chunk_file(arr, lo, hi)
     if path is None:
-        return _whole(out, arr[lo:hi], each)
+        return _whole(out, arr, lo, hi, each)
     dst = out if out.flags.c_contiguous else np.empty(out.shape, out.dtype)
     view = dst.reshape(-1).view(np.uint8).data
     row = max(1, dst[:1].nbytes)
     step = max(1, SEGMENT // row) * row
     try:
-        with open(path, "rb", buffering=0) as f:
-            if os.fstat(f.fileno()).st_size != math.prod(arr.chunks) * arr.dtype.itemsize:
-                return _whole(out, arr[lo:hi], each)
-            for start in range(0, len(view), step):
-                end, got = min(start + step, len(view)), start
-                while got < end and (k := f.readinto(view[got:end])):
-                    got += k
-                if got != end:  # shorter than its size said: changed under us
-                    return _whole(out, arr[lo:hi], each)
-                if each is not None:
-                    each(dst[start // row : end // row], start // row)
-    except FileNotFoundError:
-        return _whole(out, arr.metadata.fill_value, each)
+        f = open(path, "rb", buffering=0)
+    except FileNotFoundError:  # never written: the fill value, as Zarr reads it
+        return _whole(out, arr, lo, hi, each, arr.metadata.fill_value)
+    with f:
+        if os.fstat(f.fileno()).st_size != math.prod(arr.chunks) * arr.dtype.itemsize:
+            return _whole(out, arr, lo, hi, each)
+        for start in range(0, len(view), step):
+            end, got = min(start + step, len(view)), start
+            while got < end and (k := f.readinto(view[got:end])):
+                got += k
+            if got != end:  # shorter than its size said: changed under us
+                return _whole(out, arr, lo, hi, each)
+            if each is not None:
+                each(dst[start // row : end // row], start // row)
     if dst is not out:
         out[...] = dst
     return out
 
 
-def _whole(out: np.ndarray, value, each) -> np.ndarray:
-    out[...] = value
+def _whole(out: np.ndarray, arr, lo: int, hi: int, each, value=None) -> np.ndarray:
+    """``out[...]`` = rows [lo, hi) of ``arr`` through Zarr (or ``value``), ``each`` seeing them once."""
+    out[...] = arr[lo:hi] if value is None else value
     if each is not None:
         each(out, 0)
     return out

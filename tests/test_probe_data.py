@@ -316,7 +316,7 @@ def test_rows_are_checked_finite_as_they_arrive_sparing_skipped_ones(tmp_path, m
 
     assert epoch(open_store(path)) == 62
     arr = zarr.open_array(path / "train" / f"t90_b24_p{P}", mode="r+")  # a usable row turns inf
-    for row in (6, 47):
+    for row in (6, 20, 47, 60):  # in chunks read in part (a skipped row) and read straight into the window
         arr[row] = np.inf
         with pytest.raises(StoreError, match="block 24, t 90, pool 2 .* holds non-finite values"):
             epoch(open_store(path))
@@ -331,3 +331,23 @@ def test_a_bare_cuda_device_is_the_callers_current_one(store, monkeypatch):
     usable = np.ones(N, bool)
     d = FeatureData(store, "train", CELLS, _rows(), None, usable, memory_mb=1, device="cuda", stream=True)
     assert d.device == torch.device("cuda", 3)
+
+
+def test_a_failure_starting_the_windows_leaves_the_data_usable(store, monkeypatch):
+    """Placing window 1 fails (say, no memory for its buffer) while window 0 is being read: the
+    epoch raises that error, its threads are joined, and the next epoch runs."""
+    data = _data(store, 224, stream=True, prefetch=2)
+    real, calls = FeatureData._place, []
+
+    def place(self, order, slot=None):
+        calls.append(slot)
+        if len(calls) == 2:
+            raise MemoryError("no room for window 1")
+        return real(self, order, slot)
+
+    monkeypatch.setattr(FeatureData, "_place", place)
+    with pytest.raises(MemoryError, match="window 1"):
+        next(data.batches(8, torch.Generator().manual_seed(0)))
+    assert not _our_threads()
+    monkeypatch.undo()
+    assert len(list(data.batches(8, torch.Generator().manual_seed(0)))) == data.steps(8)
