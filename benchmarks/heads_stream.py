@@ -2,6 +2,7 @@
 projection (issue 16's benchmarks).
 
     python benchmarks/heads_stream.py read --images 4096,16384      # images/s, GB/s, peak RSS
+    python benchmarks/heads_stream.py versus --old ../previous       # this reader vs another checkout's
     python benchmarks/heads_stream.py wait --images 4096             # a GPU-speed head's data-wait fraction
     python benchmarks/heads_stream.py grid --images 2048             # 3-lr grid: one pass vs three
     python benchmarks/heads_stream.py project                        # hours per ImageNet epoch
@@ -13,8 +14,17 @@ epoch of `probe.data.FeatureData.batches` (batch 128, every train row) into a he
 nothing, streamed at a budget (``--budgets``, MB), with prefetch on (`probe.data.PREFETCH`) and
 off (0), page cache warm (read once before) and cold (every file of the store evicted with
 posix_fadvise(DONTNEED) first: the reads then come from the disk). Reported: images/s, GB/s
-of decoded float16 delivered, and peak RSS above the RSS after imports (ru_maxrss). Writes
+of decoded float16 delivered, and peak RSS above the RSS after imports (ru_maxrss); beside
+them, plain read() of the same chunk files, 1 and READ_THREADS files at once, cold and warm:
+what the disk and page cache give with nothing on top. Writes
 benchmarks/results/heads_stream_read.json.
+
+``versus``: this checkout's reader against another checkout's (``--old``: its repository root,
+imported as the package diffprobe through PYTHONPATH) on one synthetic store of ``--images``
+at ``--budget`` MB, prefetch on, interleaved with plain reads of the store's chunk files (1 and
+READ_THREADS files at once), cold and warm: per repeat, each of the four once, in turn, so they
+see the same disk. Reported: median GB/s, every run's, and the cores kept busy (CPU seconds of
+the process over wall seconds). Writes benchmarks/results/heads_stream_versus.json.
 
 ``wait``: the data-wait fraction of a head that keeps a GPU busy, emulated on CPU: one epoch of
 the same stream (prefetch on) into a head whose every step (batch 128) sleeps ``--step-ms``
@@ -51,6 +61,7 @@ dense; default 989, an H100 SXM). From benchmarks/results/heads_stream_read.json
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -74,6 +85,10 @@ torch.set_num_threads(2)
 from diffprobe.probe.data import FeatureData
 from diffprobe.store.feature_store import open_store
 
+def cpu_s():  # this process's CPU seconds, user and system, all threads
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
@@ -89,17 +104,21 @@ if a["cold"]:
             os.close(fd)
 n = store.n_images("train")
 base = rss_mb()
-if a.get("raw"):  # the disk's own rate: every chunk file of the train maps, plain reads, one thread
-    start = time.perf_counter()
+if a.get("raw"):  # the disk's own rate: every chunk file of the train maps, plain reads, ``raw`` files at once
+    from concurrent.futures import ThreadPoolExecutor
     folder = os.path.join(a["store"], store.feature_array("train", 24, 90, 16).path)
-    buf = memoryview(bytearray(64 << 20))
-    for root, _, files in os.walk(folder):
-        for f in sorted(files):
-            if f != "zarr.json":
-                with open(os.path.join(root, f), "rb", buffering=0) as fh:
-                    while fh.readinto(buf):
-                        pass
-    print(json.dumps({"images": n, "seconds": time.perf_counter() - start, "peak_above_base_mb": 0, "base_mb": base}))
+    paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f != "zarr.json")
+    bufs = [memoryview(bytearray(64 << 20)) for _ in range(a["raw"])]
+    def plain(k):
+        with open(paths[k], "rb", buffering=0) as fh:
+            while fh.readinto(bufs[k % len(bufs)]):
+                pass
+    start, cpu = time.perf_counter(), cpu_s()
+    with ThreadPoolExecutor(a["raw"]) as pool:  # file k on buffer k mod raw: at most raw files at once
+        for k in range(0, len(paths), a["raw"]):
+            list(pool.map(plain, range(k, min(k + a["raw"], len(paths)))))
+    print(json.dumps({"images": n, "seconds": time.perf_counter() - start, "cpu_seconds": cpu_s() - cpu,
+                      "peak_above_base_mb": 0, "base_mb": base}))
     sys.exit(0)
 data = FeatureData(store, "train", [(24, 90, 16)], np.arange(n), store.labels("train"), np.ones(n, bool),
                    memory_mb=a["budget"], stream=True, prefetch=a["prefetch"])
@@ -128,7 +147,7 @@ else:
         finally:
             filling[0] += time.perf_counter() - t0
 setattr(FeatureData, name, timed)
-start = time.perf_counter()
+start, cpu = time.perf_counter(), cpu_s()
 images, waited = 0, 0.0
 batches = data.batches(128, torch.Generator().manual_seed(0))
 while True:
@@ -142,7 +161,7 @@ while True:
         time.sleep(step)
 secs = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"images": images, "seconds": secs, "waiting_fraction": waited / secs, "window_wait_fraction": filling[0] / secs,
+print(json.dumps({"images": images, "seconds": secs, "cpu_seconds": cpu_s() - cpu, "waiting_fraction": waited / secs, "window_wait_fraction": filling[0] / secs,
                   "peak_above_base_mb": peak - base, "base_mb": base}))
 """
 
@@ -169,21 +188,25 @@ def _store(path: Path, n: int, chunk: int, channels: int = C, pool: int = P) -> 
 
     key = FeatureKey(90, 24, pool)
     blocks = [{"number": b, "module": f"m{b}", "channels": channels, "spatial": pool} for b in range(1, 38)]
-    return write_synthetic_store(
+    made = write_synthetic_store(
         path, {"train": {key: rows}, "val": {key: rows_val}}, {"train": y, "val": yv}, chunk_images=chunk, blocks=blocks
     )
+    os.sync()  # written back: a cold run's eviction then drops every page (dirty ones it would keep)
+    return made
 
 
-def _child(store: Path, budget: float, prefetch: int, cold: bool, raw: bool = False, step_ms: float = 0) -> dict:
+def _child(
+    store: Path, budget: float, prefetch: int, cold: bool, raw: int = 0, step_ms: float = 0, env: dict | None = None
+) -> dict:
     arg = json.dumps(
         {"store": str(store), "budget": budget, "prefetch": prefetch, "cold": cold, "raw": raw, "step_ms": step_ms}
     )
-    out = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def read(args) -> None:
-    from diffprobe.probe.data import PREFETCH
+    from diffprobe.probe.data import PREFETCH, READ_THREADS
 
     out: dict = {"shape": [C, P, P], "chunk_images": args.chunk, "repeats": args.repeats, "runs": []}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -192,13 +215,13 @@ def read(args) -> None:
             store = _store(Path(tmp) / f"n{n}.zarr", n, args.chunk)
             gb = n * C * P * P * 2 / 1e9
             print(f"N {n}: {gb:.2f} GB written in {time.perf_counter() - started:.0f} s", flush=True)
-            for cold in (True, False):  # the disk's and the page cache's own rate, beside the reader's
-                runs = [_child(store, 0, 0, cold, raw=True) for _ in range(args.repeats)]
+            for cold, files in itertools.product((True, False), (1, READ_THREADS)):  # the disk's and cache's own rates
+                runs = [_child(store, 0, 0, cold, raw=files) for _ in range(args.repeats)]
                 secs = statistics.median(r["seconds"] for r in runs)
                 row = {
                     "images": n,
                     "GB": round(gb, 3),
-                    "reader": "plain read() of the chunk files",
+                    "reader": f"plain read() of the chunk files, {files} at once",
                     "cache": "cold" if cold else "warm",
                     "seconds": round(secs, 2),
                     "GBps": round(gb / secs, 2),
@@ -225,6 +248,47 @@ def read(args) -> None:
                         print(row, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "heads_stream_read.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def versus(args) -> None:
+    """This checkout's reader against another's (``--old``, e.g. a `git worktree` of the previous
+    main) on one store, interleaved with plain reads of its files (1 and READ_THREADS at once),
+    so all four see the same disk: per repeat and cache state, each once, in turn."""
+    from diffprobe.probe.data import PREFETCH, READ_THREADS
+
+    out: dict = {"images": args.images, "budget_mb": args.budget, "old": args.old, "repeats": args.repeats, "runs": []}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        (Path(tmp) / "old").mkdir()
+        (Path(tmp) / "old" / "diffprobe").symlink_to(Path(args.old).resolve())  # the package diffprobe, from --old
+        old_env = dict(os.environ, PYTHONPATH=str(Path(tmp) / "old"))
+        store = _store(Path(tmp) / "s.zarr", args.images, args.chunk)
+        gb = args.images * C * P * P * 2 / 1e9
+        kinds = {
+            f"plain read, {READ_THREADS} files at once": dict(raw=READ_THREADS),
+            "reader, this checkout": {},
+            "reader, --old": dict(env=old_env),
+            "plain read, 1 file at once": dict(raw=1),
+        }
+        for cache in args.caches.split(","):
+            rates: dict[str, list[float]] = {k: [] for k in kinds}
+            cpus: dict[str, list[float]] = {k: [] for k in kinds}
+            for _ in range(args.repeats):
+                for name, kw in kinds.items():
+                    r = _child(store, args.budget, PREFETCH, cache == "cold", **kw)
+                    rates[name].append(gb / r["seconds"])
+                    cpus[name].append(r["cpu_seconds"] / r["seconds"])
+            for name in kinds:
+                row = {
+                    "cache": cache,
+                    "what": name,
+                    "GBps_median": round(statistics.median(rates[name]), 2),
+                    "GBps_runs": [round(v, 2) for v in rates[name]],
+                    "cores_busy_median": round(statistics.median(cpus[name]), 2),
+                }
+                out["runs"].append(row)
+                print(row, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "heads_stream_versus.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 def wait(args) -> None:
@@ -399,11 +463,19 @@ def main() -> None:
     g.add_argument("--chunk", type=int, default=64)
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--tmp", default=None)
+    v = sub.add_parser("versus")
+    v.add_argument("--old", required=True, help="a checkout of diffprobe to compare with (its repository root)")
+    v.add_argument("--images", type=int, default=4096)
+    v.add_argument("--budget", type=float, default=256)
+    v.add_argument("--caches", default="cold,warm", choices=["cold,warm", "cold", "warm"])
+    v.add_argument("--chunk", type=int, default=64)
+    v.add_argument("--repeats", type=int, default=4)
+    v.add_argument("--tmp", default=None)
     pr = sub.add_parser("project")
     pr.add_argument("--peak-tflops", type=float, default=989.0)
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    {"read": read, "wait": wait, "grid": grid, "project": project}[args.what](args)
+    {"read": read, "versus": versus, "wait": wait, "grid": grid, "project": project}[args.what](args)
 
 
 if __name__ == "__main__":

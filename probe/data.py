@@ -43,12 +43,17 @@ Where the rows live:
 - In memory: every row is read once (pieces in store order) into one buffer per cell.
 - Streamed, when the budget holds at least two store chunks: two *windows* of rows are held
   (each at most ``window_rows`` = half the budget). While one window's batches are taken, the
-  next is filled on a background thread, its pieces read ahead (``prefetch`` of them, on
-  threads, so reading and decoding overlap training; with ``prefetch`` 0 the next window is
-  read when needed). A smaller budget holds one window of ``budget_rows`` (pieces still read
-  ahead across windows): halving it would split chunks. A split forced to stream although it
-  fits the budget is one window of every row. Memory is the budget plus the pieces in flight,
-  a fixed overhead, flat in N. One streamed epoch of an object runs at a time.
+  next is filled on a background thread, so reading and decoding overlap training: its pieces
+  are read ``READ_THREADS`` at once (a disk serves several reads faster than one), each
+  straight into its place in the window. With ``prefetch`` 0 the next window is read when
+  needed, one piece at a time. A smaller budget holds one window of ``budget_rows``, and
+  ``prefetch`` pieces are read ahead across windows into buffers of their own: halving it
+  would split chunks. A split forced to stream although it fits the budget is one window of
+  every row. Memory is the budget and the batches in use, plus a fixed overhead, flat in N:
+  with two windows, a buffer per piece being read only for pieces read in part or at several
+  views (at most ``READ_THREADS``); with one window, up to ``prefetch`` + 2 pieces read ahead.
+  On a GPU the windows are also held on the device. One streamed epoch of an object runs at a
+  time.
 
 The order of an epoch (seeded by ``gen``; a function of the rows, the store's chunking, the
 budget and the generator alone, so it does not depend on where the data lives):
@@ -88,8 +93,8 @@ from diffprobe.store.feature_store import FeatureStore, read_rows
 from diffprobe.store.finite import all_finite
 from diffprobe.store.seeds import derive_seed
 
-PREFETCH = 2  # pieces read ahead of the one in use (background threads); 0: read when needed
-READ_THREADS = 4  # threads decoding prefetched pieces (and the cells of one piece) at once
+PREFETCH = 2  # pieces read ahead (one window; `sequential`); with two windows only > 0 matters; 0: read when needed
+READ_THREADS = 4  # pieces read at once (a window's, or those read ahead)
 
 Cell = tuple[int, int, int]  # (block, t, pool)
 
@@ -218,6 +223,9 @@ class FeatureData:
         self.labels = None if labels is None else np.asarray(labels)
         self.usable = np.asarray(usable, dtype=bool)
         self.device = torch.device(device) if isinstance(device, str) else device
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+            # the caller's current device, named: windows move to it on the filler thread
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.shapes = [tuple(int(s) for s in a.shape[1:]) for a in self.arrays]
         self.dims = [int(np.prod(s)) for s in self.shapes]
         self.row_bytes = views * sum(d * a.dtype.itemsize for d, a in zip(self.dims, self.arrays))
@@ -311,58 +319,94 @@ class FeatureData:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _read(self, i: int) -> list[np.ndarray]:
+    def _read(self, i: int, out: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Piece ``i``: each cell's used rows, float16 (rows, *shape) (with views: (rows, K,
-        *shape), the piece's K views read together), finite-checked once."""
+        *shape), the piece's K views read together), finite-checked once; into ``out`` (one
+        array per cell of that shape) when given. A piece whose rows are all used, at one view,
+        is read straight into place: no copy."""
         piece = self.pieces[i]
         keep = self.rows[piece.pos] - piece.lo
+        whole = len(keep) == piece.hi - piece.lo
         usable = self.usable[piece.lo : piece.hi]
-        out = []
+        if out is None:
+            out = self._buffers(len(keep))
         for j, cell in enumerate(self.cells):
-            per_view = []
             for v, arrays in enumerate(self.view_arrays):
-                x = read_rows(arrays[j], piece.lo, piece.hi)
-                if i not in self._checked:
-                    flat = x.reshape(len(x), -1)
-                    if not all_finite(flat if usable.all() else flat[usable]):
-                        raise StoreError(
-                            f"{_where(self.store, self.split, cell)}{f', view {v},' if v else ''} holds "
-                            f"non-finite values in images that are not marked skipped"
-                        )
-                per_view.append(x if len(keep) == len(x) else x[keep])
-            out.append(per_view[0] if self.views == 1 else np.stack(per_view, axis=1))
+                dst = out[j] if self.views == 1 else out[j][:, v]
+                each = None if i in self._checked else self._finite(cell, v, usable)  # as rows arrive
+                x = read_rows(arrays[j], piece.lo, piece.hi, out=dst if whole else None, each=each)
+                if not whole:
+                    dst[...] = x[keep]
         self._checked.add(i)
         return out
+
+    def _finite(self, cell: Cell, view: int, usable: np.ndarray):
+        """A `read_rows` ``each`` that refuses non-finite values in the rows ``usable`` marks."""
+
+        def check(x: np.ndarray, at: int) -> None:
+            flat, ok = x.reshape(len(x), -1), usable[at : at + len(x)]
+            if not all_finite(flat if ok.all() else flat[ok]):
+                raise StoreError(
+                    f"{_where(self.store, self.split, cell)}{f', view {view},' if view else ''} holds "
+                    f"non-finite values in images that are not marked skipped"
+                )
+
+        return check
 
     def _fill_order(self, pieces: Sequence[int]) -> list[int]:
         """The order `_fill` reads ``pieces`` in: ascending in the store."""
         return sorted(pieces, key=lambda i: self.pieces[i].lo)
 
+    def _place(
+        self, order: Sequence[int], slot: int | None = None
+    ) -> tuple[list[int], list[np.ndarray], np.ndarray, list[list[np.ndarray]]]:
+        """Where pieces ``order`` go: the pieces in `_fill_order`, the buffers of their used rows
+        (one per cell; ``slot`` 0/1: that window buffer, allocated (and paged in) once and reused,
+        since a window's batches are copies; else new), the rows' positions in ``rows``, and each
+        piece's place in the buffers."""
+        order = self._fill_order(order)
+        pos = np.concatenate([self.pieces[i].pos for i in order]) if order else np.zeros(0, np.int64)
+        if slot is not None:
+            held = self._windows[slot]
+            if held is None or len(held[0]) < len(pos):
+                held = self._windows[slot] = self._buffers(len(pos))
+            bufs = [w[: len(pos)] for w in held]
+        else:
+            bufs = self._buffers(len(pos))
+        ends = np.cumsum([0] + [len(self.pieces[i].pos) for i in order])
+        return order, bufs, pos, [[b[ends[k] : ends[k + 1]] for b in bufs] for k in range(len(order))]
+
+    def _buffers(self, n: int) -> list[np.ndarray]:
+        """Empty buffers of ``n`` rows, one per cell (with views: (n, K, *shape))."""
+        lead = (n,) if self.views == 1 else (n, self.views)
+        return [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
+
+    def _on_device(self, bufs: list[np.ndarray]) -> list[torch.Tensor]:
+        return [torch.from_numpy(b).to(self.device) for b in bufs]
+
     def _fill(
         self, order: Sequence[int], slot: int | None = None, parts: Iterator[list[np.ndarray]] | None = None
     ) -> tuple[list[torch.Tensor], np.ndarray]:
-        """The used rows of pieces ``order`` (prefetched), ascending, as device tensors per cell,
-        and their positions in ``rows``. ``slot`` 0/1: into that window buffer (a window's
-        batches are copies, so a later window may overwrite it). ``parts``: the pieces already
-        being read, in `_fill_order` (a read-ahead that runs across windows); else read here."""
-        order = self._fill_order(order)
-        pos = np.concatenate([self.pieces[i].pos for i in order]) if order else np.zeros(0, np.int64)
-        lead = (len(pos),) if self.views == 1 else (len(pos), self.views)
-        if slot is not None:  # a streamed window: buffers of window rows, allocated (and paged in) once
-            held = self._windows[slot]
-            if held is None or len(held[0]) < len(pos):
-                held = self._windows[slot] = [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
-            bufs = [w[: len(pos)] for w in held]
+        """The used rows of pieces ``order``, ascending, as device tensors per cell, and their
+        positions in ``rows`` (``slot``: as in `_place`). ``parts``: the pieces already being
+        read, in `_fill_order` (one window's read-ahead across windows), copied in; else each
+        piece is read straight into its place, ``READ_THREADS`` at once (``prefetch`` 0: in turn)."""
+        order, bufs, pos, places = self._place(order, slot)
+        if parts is not None:
+            for place, part in zip(places, parts):
+                for dst, x in zip(place, part):
+                    dst[...] = x
+        elif self.prefetch > 0 and len(order) > 1:
+            pool = ThreadPoolExecutor(min(READ_THREADS, len(order)), thread_name_prefix="diffprobe-read")
+            try:
+                for done in [pool.submit(self._read, i, place) for i, place in zip(order, places)]:
+                    done.result()
+            finally:  # a failed read: the pieces not yet started are not read
+                pool.shutdown(wait=True, cancel_futures=True)
         else:
-            bufs = [np.empty((*lead, *s), a.dtype) for s, a in zip(self.shapes, self.arrays)]
-        at = 0
-        reading = _ahead(self._read, order, self.prefetch) if parts is None else itertools.islice(parts, len(order))
-        for part in reading:
-            k = len(part[0])
-            for buf, x in zip(bufs, part):
-                buf[at : at + k] = x
-            at += k
-        return [torch.from_numpy(b).to(self.device) for b in bufs], pos
+            for i, place in zip(order, places):
+                self._read(i, place)
+        return self._on_device(bufs), pos
 
     def _read_all(self) -> list[torch.Tensor]:
         return self._fill(range(len(self.pieces)))[0]
@@ -436,36 +480,64 @@ class FeatureData:
             filled.close()  # a streamed epoch stopped early: its fill and read-ahead threads end
 
     def _filled(self, windows) -> Generator[tuple[list[torch.Tensor], np.ndarray], None, None]:
-        """Each streamed window's (buffers, rows in batch order as buffer positions), in turn. One
-        read-ahead runs over every window's pieces, and (two windows, prefetch > 0) window k + 1
-        is filled on a thread, into the other buffer, while window k's batches are taken: same
-        data, same order. One streamed epoch of an object at a time: they share the buffers."""
+        """Each streamed window's (buffers, rows in batch order as buffer positions), in turn.
+        Two windows (prefetch > 0): window k + 1 is read while window k's batches are taken, and
+        as soon as those are all taken window k + 2's pieces queue behind k + 1's on the same
+        ``READ_THREADS`` readers, into k's buffer, so the disk always has reads to serve. One
+        window: a read-ahead runs over every window's pieces. Same data, same order either way.
+        One streamed epoch of an object at a time: they share the buffers."""
         if self._streaming:
             raise RuntimeError(
                 "FeatureData streams one epoch at a time (the epochs share its window buffers): "
                 "finish or close the previous batches() iterator first"
             )
         self._streaming = True
-        stream = _ahead(self._read, [i for pieces, _ in windows for i in self._fill_order(pieces)], self.prefetch)
-        two = self.two_windows and self.prefetch > 0
-        filler = ThreadPoolExecutor(1, thread_name_prefix="diffprobe-fill") if two else None
-
-        def fill(k):
-            return self._fill(windows[k][0], k % 2 if two else 0, stream)
-
-        nxt = filler.submit(fill, 0) if filler else None
         try:
-            for k, (_, seq) in enumerate(windows):
-                bufs, pos = nxt.result() if nxt else fill(k)  # window k - 1's batches are all taken
-                nxt = filler.submit(fill, k + 1) if filler and k + 1 < len(windows) else None
+            if self.two_windows and self.prefetch > 0:
+                yield from self._filled_ahead(windows)
+            else:
+                yield from self._filled_in_turn(windows)
+        finally:
+            self._streaming = False
+
+    def _filled_in_turn(self, windows):
+        """`_filled` with one window buffer: each window filled when asked for (one window and
+        prefetch > 0: its pieces read ahead across windows, into buffers of their own)."""
+        stream = None
+        if not self.two_windows and self.prefetch > 0:
+            stream = _ahead(self._read, [i for w, _ in windows for i in self._fill_order(w)], self.prefetch)
+        try:
+            for pieces, seq in windows:
+                bufs, pos = self._fill(pieces, 0, stream)
                 yield bufs, np.searchsorted(pos, seq)
         finally:
-            if nxt is not None and not nxt.cancel():  # stopped early, a fill in flight: it ends first
-                nxt.exception()  # waits (its error, if any, is moot: nobody asked for that window)
-            if filler is not None:
-                filler.shutdown(wait=True)
-            stream.close()
-            self._streaming = False
+            if stream is not None:
+                stream.close()
+
+    def _filled_ahead(self, windows):
+        """`_filled` with two window buffers and a shared pool of readers (its docstring)."""
+        readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="diffprobe-read")
+        filler = ThreadPoolExecutor(1, thread_name_prefix="diffprobe-fill")  # a window's tensors, once read
+
+        def ready(reads, bufs, pos):
+            for r in reads:
+                r.result()
+            return self._on_device(bufs), pos
+
+        def start(k: int):
+            order, bufs, pos, places = self._place(windows[k][0], k % 2)
+            return filler.submit(ready, [readers.submit(self._read, i, p) for i, p in zip(order, places)], bufs, pos)
+
+        try:
+            pending = deque([start(k) for k in range(min(2, len(windows)))])
+            for k, (_, seq) in enumerate(windows):
+                bufs, pos = pending.popleft().result()
+                yield bufs, np.searchsorted(pos, seq)
+                if k + 2 < len(windows):  # window k's batches are all taken: its buffer takes k + 2
+                    pending.append(start(k + 2))
+        finally:  # stopped early or failed: reads not started are dropped, those in flight end first
+            readers.shutdown(wait=True, cancel_futures=True)
+            filler.shutdown(wait=True, cancel_futures=True)
 
     def _window_batches(self, batch: int, windows, view_of: np.ndarray | None, filled):
         carry: tuple[list[torch.Tensor], torch.Tensor] | None = None

@@ -52,6 +52,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -478,27 +479,58 @@ def _chunk_file(arr, lo: int, hi: int) -> Path | None:
     return Path(arr.store.root, arr.path, enc.encode_chunk_key((lo // step,) + (0,) * (arr.ndim - 1)))
 
 
-def read_rows(arr, lo: int, hi: int) -> np.ndarray:
-    """``arr[lo:hi]`` of a Zarr array, as numpy. When [lo, hi) is one uncompressed chunk of a
-    local store (see ``_chunk_file``), the chunk file is read straight into the result (3-4x
-    Zarr's rate on one thread, BENCHMARKS.md); a missing chunk file reads as the fill value, and
-    an edge chunk (stored at full chunk shape) is cut to its rows. Anything else, a chunk file
-    of the wrong size included, goes through Zarr unchanged, with Zarr's errors."""
+SEGMENT = 1 << 20  # bytes per read when a caller looks at rows as they arrive (``each``)
+
+
+def read_rows(arr, lo: int, hi: int, out: np.ndarray | None = None, each=None) -> np.ndarray:
+    """``arr[lo:hi]`` of a Zarr array, as numpy (into ``out``, of that shape and dtype, when
+    given; returned). When [lo, hi) is one uncompressed chunk of a local store (see
+    ``_chunk_file``) of the size Zarr writes, the chunk file's rows are read straight into the
+    result (3-4x Zarr's rate on one thread, BENCHMARKS.md; no copy when ``out`` is contiguous);
+    a missing chunk file reads as the fill value, and an edge chunk (stored at full chunk shape)
+    gives only its rows. Anything else, a chunk file of the wrong size included, goes through
+    Zarr unchanged, with Zarr's errors.
+
+    ``each(x, at)``, if given, sees every row of the result, in order: ``x`` holds rows [at,
+    at + len(x)). Read straight from a chunk file, it is called about every ``SEGMENT`` bytes,
+    while those rows are still in the CPU's cache (a check over them then costs about half as
+    much as over the whole result afterwards); else once, on the whole result. A chunk file
+    found short part way through falls back to Zarr, and ``each`` then sees every row again."""
+    if out is None:
+        out = np.empty((hi - lo, *arr.shape[1:]), dtype=arr.dtype)
     path = _chunk_file(arr, lo, hi)
     if path is None:
-        return np.asarray(arr[lo:hi])
-    out = np.empty(tuple(arr.chunks), dtype=arr.dtype)
-    view = out.reshape(-1).view(np.uint8).data
+        return _whole(out, arr, lo, hi, each)
+    dst = out if out.flags.c_contiguous else np.empty(out.shape, out.dtype)
+    view = dst.reshape(-1).view(np.uint8).data
+    row = max(1, dst[:1].nbytes)
+    step = max(1, SEGMENT // row) * row
     try:
-        with open(path, "rb", buffering=0) as f:
-            got = 0
-            while got < len(view) and (k := f.readinto(view[got:])):
+        f = open(path, "rb", buffering=0)
+    except FileNotFoundError:  # never written: the fill value, as Zarr reads it
+        return _whole(out, arr, lo, hi, each, arr.metadata.fill_value)
+    with f:
+        if os.fstat(f.fileno()).st_size != math.prod(arr.chunks) * arr.dtype.itemsize:
+            return _whole(out, arr, lo, hi, each)
+        for start in range(0, len(view), step):
+            end, got = min(start + step, len(view)), start
+            while got < end and (k := f.readinto(view[got:end])):
                 got += k
-            if got != len(view) or f.read(1):
-                return np.asarray(arr[lo:hi])
-    except FileNotFoundError:
-        return np.full((hi - lo, *arr.shape[1:]), arr.metadata.fill_value, dtype=arr.dtype)
-    return out if hi - lo == len(out) else out[: hi - lo]
+            if got != end:  # shorter than its size said: changed under us
+                return _whole(out, arr, lo, hi, each)
+            if each is not None:
+                each(dst[start // row : end // row], start // row)
+    if dst is not out:
+        out[...] = dst
+    return out
+
+
+def _whole(out: np.ndarray, arr, lo: int, hi: int, each, value=None) -> np.ndarray:
+    """``out[...]`` = rows [lo, hi) of ``arr`` through Zarr (or ``value``), ``each`` seeing them once."""
+    out[...] = arr[lo:hi] if value is None else value
+    if each is not None:
+        each(out, 0)
+    return out
 
 
 def write_rows(arr, lo: int, data: np.ndarray) -> None:

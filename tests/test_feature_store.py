@@ -395,6 +395,34 @@ def test_read_rows_reads_chunk_files_as_zarr_does(tmp_path):
     assert np.isnan(got).all() and got.tobytes() == np.asarray(arr[32:48]).tobytes()
 
 
+def test_read_rows_into_out_with_each_seeing_every_row_once(tmp_path, monkeypatch):
+    """``out``: filled in place (a contiguous one read into straight, a strided one too); ``each``:
+    every row once, in order, a few rows at a time while read from a chunk file (an edge chunk
+    too), once through Zarr and once for a missing chunk's fill value."""
+    arr = _synthetic(tmp_path, "none")
+    monkeypatch.setattr(fs, "SEGMENT", 3 * 3 * 2 * 2 * 2 - 1)  # two rows a segment (whole rows, at least one)
+
+    def seen(lo, hi, out=None):
+        calls = []
+        got = fs.read_rows(arr, lo, hi, out=out, each=lambda x, at: calls.append((at, x.copy())))
+        assert [at for at, _ in calls] == list(np.cumsum([0] + [len(x) for _, x in calls])[:-1])
+        assert np.concatenate([x for _, x in calls]).tobytes() == got.tobytes()
+        return got, calls
+
+    for lo, hi in [(0, 16), (96, 100)]:
+        out = np.empty((hi - lo, 3, 2, 2), np.float16)
+        got, calls = seen(lo, hi, out)
+        assert got is out and out.tobytes() == np.asarray(arr[lo:hi]).tobytes()
+        assert {len(x) for _, x in calls} <= {1, 2} and len(calls) == -(-(hi - lo) // 2)
+    strided = np.zeros((16, 2, 3, 2, 2), np.float16)
+    got, _ = seen(16, 32, strided[:, 1])
+    assert (strided[:, 1] == arr[16:32]).all() and not strided[:, 0].any()
+    assert len(seen(8, 24)[1]) == 1  # not one chunk: through Zarr, seen once
+    fs._chunk_file(arr, 32, 48).unlink()
+    got, calls = seen(32, 48)
+    assert np.isnan(got).all() and len(calls) == 1
+
+
 def test_read_rows_goes_through_zarr_for_compressed_arrays(tmp_path):
     arr = _synthetic(tmp_path, "zstd")
     assert fs._chunk_file(arr, 0, 16) is None

@@ -60,14 +60,14 @@ def test_attention_streams_a_split_8x_over_the_budget_bit_identical_to_in_memory
     whole = attention_probe(store, 24, 90, P, heads=H)
     assert not whole.streamed
     largest = []
-    real = FeatureData._fill
+    real = FeatureData._place
 
-    def spy(self, order, slot=None, parts=None):
-        out = real(self, order, slot, parts)
-        largest.append(len(out[1]))
+    def spy(self, order, slot=None):
+        out = real(self, order, slot)
+        largest.append(len(out[2]))
         return out
 
-    monkeypatch.setattr(FeatureData, "_fill", spy)
+    monkeypatch.setattr(FeatureData, "_place", spy)
     streamed = attention_probe(store, 24, 90, P, heads=H, settings=p)
     assert streamed.streamed and 2 * max(largest) <= N // 8  # two windows: never more rows held than the budget
     assert whole.top1 > 0.4 and streamed.top1 > 0.4, (whole.top1, streamed.top1)  # both learn (chance 0.25)
@@ -78,7 +78,9 @@ def test_attention_streams_a_split_8x_over_the_budget_bit_identical_to_in_memory
 def test_difformer_streams_its_arrays_together_and_equals_in_memory(store, monkeypatch):
     reads = []
     real = FeatureData._read
-    monkeypatch.setattr(FeatureData, "_read", lambda self, i: reads.append(len(self.cells)) or real(self, i))
+    monkeypatch.setattr(
+        FeatureData, "_read", lambda self, i, out=None: reads.append(len(self.cells)) or real(self, i, out)
+    )
     whole = fusion_probe(store, [19, 24], [90, 150], P, heads=H)
     streamed = fusion_probe(store, [19, 24], [90, 150], P, heads=H, stream=True)
     assert streamed.streamed and set(reads) == {4}  # each piece: the 4 arrays' chunks, read together
@@ -90,7 +92,9 @@ def test_difformer_streams_its_arrays_together_and_equals_in_memory(store, monke
 def test_heads_read_only_the_rows_they_train_on(store, monkeypatch):
     kept = []
     real = FeatureData._read
-    monkeypatch.setattr(FeatureData, "_read", lambda self, i: kept.append(len(real(self, i)[0])) or real(self, i))
+    monkeypatch.setattr(
+        FeatureData, "_read", lambda self, i, out=None: (x := real(self, i, out), kept.append(len(x[0])))[0]
+    )
     sel = select(store, 0, ProbeConfig(), "shots:2")
     attention_probe(store, 24, 90, P, heads=dataclasses.replace(H, epochs=1), selection=sel)
     # train: 8 fitted + 32 held out (10% of 320) rows, not the 320 usable ones; val: 80

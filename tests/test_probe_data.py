@@ -132,7 +132,9 @@ def test_a_head_trained_both_ways_ends_bit_identical(store):
 def test_only_pieces_holding_used_rows_are_read(store, monkeypatch):
     read = []
     real = FeatureData._read
-    monkeypatch.setattr(FeatureData, "_read", lambda self, i: read.append(self.pieces[i].lo) or real(self, i))
+    monkeypatch.setattr(
+        FeatureData, "_read", lambda self, i, out=None: read.append(self.pieces[i].lo) or real(self, i, out)
+    )
     data = _data(store, 100, True, rows=np.array([3, 5, 200]))
     list(data.sequential(2))
     assert sorted(read) == [0, 192]  # the chunks of rows 3, 5 and 200 only
@@ -141,7 +143,7 @@ def test_only_pieces_holding_used_rows_are_read(store, monkeypatch):
 def test_parts_read_once_when_they_fit_together(store, monkeypatch):
     read = []
     real = FeatureData._read
-    monkeypatch.setattr(FeatureData, "_read", lambda self, i: read.append(i) or real(self, i))
+    monkeypatch.setattr(FeatureData, "_read", lambda self, i, out=None: read.append(i) or real(self, i, out))
     usable = np.ones(N, bool)
     y = store.labels("train")
     a, b = np.arange(0, N, 2), np.arange(1, N, 2)
@@ -187,7 +189,7 @@ def test_the_read_ahead_runs_across_windows(store, monkeypatch):
     first_of_next = data._fill_order(windows[1][0])[0]
     reads: list[int] = []
     real = FeatureData._read
-    monkeypatch.setattr(FeatureData, "_read", lambda self, i: (reads.append(i), real(self, i))[1])
+    monkeypatch.setattr(FeatureData, "_read", lambda self, i, out=None: (reads.append(i), real(self, i, out))[1])
     rows_in_first = len(windows[0][1])
     seen = 0
     batches = data.batches(16, torch.Generator().manual_seed(0))
@@ -225,7 +227,7 @@ def test_the_next_window_is_filled_while_this_one_is_taken(store, monkeypatch):
     assert all(len(seq) <= data.window_rows for _, seq in windows)
     reads: list[int] = []
     real = FeatureData._read
-    monkeypatch.setattr(FeatureData, "_read", lambda self, i: (reads.append(i), real(self, i))[1])
+    monkeypatch.setattr(FeatureData, "_read", lambda self, i, out=None: (reads.append(i), real(self, i, out))[1])
     batches = data.batches(8, torch.Generator().manual_seed(0))
     first = next(batches)
     for _ in range(200):  # the filler thread: give it a moment
@@ -246,10 +248,10 @@ def test_a_window_that_fails_to_fill_stops_the_epoch_with_its_error(store, monke
     bad = windows[1][0][0]
     real = FeatureData._read
 
-    def read(self, i):
+    def read(self, i, out=None):
         if i == bad:
             raise StoreError(f"piece {i} is unreadable")
-        return real(self, i)
+        return real(self, i, out)
 
     monkeypatch.setattr(FeatureData, "_read", read)
     with pytest.raises(StoreError, match=f"piece {bad} is unreadable"):
@@ -265,3 +267,87 @@ def test_a_budget_under_two_chunks_keeps_one_window_of_whole_chunks(store):
     assert not data.two_windows and data.window_rows == 50
     assert {p.hi - p.lo for p in data.pieces} <= {CHUNK, N % CHUNK}  # chunks are not split
     _same(_epoch(data, 16, 3), _epoch(_data(store, 50, stream=True, prefetch=0), 16, 3))
+
+
+def test_the_window_after_next_queues_behind_the_next_one(store, monkeypatch):
+    """While the next window's last piece is still being read, the pieces of the window after
+    it are already being read (on the readers left free): the disk is never without reads
+    between windows. Same batches as with no prefetch."""
+    data = _data(store, 224, stream=True, prefetch=2)
+    windows = data.windows(torch.Generator().manual_seed(0))
+    assert data.two_windows and len(windows) >= 3
+    last_of_next = data._fill_order(windows[1][0])[-1]
+    after_next = threading.Event()
+    real = FeatureData._read
+
+    def read(self, i, out=None):
+        if i in windows[2][0]:
+            after_next.set()
+        if i == last_of_next:
+            assert after_next.wait(10), "window 2 was not read while window 1 was"
+        return real(self, i, out)
+
+    monkeypatch.setattr(FeatureData, "_read", read)
+    ahead = list(data.batches(8, torch.Generator().manual_seed(0)))
+    assert after_next.is_set()
+    monkeypatch.undo()
+    _same(ahead, list(_data(store, 224, stream=True, prefetch=0).batches(8, torch.Generator().manual_seed(0))))
+
+
+def test_rows_are_checked_finite_as_they_arrive_sparing_skipped_ones(tmp_path, monkeypatch):
+    """Streamed and checked a few rows at a time (``SEGMENT`` patched to one row): NaN in a
+    skipped row passes, inf in a usable row is an error naming its block, wherever it sits."""
+    import diffprobe.store.feature_store as fs
+
+    monkeypatch.setattr(fs, "SEGMENT", 1)
+    x = np.ones((64, C, P, P), np.float16)
+    x[[5, 40]] = np.nan
+    usable = np.ones(64, bool)
+    usable[[5, 40]] = False
+    path = write_synthetic_store(
+        tmp_path / "s.zarr", {"train": {FeatureKey(90, 24, P): x}}, {"train": np.zeros(64, int)}, chunk_images=16
+    )
+
+    def epoch(s):
+        rows = np.flatnonzero(usable)
+        data = FeatureData(s, "train", [(24, 90, P)], rows, None, usable, memory_mb=48 * 2 * C * P * P / 2**20)
+        assert data.two_windows and not data.in_memory
+        return sum(len(y) for _, y in data.batches(8, torch.Generator().manual_seed(0)))
+
+    assert epoch(open_store(path)) == 62
+    arr = zarr.open_array(path / "train" / f"t90_b24_p{P}", mode="r+")  # a usable row turns inf
+    for row in (6, 20, 47, 60):  # in chunks read in part (a skipped row) and read straight into the window
+        arr[row] = np.inf
+        with pytest.raises(StoreError, match="block 24, t 90, pool 2 .* holds non-finite values"):
+            epoch(open_store(path))
+        arr[row] = 1
+
+
+def test_a_bare_cuda_device_is_the_callers_current_one(store, monkeypatch):
+    """Windows move to the device on the filler thread, where torch.cuda.set_device of the
+    caller does not hold: a bare "cuda" is resolved to the caller's current device up front."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    usable = np.ones(N, bool)
+    d = FeatureData(store, "train", CELLS, _rows(), None, usable, memory_mb=1, device="cuda", stream=True)
+    assert d.device == torch.device("cuda", 3)
+
+
+def test_a_failure_starting_the_windows_leaves_the_data_usable(store, monkeypatch):
+    """Placing window 1 fails (say, no memory for its buffer) while window 0 is being read: the
+    epoch raises that error, its threads are joined, and the next epoch runs."""
+    data = _data(store, 224, stream=True, prefetch=2)
+    real, calls = FeatureData._place, []
+
+    def place(self, order, slot=None):
+        calls.append(slot)
+        if len(calls) == 2:
+            raise MemoryError("no room for window 1")
+        return real(self, order, slot)
+
+    monkeypatch.setattr(FeatureData, "_place", place)
+    with pytest.raises(MemoryError, match="window 1"):
+        next(data.batches(8, torch.Generator().manual_seed(0)))
+    assert not _our_threads()
+    monkeypatch.undo()
+    assert len(list(data.batches(8, torch.Generator().manual_seed(0)))) == data.steps(8)

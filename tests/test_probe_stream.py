@@ -41,9 +41,9 @@ def reads(monkeypatch):
     sizes = []
     real = FeatureData._read
 
-    def spy(self, i):
+    def spy(self, i, out=None):
         sizes.append(self.pieces[i].hi - self.pieces[i].lo)
-        return real(self, i)
+        return real(self, i, out)
 
     monkeypatch.setattr(FeatureData, "_read", spy)
     return sizes
