@@ -321,22 +321,21 @@ class FeatureData:
 
     def _read(self, i: int, out: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Piece ``i``: each cell's used rows, float16 (rows, *shape) (with views: (rows, K,
-        *shape), the piece's K views read together), finite-checked once; into ``out`` (one
-        array per cell of that shape) when given. A piece whose rows are all used, at one view,
-        is read straight into place: no copy."""
+        *shape), the piece's K views read together), finite-checked once (the used rows the
+        split does not mark skipped); into ``out`` (one array per cell of that shape) when
+        given. Read straight into place (at one view): no copy, and unused rows not read."""
         piece = self.pieces[i]
         keep = self.rows[piece.pos] - piece.lo
-        whole = len(keep) == piece.hi - piece.lo
-        usable = self.usable[piece.lo : piece.hi]
+        usable = self.usable[piece.lo : piece.hi][keep]
+        if len(keep) == piece.hi - piece.lo:
+            keep = None  # every row: one read of the chunk
         if out is None:
-            out = self._buffers(len(keep))
+            out = self._buffers(len(piece.pos))
         for j, cell in enumerate(self.cells):
             for v, arrays in enumerate(self.view_arrays):
                 dst = out[j] if self.views == 1 else out[j][:, v]
                 each = None if i in self._checked else self._finite(cell, v, usable)  # as rows arrive
-                x = read_rows(arrays[j], piece.lo, piece.hi, out=dst if whole else None, each=each)
-                if not whole:
-                    dst[...] = x[keep]
+                read_rows(arrays[j], piece.lo, piece.hi, out=dst, each=each, keep=keep)
         self._checked.add(i)
         return out
 
