@@ -39,7 +39,7 @@ Where the rows live:
 - A *piece* is one store chunk (``store.chunk_images`` rows, read as one chunk-aligned slice of
   the Zarr array `FeatureStore.feature_array`, every cell's chunk together), or, when one chunk
   does not fit a window, ``window_rows`` rows of it. Pieces without a row of ``rows`` are
-  never read; of a piece read, only the rows of ``rows`` are kept.
+  never read; of a piece read, only the rows of ``rows`` are read.
 - In memory: every row is read once (pieces in store order) into one buffer per cell.
 - Streamed, when the budget holds at least two store chunks: two *windows* of rows are held
   (each at most ``window_rows`` = half the budget). While one window's batches are taken, the
@@ -50,8 +50,8 @@ Where the rows live:
   ``prefetch`` pieces are read ahead across windows into buffers of their own: halving it
   would split chunks. A split forced to stream although it fits the budget is one window of
   every row. Memory is the budget and the batches in use, plus a fixed overhead, flat in N:
-  with two windows, a buffer per piece being read only for pieces read in part or at several
-  views (at most ``READ_THREADS``); with one window, up to ``prefetch`` + 2 pieces read ahead.
+  with two windows, a buffer per piece being read only at several views (at most
+  ``READ_THREADS``); with one window, up to ``prefetch`` + 2 pieces read ahead.
   On a GPU the windows are also held on the device. One streamed epoch of an object runs at a
   time.
 
