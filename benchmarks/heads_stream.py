@@ -23,8 +23,10 @@ benchmarks/results/heads_stream_read.json.
 imported as the package diffprobe through PYTHONPATH) on one synthetic store of ``--images``
 at ``--budget`` MB, prefetch on, interleaved with plain reads of the store's chunk files (1 and
 READ_THREADS files at once), cold and warm: per repeat, each of the four once, in turn, so they
-see the same disk. Reported: median GB/s, every run's, and the cores kept busy (CPU seconds of
-the process over wall seconds). Writes benchmarks/results/heads_stream_versus.json.
+see the same disk. ``--drop-every`` K: the readers read every row but each K-th, as the fitted
+part of a probe does (its held-out rows are spread over every chunk); GB/s then counts the
+whole store, the rate of a pass over it. Reported: median GB/s, every run's, and the cores
+kept busy (CPU seconds of the process over wall seconds). Writes benchmarks/results/heads_stream_versus.json.
 
 ``wait``: the data-wait fraction of a head that keeps a GPU busy, emulated on CPU: one epoch of
 the same stream (prefetch on) into a head whose every step (batch 128) sleeps ``--step-ms``
@@ -120,7 +122,8 @@ if a.get("raw"):  # the disk's own rate: every chunk file of the train maps, pla
     print(json.dumps({"images": n, "seconds": time.perf_counter() - start, "cpu_seconds": cpu_s() - cpu,
                       "peak_above_base_mb": 0, "base_mb": base}))
     sys.exit(0)
-data = FeatureData(store, "train", [(24, 90, 16)], np.arange(n), store.labels("train"), np.ones(n, bool),
+rows = np.arange(n) if not a.get("drop_every") else np.flatnonzero(np.arange(n) % a["drop_every"] != 0)
+data = FeatureData(store, "train", [(24, 90, 16)], rows, store.labels("train")[rows], np.ones(n, bool),
                    memory_mb=a["budget"], stream=True, prefetch=a["prefetch"])
 step = a.get("step_ms", 0) / 1000
 filling = [0.0]  # seconds the consumer waited for a window's rows to come off the disk
@@ -196,10 +199,25 @@ def _store(path: Path, n: int, chunk: int, channels: int = C, pool: int = P) -> 
 
 
 def _child(
-    store: Path, budget: float, prefetch: int, cold: bool, raw: int = 0, step_ms: float = 0, env: dict | None = None
+    store: Path,
+    budget: float,
+    prefetch: int,
+    cold: bool,
+    raw: int = 0,
+    step_ms: float = 0,
+    env: dict | None = None,
+    drop_every: int = 0,
 ) -> dict:
     arg = json.dumps(
-        {"store": str(store), "budget": budget, "prefetch": prefetch, "cold": cold, "raw": raw, "step_ms": step_ms}
+        {
+            "store": str(store),
+            "budget": budget,
+            "prefetch": prefetch,
+            "cold": cold,
+            "raw": raw,
+            "step_ms": step_ms,
+            "drop_every": drop_every,
+        }
     )
     out = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -256,17 +274,25 @@ def versus(args) -> None:
     so all four see the same disk: per repeat and cache state, each once, in turn."""
     from diffprobe.probe.data import PREFETCH, READ_THREADS
 
-    out: dict = {"images": args.images, "budget_mb": args.budget, "old": args.old, "repeats": args.repeats, "runs": []}
+    out: dict = {
+        "images": args.images,
+        "budget_mb": args.budget,
+        "drop_every": args.drop_every,
+        "old": args.old,
+        "repeats": args.repeats,
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         (Path(tmp) / "old").mkdir()
         (Path(tmp) / "old" / "diffprobe").symlink_to(Path(args.old).resolve())  # the package diffprobe, from --old
         old_env = dict(os.environ, PYTHONPATH=str(Path(tmp) / "old"))
         store = _store(Path(tmp) / "s.zarr", args.images, args.chunk)
-        gb = args.images * C * P * P * 2 / 1e9
+        gb = args.images * C * P * P * 2 / 1e9  # the store's bytes: the rate of a pass over it
+        used = dict(drop_every=args.drop_every)
         kinds = {
             f"plain read, {READ_THREADS} files at once": dict(raw=READ_THREADS),
-            "reader, this checkout": {},
-            "reader, --old": dict(env=old_env),
+            "reader, this checkout": used,
+            "reader, --old": dict(env=old_env, **used),
             "plain read, 1 file at once": dict(raw=1),
         }
         for cache in args.caches.split(","):
@@ -470,6 +496,7 @@ def main() -> None:
     v.add_argument("--caches", default="cold,warm", choices=["cold,warm", "cold", "warm"])
     v.add_argument("--chunk", type=int, default=64)
     v.add_argument("--repeats", type=int, default=4)
+    v.add_argument("--drop-every", type=int, default=0, help="K: the readers skip every K-th row, as a held-out part")
     v.add_argument("--tmp", default=None)
     pr = sub.add_parser("project")
     pr.add_argument("--peak-tflops", type=float, default=989.0)

@@ -39,7 +39,7 @@ Where the rows live:
 - A *piece* is one store chunk (``store.chunk_images`` rows, read as one chunk-aligned slice of
   the Zarr array `FeatureStore.feature_array`, every cell's chunk together), or, when one chunk
   does not fit a window, ``window_rows`` rows of it. Pieces without a row of ``rows`` are
-  never read; of a piece read, only the rows of ``rows`` are kept.
+  never read; of a piece read, only the rows of ``rows`` are read.
 - In memory: every row is read once (pieces in store order) into one buffer per cell.
 - Streamed, when the budget holds at least two store chunks: two *windows* of rows are held
   (each at most ``window_rows`` = half the budget). While one window's batches are taken, the
@@ -50,8 +50,8 @@ Where the rows live:
   ``prefetch`` pieces are read ahead across windows into buffers of their own: halving it
   would split chunks. A split forced to stream although it fits the budget is one window of
   every row. Memory is the budget and the batches in use, plus a fixed overhead, flat in N:
-  with two windows, a buffer per piece being read only for pieces read in part or at several
-  views (at most ``READ_THREADS``); with one window, up to ``prefetch`` + 2 pieces read ahead.
+  with two windows, a buffer per piece being read only at several views (at most
+  ``READ_THREADS``); with one window, up to ``prefetch`` + 2 pieces read ahead.
   On a GPU the windows are also held on the device. One streamed epoch of an object runs at a
   time.
 
@@ -321,22 +321,21 @@ class FeatureData:
 
     def _read(self, i: int, out: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Piece ``i``: each cell's used rows, float16 (rows, *shape) (with views: (rows, K,
-        *shape), the piece's K views read together), finite-checked once; into ``out`` (one
-        array per cell of that shape) when given. A piece whose rows are all used, at one view,
-        is read straight into place: no copy."""
+        *shape), the piece's K views read together), finite-checked once (the used rows the
+        split does not mark skipped); into ``out`` (one array per cell of that shape) when
+        given. Read straight into place (at one view): no copy, and unused rows not read."""
         piece = self.pieces[i]
         keep = self.rows[piece.pos] - piece.lo
-        whole = len(keep) == piece.hi - piece.lo
-        usable = self.usable[piece.lo : piece.hi]
+        usable = self.usable[piece.lo : piece.hi][keep]
+        if len(keep) == piece.hi - piece.lo:
+            keep = None  # every row: one read of the chunk
         if out is None:
-            out = self._buffers(len(keep))
+            out = self._buffers(len(piece.pos))
         for j, cell in enumerate(self.cells):
             for v, arrays in enumerate(self.view_arrays):
                 dst = out[j] if self.views == 1 else out[j][:, v]
                 each = None if i in self._checked else self._finite(cell, v, usable)  # as rows arrive
-                x = read_rows(arrays[j], piece.lo, piece.hi, out=dst if whole else None, each=each)
-                if not whole:
-                    dst[...] = x[keep]
+                read_rows(arrays[j], piece.lo, piece.hi, out=dst, each=each, keep=keep)
         self._checked.add(i)
         return out
 

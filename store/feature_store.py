@@ -482,52 +482,73 @@ def _chunk_file(arr, lo: int, hi: int) -> Path | None:
 SEGMENT = 1 << 20  # bytes per read when a caller looks at rows as they arrive (``each``)
 
 
-def read_rows(arr, lo: int, hi: int, out: np.ndarray | None = None, each=None) -> np.ndarray:
+def read_rows(arr, lo: int, hi: int, out: np.ndarray | None = None, each=None, keep=None) -> np.ndarray:
     """``arr[lo:hi]`` of a Zarr array, as numpy (into ``out``, of that shape and dtype, when
-    given; returned). When [lo, hi) is one uncompressed chunk of a local store (see
-    ``_chunk_file``) of the size Zarr writes, the chunk file's rows are read straight into the
-    result (3-4x Zarr's rate on one thread, BENCHMARKS.md; no copy when ``out`` is contiguous);
-    a missing chunk file reads as the fill value, and an edge chunk (stored at full chunk shape)
-    gives only its rows. Anything else, a chunk file of the wrong size included, goes through
-    Zarr unchanged, with Zarr's errors.
+    given; returned); with ``keep`` (ascending row offsets from ``lo``), only those rows, in
+    that order. When [lo, hi) is one uncompressed chunk of a local store (see ``_chunk_file``)
+    of the size Zarr writes, the rows are read straight from the chunk file into the result
+    (3-4x Zarr's rate on one thread, BENCHMARKS.md; no copy when ``out`` is contiguous; with
+    ``keep``, each run of consecutive rows in one read, the others never read); a missing chunk
+    file reads as the fill value, and an edge chunk (stored at full chunk shape) gives only its
+    rows. Anything else, a chunk file of the wrong size included, goes through Zarr unchanged,
+    with Zarr's errors.
 
     ``each(x, at)``, if given, sees every row of the result, in order: ``x`` holds rows [at,
-    at + len(x)). Read straight from a chunk file, it is called about every ``SEGMENT`` bytes,
-    while those rows are still in the CPU's cache (a check over them then costs about half as
-    much as over the whole result afterwards); else once, on the whole result. A chunk file
-    found short part way through falls back to Zarr, and ``each`` then sees every row again."""
+    at + len(x)) of the result. Read straight from a chunk file, it is called about every
+    ``SEGMENT`` bytes, while those rows are still in the CPU's cache (a check over them then
+    costs about half as much as over the whole result afterwards); else once, on the whole
+    result. A chunk file found short part way through falls back to Zarr, and ``each`` then
+    sees every row again."""
     if out is None:
-        out = np.empty((hi - lo, *arr.shape[1:]), dtype=arr.dtype)
+        out = np.empty((hi - lo if keep is None else len(keep), *arr.shape[1:]), dtype=arr.dtype)
     path = _chunk_file(arr, lo, hi)
     if path is None:
-        return _whole(out, arr, lo, hi, each)
+        return _whole(out, arr, lo, hi, keep, each)
     dst = out if out.flags.c_contiguous else np.empty(out.shape, out.dtype)
     view = dst.reshape(-1).view(np.uint8).data
     row = max(1, dst[:1].nbytes)
-    step = max(1, SEGMENT // row) * row
+    per_read = max(1, SEGMENT // row)  # rows
     try:
         f = open(path, "rb", buffering=0)
     except FileNotFoundError:  # never written: the fill value, as Zarr reads it
-        return _whole(out, arr, lo, hi, each, arr.metadata.fill_value)
+        return _whole(out, arr, lo, hi, keep, each, arr.metadata.fill_value)
     with f:
         if os.fstat(f.fileno()).st_size != math.prod(arr.chunks) * arr.dtype.itemsize:
-            return _whole(out, arr, lo, hi, each)
-        for start in range(0, len(view), step):
-            end, got = min(start + step, len(view)), start
-            while got < end and (k := f.readinto(view[got:end])):
-                got += k
-            if got != end:  # shorter than its size said: changed under us
-                return _whole(out, arr, lo, hi, each)
-            if each is not None:
-                each(dst[start // row : end // row], start // row)
+            return _whole(out, arr, lo, hi, keep, each)
+        at = 0  # rows of the result read so far
+        for first, count in [(0, hi - lo)] if keep is None else _runs(keep):
+            f.seek(first * row)
+            for k in (min(per_read, count - s) for s in range(0, count, per_read)):
+                start, end = at * row, (at + k) * row
+                got = start
+                while got < end and (n := f.readinto(view[got:end])):
+                    got += n
+                if got != end:  # shorter than its size said: changed under us
+                    return _whole(out, arr, lo, hi, keep, each)
+                if each is not None:
+                    each(dst[at : at + k], at)
+                at += k
     if dst is not out:
         out[...] = dst
     return out
 
 
-def _whole(out: np.ndarray, arr, lo: int, hi: int, each, value=None) -> np.ndarray:
-    """``out[...]`` = rows [lo, hi) of ``arr`` through Zarr (or ``value``), ``each`` seeing them once."""
-    out[...] = arr[lo:hi] if value is None else value
+def _runs(keep) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive values in the ascending ``keep``."""
+    keep = np.asarray(keep)
+    cut = np.flatnonzero(np.diff(keep) != 1) + 1
+    starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(keep)]])
+    return [(int(keep[a]), int(b - a)) for a, b in zip(starts, ends) if b > a]
+
+
+def _whole(out: np.ndarray, arr, lo: int, hi: int, keep, each, value=None) -> np.ndarray:
+    """``out[...]`` = rows [lo, hi) of ``arr`` (those of ``keep``) through Zarr, or ``value``;
+    ``each`` sees them once."""
+    if value is not None:
+        out[...] = value
+    else:
+        x = arr[lo:hi]
+        out[...] = x if keep is None else x[keep]
     if each is not None:
         each(out, 0)
     return out

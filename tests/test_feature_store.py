@@ -4,6 +4,7 @@ stores still read and extended, and one-line refusals and write errors."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -421,6 +422,37 @@ def test_read_rows_into_out_with_each_seeing_every_row_once(tmp_path, monkeypatc
     fs._chunk_file(arr, 32, 48).unlink()
     got, calls = seen(32, 48)
     assert np.isnan(got).all() and len(calls) == 1
+
+
+def test_read_rows_of_some_rows_reads_only_those(tmp_path, monkeypatch):
+    """``keep``: those rows of the chunk, in order, read run by run from the chunk file (the
+    bytes read are the kept rows' alone), through Zarr for a compressed array, the fill value
+    for a missing chunk; ``each`` sees each kept row once."""
+    arr = _synthetic(tmp_path, "none")
+    keep = np.array([0, 1, 2, 5, 9, 10, 15])
+    want = np.asarray(arr[0:16])[keep]
+    read: list[int] = []
+
+    class Counted(io.FileIO):  # the chunk file, its reads counted
+        def readinto(self, b):
+            read.append(len(b))
+            return super().readinto(b)
+
+    monkeypatch.setattr(fs, "open", lambda path, mode, buffering: Counted(path, "r"), raising=False)
+    calls = []
+    got = fs.read_rows(arr, 0, 16, keep=keep, each=lambda x, at: calls.append((at, len(x))))
+    monkeypatch.undo()
+    assert got.tobytes() == want.tobytes() and sum(read) == want.nbytes and len(read) == 4  # 4 runs
+    assert [at for at, _ in calls] == [0, 3, 4, 6] and sum(k for _, k in calls) == len(keep)
+    out = np.zeros((len(keep), 2, 3, 2, 2), np.float16)
+    fs.read_rows(arr, 0, 16, out=out[:, 1], keep=keep)  # a strided out
+    assert (out[:, 1] == want).all() and not out[:, 0].any()
+    edge = fs.read_rows(arr, 96, 100, keep=np.array([1, 3]))
+    assert edge.tobytes() == np.asarray(arr[96:100])[[1, 3]].tobytes()
+    fs._chunk_file(arr, 16, 32).unlink()
+    assert np.isnan(fs.read_rows(arr, 16, 32, keep=keep)).all()
+    z = _synthetic(tmp_path / "z", "zstd")
+    assert fs.read_rows(z, 0, 16, keep=keep).tobytes() == np.asarray(z[0:16])[keep].tobytes()
 
 
 def test_read_rows_goes_through_zarr_for_compressed_arrays(tmp_path):
